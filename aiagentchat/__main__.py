@@ -1,0 +1,3 @@
+from aiagentchat.cli import main
+
+main()

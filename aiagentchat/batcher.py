@@ -1,0 +1,266 @@
+"""Per-room output coalescing and sending: one ordered stream of events per room, 429s honoured."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import structlog
+
+from aiagentchat import render
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Text:
+    """Streamed agent text; may end mid-line; concatenated as is."""
+
+    prompt_id: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Block:
+    """A complete Markdown block (tool line, result excerpt, footer, notice); always on its own lines."""
+
+    prompt_id: str
+    markdown: str
+
+
+@dataclass(frozen=True)
+class EndOfRun:
+    """The prompt's run ended: everything of it is flushed now, including a partial last line."""
+
+    prompt_id: str
+
+
+Item = Text | Block | EndOfRun
+
+
+@dataclass(frozen=True)
+class Sent:
+    event_id: str
+
+
+@dataclass(frozen=True)
+class RateLimited:
+    retry_after_s: float | None
+
+
+@dataclass(frozen=True)
+class SendFailed:
+    reason: str
+    retryable: bool
+
+
+SendOutcome = Sent | RateLimited | SendFailed
+
+
+class Sender(Protocol):
+    async def send(self, room_id: str, content: dict[str, Any], txn_id: str) -> SendOutcome: ...
+
+
+@dataclass
+class Stats:
+    events_sent: int = 0
+    rate_limited: int = 0
+    send_failures: int = 0
+    bytes_sent: int = 0
+
+
+@dataclass(frozen=True)
+class _Event:
+    """One event as built at flush time; its content and transaction id never change, so retries dedupe."""
+
+    content: dict[str, Any]
+    txn_id: str
+    size: int
+
+
+@dataclass(frozen=True)
+class _Close:
+    """Queued by close(): flush everything, deliver it, then stop."""
+
+
+class Batcher:
+    """Coalesces a room's output into few events and sends them in order, one at a time.
+
+    The first output after a quiet `interval_s` goes out at once, later output at most once per
+    `interval_s`; a partial last line waits for its newline for up to one interval. A rate limit or a
+    retryable failure pauses sending (new output keeps coalescing meanwhile), then the same event is sent
+    again with the same transaction id, so the homeserver can drop a duplicate.
+    """
+
+    def __init__(
+        self,
+        room_id: str,
+        sender: Sender,
+        *,
+        interval_s: float = 2.0,
+        max_backoff_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.room_id = room_id
+        self.stats = Stats()
+        self._sender = sender
+        self._interval_s = interval_s
+        self._max_backoff_s = max_backoff_s
+        self._clock = clock
+        self._sleep = sleep
+        self._queue: asyncio.Queue[Item | _Close] = asyncio.Queue()
+        self._closing = False
+        self._draining = False
+        self._closed = asyncio.Event()
+        self._prompt_id: str | None = None
+        self._pending = ""
+        self._after_block = False
+        self._held_since: float | None = None
+        self._last_flush = -math.inf
+        self._outbox: deque[_Event] = deque()
+        self._resume_at = -math.inf
+        self._backoff_s = 1.0
+
+    async def put(self, item: Item) -> None:
+        if self._closing:
+            raise RuntimeError(f"the batcher of {self.room_id} is closed")
+        await self._queue.put(item)
+
+    async def close(self) -> None:
+        """Flush everything still pending, partial lines included, deliver it, and let run() return."""
+        if not self._closing:
+            self._closing = True
+            await self._queue.put(_Close())
+        await self._closed.wait()
+
+    async def run(self) -> None:
+        while True:
+            while not self._queue.empty():
+                self._accept(self._queue.get_nowait())
+            now = self._clock()
+            deadline: float | None = None
+            if self._outbox:
+                if now >= self._resume_at:
+                    await self._send(self._outbox[0])
+                    continue
+                deadline = self._resume_at
+            elif self._draining:
+                break
+            elif (due := self._flush_due()) is not None:
+                if now >= due:
+                    self._flush(now, everything=False)
+                    continue
+                deadline = due
+            item = await self._next_item(None if deadline is None else deadline - now)
+            if item is not None:
+                self._accept(item)
+        self._closed.set()
+
+    async def _next_item(self, timeout: float | None) -> Item | _Close | None:
+        """The next queued item, or None when `timeout` seconds pass first."""
+        if timeout is None:
+            return await self._queue.get()
+        getter = asyncio.ensure_future(self._queue.get())
+        timer = asyncio.ensure_future(self._sleep(timeout))
+        try:
+            await asyncio.wait((getter, timer), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            getter.cancel()
+            timer.cancel()
+            await asyncio.gather(getter, timer, return_exceptions=True)
+        return None if getter.cancelled() else getter.result()
+
+    def _accept(self, item: Item | _Close) -> None:
+        if isinstance(item, _Close):
+            self._flush(self._clock(), everything=True)
+            self._draining = True
+            return
+        if item.prompt_id != self._prompt_id:
+            self._flush(self._clock(), everything=True)
+            self._prompt_id = item.prompt_id
+        match item:
+            case Text(text=text):
+                if self._after_block and not text.startswith("\n"):
+                    text = "\n" + text
+                self._pending += text
+                self._after_block = False
+            case Block(markdown=markdown):
+                if self._pending and not self._pending.endswith("\n\n"):
+                    self._pending += "\n" if self._pending.endswith("\n") else "\n\n"
+                self._pending += markdown if markdown.endswith("\n") else markdown + "\n"
+                self._after_block = True
+            case EndOfRun():
+                self._flush(self._clock(), everything=True)
+
+    def _flush_due(self) -> float | None:
+        """When pending output is next due to be flushed; None while there is nothing worth an event."""
+        line_start = self._pending.rfind("\n") + 1
+        due = self._last_flush + self._interval_s
+        if self._pending[:line_start].strip():
+            return due
+        if not self._pending[line_start:].strip():
+            return None
+        if self._held_since is None:
+            return due
+        return max(due, self._held_since + self._interval_s)
+
+    def _flush(self, now: float, *, everything: bool) -> None:
+        """Turn pending output into events; mid-run, a partial last line waits up to one interval."""
+        held_long_enough = self._held_since is not None and now - self._held_since >= self._interval_s
+        line_start = len(self._pending) if everything or held_long_enough else self._pending.rfind("\n") + 1
+        text, rest = self._pending[:line_start], self._pending[line_start:]
+        if text.strip():
+            marker = {"prompt": self._prompt_id}
+            for content in render.message_contents(text, marker):
+                self._outbox.append(_Event(content, uuid.uuid4().hex, render.content_size(content)))
+            self._last_flush = now
+            self._pending = rest
+            self._held_since = now if rest else None
+        elif everything:
+            self._pending = ""
+            self._held_since = None
+        elif self._held_since is None:
+            self._held_since = now
+        if not self._pending:
+            self._prompt_id = None
+            self._after_block = False
+
+    async def _send(self, event: _Event) -> None:
+        outcome = await self._sender.send(self.room_id, event.content, event.txn_id)
+        match outcome:
+            case Sent():
+                self._outbox.popleft()
+                self._backoff_s = 1.0
+                self.stats.events_sent += 1
+                self.stats.bytes_sent += event.size
+            case RateLimited(retry_after_s=retry_after_s):
+                self.stats.rate_limited += 1
+                delay = self._back_off(retry_after_s)
+                log.info("rate_limited", room_id=self.room_id, retry_in_s=delay)
+            case SendFailed(reason=reason, retryable=True):
+                self.stats.send_failures += 1
+                delay = self._back_off(None)
+                log.warning("send_retrying", room_id=self.room_id, reason=reason, retry_in_s=delay)
+            case SendFailed(reason=reason):
+                self._outbox.popleft()
+                self._backoff_s = 1.0
+                self.stats.send_failures += 1
+                log.error("send_failed", room_id=self.room_id, reason=reason)
+
+    def _back_off(self, retry_after_s: float | None) -> float:
+        """Pause sending: the server's delay, else 1 s doubling per failure; both capped at max_backoff_s."""
+        if retry_after_s is None:
+            delay = self._backoff_s
+            self._backoff_s = min(2 * delay, self._max_backoff_s)
+        else:
+            delay = retry_after_s
+        delay = min(max(delay, 0.0), self._max_backoff_s)
+        self._resume_at = self._clock() + delay
+        return delay

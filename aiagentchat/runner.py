@@ -1,0 +1,373 @@
+"""One worker per room: runs its prompts in order through a live Claude Code CLI process."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import fnmatch
+import json
+import os
+import signal
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+
+from aiagentchat.batcher import Batcher, Block, EndOfRun
+from aiagentchat.protocol import OverlongLine, Translator, parse_line, read_lines
+from aiagentchat.settings import ClaudeSettings
+from aiagentchat.store import Store
+
+log = structlog.get_logger(__name__)
+
+STDERR_TAIL_LINES = 20
+KILL_WAIT_S = 3.0
+
+
+@dataclass(frozen=True)
+class Prompt:
+    room_id: str
+    event_id: str
+    sender: str
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolDecision:
+    allow: bool
+    message: str = ""
+
+
+class ToolPolicy(Protocol):
+    """Decides a `can_use_tool` request of the agent. Asking a person will plug in here."""
+
+    async def decide(self, prompt: Prompt, tool_name: str, tool_input: dict[str, Any]) -> ToolDecision: ...
+
+
+class RoomToolPolicy:
+    """The room's static policy: a tool named in allowed_tools is allowed, anything else is denied."""
+
+    def __init__(self, claude: ClaudeSettings) -> None:
+        self._allowed = set(claude.allowed_tools)
+
+    async def decide(self, prompt: Prompt, tool_name: str, tool_input: dict[str, Any]) -> ToolDecision:
+        if tool_name in self._allowed:
+            return ToolDecision(True)
+        return ToolDecision(
+            False, f"{tool_name} is not in this room's allowed_tools, so aiagentchat denied it."
+        )
+
+
+def agent_environment(patterns: list[str], source: Mapping[str, str]) -> dict[str, str]:
+    """Only the variables named (or matched by glob) in env_passthrough reach the agent."""
+    return {
+        name: value for name, value in source.items() if any(fnmatch.fnmatchcase(name, p) for p in patterns)
+    }
+
+
+def cli_arguments(claude: ClaudeSettings, session_id: str | None) -> list[str]:
+    args = [
+        claude.binary,
+        "-p",
+        "--input-format",
+        "stream-json",
+        "--output-format",
+        "stream-json",
+        "--verbose",
+        "--include-partial-messages",
+        "--permission-prompt-tool",
+        "stdio",
+        "--permission-mode",
+        claude.permission_mode,
+    ]
+    if claude.allowed_tools:
+        args += ["--allowedTools", *claude.allowed_tools]
+    if claude.disallowed_tools:
+        args += ["--disallowedTools", *claude.disallowed_tools]
+    if claude.model:
+        args += ["--model", claude.model]
+    if session_id:
+        args += ["--resume", session_id]
+    return args + list(claude.extra_args)
+
+
+class AgentExited(Exception):
+    """The CLI process ended while a prompt was running."""
+
+
+class AgentProcess:
+    """A live CLI process in bidirectional stream-json mode."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, resumed: bool) -> None:
+        self.proc = proc
+        self.resumed = resumed
+        self.events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        self.saw_output = False
+        self._tasks = [asyncio.create_task(self._read_stdout()), asyncio.create_task(self._read_stderr())]
+
+    @classmethod
+    async def start(cls, claude: ClaudeSettings, workdir: Path, session_id: str | None) -> AgentProcess:
+        proc = await asyncio.create_subprocess_exec(
+            *cli_arguments(claude, session_id),
+            cwd=workdir,
+            env=agent_environment(claude.env_passthrough, os.environ),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+        )
+        agent = cls(proc, resumed=session_id is not None)
+        await agent.write({"type": "control_request", "request_id": uuid.uuid4().hex, "request": {"subtype": "initialize"}})
+        return agent
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.returncode is None and not self.proc.stdout.at_eof()
+
+    async def _read_stdout(self) -> None:
+        async for line in read_lines(self.proc.stdout):
+            if isinstance(line, OverlongLine):
+                log.warning("agent_line_too_long", size=line.size)
+                continue
+            event = parse_line(line)
+            if event is None:
+                if line.strip():
+                    log.warning("agent_line_not_json", line=line[:200].decode("utf-8", "replace"))
+                continue
+            self.saw_output = True
+            await self.events.put(event)
+        await self.events.put(None)
+
+    async def _read_stderr(self) -> None:
+        async for line in read_lines(self.proc.stderr, max_line=64 * 1024):
+            if isinstance(line, bytes) and line.strip():
+                self.stderr_tail.append(line.decode("utf-8", "replace"))
+
+    async def write(self, message: dict[str, Any]) -> None:
+        try:
+            self.proc.stdin.write(json.dumps(message).encode() + b"\n")
+            await self.proc.stdin.drain()
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            raise AgentExited("the agent's input closed") from exc
+
+    async def next_event(self) -> dict[str, Any]:
+        event = await self.events.get()
+        if event is None:
+            await self.events.put(None)
+            raise AgentExited("the agent exited")
+        return event
+
+    async def close(self, wait_s: float) -> None:
+        """End the process: close its input, then signal its whole process group."""
+        if self.proc.stdin and not self.proc.stdin.is_closing():
+            self.proc.stdin.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.proc.wait(), wait_s)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            if self.proc.returncode is not None:
+                break
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.proc.wait(), KILL_WAIT_S)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def exit_description(self) -> str:
+        code = self.proc.returncode
+        detail = "\n".join(self.stderr_tail).strip()
+        what = f"exit code {code}" if code is not None and code >= 0 else f"signal {-(code or 0)}"
+        return f"{what}: {detail[-800:]}" if detail else what
+
+
+class RoomWorker:
+    """Takes a room's prompts from its inbox, one at a time, and streams the agent's output to its batcher."""
+
+    def __init__(
+        self,
+        room_id: str,
+        claude: ClaudeSettings,
+        workdir: Path,
+        store: Store,
+        batcher: Batcher,
+        policy: ToolPolicy,
+    ) -> None:
+        self.room_id = room_id
+        self.claude = claude
+        self.workdir = workdir
+        self.store = store
+        self.batcher = batcher
+        self.policy = policy
+        self.inbox: asyncio.Queue[Prompt] = asyncio.Queue()
+        self.agent: AgentProcess | None = None
+
+    async def run(self) -> None:
+        structlog.contextvars.bind_contextvars(room_id=self.room_id)
+        try:
+            while True:
+                try:
+                    prompt = await asyncio.wait_for(self.inbox.get(), self.claude.idle_close_s)
+                except TimeoutError:
+                    await self._close_agent("idle")
+                    continue
+                await self.handle(prompt)
+        finally:
+            await asyncio.shield(self._close_agent("stopping"))
+
+    async def handle(self, prompt: Prompt) -> None:
+        structlog.contextvars.bind_contextvars(run_id=prompt.event_id)
+        log.info("run_started", sender=prompt.sender, chars=len(prompt.text))
+        try:
+            await self._run(prompt)
+        except asyncio.CancelledError:
+            await self.batcher.put(Block(prompt.event_id, "⚠️ Interrupted: the daemon is shutting down."))
+            await self.batcher.put(EndOfRun(prompt.event_id))
+            raise
+        except Exception:
+            log.exception("run_crashed")
+            await self.batcher.put(Block(prompt.event_id, "❌ Internal error while running this prompt; see the daemon log."))
+        finally:
+            structlog.contextvars.unbind_contextvars("run_id")
+        await self.batcher.put(EndOfRun(prompt.event_id))
+
+    async def _run(self, prompt: Prompt) -> None:
+        agent = await self._ensure_agent(prompt)
+        if agent is None:
+            return
+        translator = Translator(prompt.event_id)
+        await agent.write({"type": "user", "message": {"role": "user", "content": prompt.text}})
+        try:
+            async with asyncio.timeout(self.claude.timeout_s):
+                await self._pump(agent, prompt, translator)
+        except TimeoutError:
+            await self._stop_at_timeout(agent, prompt, translator)
+        except AgentExited:
+            await self._report_exit(agent, prompt, translator)
+        if translator.session_id:
+            await self.store.set_session_id(self.room_id, translator.session_id)
+        result = translator.result
+        log.info(
+            "run_finished",
+            ok=bool(result and not result.is_error),
+            cost_usd=result.cost_usd if result else None,
+            duration_ms=result.duration_ms if result else None,
+        )
+
+    async def _ensure_agent(self, prompt: Prompt) -> AgentProcess | None:
+        if self.agent is not None and self.agent.alive:
+            return self.agent
+        if self.agent is not None:
+            await self._close_agent("exited")
+        self.workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        session_id = await self.store.session_id(self.room_id)
+        try:
+            self.agent = await AgentProcess.start(self.claude, self.workdir, session_id)
+        except (FileNotFoundError, PermissionError) as exc:
+            log.error("agent_start_failed", binary=self.claude.binary, error=str(exc))
+            await self.batcher.put(
+                Block(
+                    prompt.event_id,
+                    f"❌ Cannot start the agent: `{self.claude.binary}` could not be run ({exc.strerror}). "
+                    "Install the Claude Code CLI or set `claude.binary`.",
+                )
+            )
+            return None
+        except AgentExited:
+            await self._close_agent("exited")
+            await self.batcher.put(Block(prompt.event_id, "❌ The agent exited as soon as it started."))
+            return None
+        log.info("agent_started", pid=self.agent.proc.pid, resume=session_id)
+        return self.agent
+
+    async def _pump(self, agent: AgentProcess, prompt: Prompt, translator: Translator) -> None:
+        while translator.result is None:
+            event = await agent.next_event()
+            if event.get("type") == "control_request":
+                await self._answer_control(agent, prompt, translator, event)
+                continue
+            for item in translator.feed(event):
+                await self.batcher.put(item)
+
+    async def _answer_control(
+        self, agent: AgentProcess, prompt: Prompt, translator: Translator, event: dict[str, Any]
+    ) -> None:
+        request = event.get("request") or {}
+        request_id = event.get("request_id")
+        if request.get("subtype") != "can_use_tool":
+            await agent.write(
+                {
+                    "type": "control_response",
+                    "response": {
+                        "subtype": "error",
+                        "request_id": request_id,
+                        "error": f"unsupported request {request.get('subtype')!r}",
+                    },
+                }
+            )
+            return
+        tool_name = str(request.get("tool_name", ""))
+        tool_input = request.get("input") if isinstance(request.get("input"), dict) else {}
+        decision = await self.policy.decide(prompt, tool_name, tool_input)
+        log.info("tool_decision", tool=tool_name, allow=decision.allow)
+        if decision.allow:
+            response = {"behavior": "allow", "updatedInput": tool_input}
+        else:
+            response = {"behavior": "deny", "message": decision.message}
+            await self.batcher.put(Block(prompt.event_id, f"🚫 {tool_name} denied: {decision.message}"))
+        await agent.write(
+            {
+                "type": "control_response",
+                "response": {"subtype": "success", "request_id": request_id, "response": response},
+            }
+        )
+
+    async def _stop_at_timeout(self, agent: AgentProcess, prompt: Prompt, translator: Translator) -> None:
+        log.warning("run_timeout", timeout_s=self.claude.timeout_s)
+        await self.batcher.put(
+            Block(prompt.event_id, f"⏱️ Timed out after {self.claude.timeout_s:g} s; stopping the agent.")
+        )
+        with contextlib.suppress(AgentExited, TimeoutError):
+            await agent.write(
+                {"type": "control_request", "request_id": uuid.uuid4().hex, "request": {"subtype": "interrupt"}}
+            )
+            async with asyncio.timeout(self.claude.interrupt_grace_s):
+                while translator.result is None:
+                    event = await agent.next_event()
+                    if event.get("type") == "control_request":
+                        await self._answer_control(agent, prompt, translator, event)
+                    elif event.get("type") == "result":
+                        translator.feed(event)
+        if translator.result is None:
+            await self._close_agent("timeout")
+        await self.batcher.put(Block(prompt.event_id, "⏹️ Stopped at the time limit."))
+
+    async def _report_exit(self, agent: AgentProcess, prompt: Prompt, translator: Translator) -> None:
+        await self._close_agent("exited")
+        description = agent.exit_description()
+        log.warning("agent_exited", detail=description)
+        if agent.resumed and not agent.saw_output:
+            await self.store.set_session_id(self.room_id, None)
+            await self.batcher.put(
+                Block(
+                    prompt.event_id,
+                    "⚠️ The earlier conversation could not be resumed "
+                    f"({description}); starting a new one.",
+                )
+            )
+            await self._run(prompt)
+            return
+        await self.batcher.put(Block(prompt.event_id, f"❌ The agent stopped unexpectedly ({description})."))
+
+    async def _close_agent(self, reason: str) -> None:
+        agent, self.agent = self.agent, None
+        if agent is not None:
+            log.info("agent_closing", reason=reason, pid=agent.proc.pid)
+            await agent.close(wait_s=2.0 if reason == "idle" else 0.0)

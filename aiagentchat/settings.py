@@ -1,0 +1,190 @@
+"""Typed, read-only settings: a TOML file plus `AIAGENTCHAT_<SECTION>__<KEY>` environment variables."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import stat
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+PermissionMode = Literal["default", "acceptEdits", "plan", "bypassPermissions", "dontAsk"]
+
+DEFAULT_ENV_PASSTHROUGH = ["PATH", "HOME", "LANG", "ANTHROPIC_*", "CLAUDE_CODE_*", "DISABLE_*"]
+SECRET_KEYS = ("password", "access_token")
+
+
+class ConfigError(Exception):
+    """A settings problem a person must fix; the message names the key and, when known, the line."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MatrixSettings(_Strict):
+    homeserver: str = "http://127.0.0.1:8008"
+    user_id: str = ""
+    password: SecretStr | None = None
+    access_token: SecretStr | None = None
+    device_name: str = "aiagentchat"
+
+
+class PathSettings(_Strict):
+    data_dir: Path = Path("data")
+
+
+class ClaudeSettings(_Strict):
+    binary: str = "claude"
+    permission_mode: PermissionMode = "default"
+    allowed_tools: list[str] = Field(default_factory=list)
+    disallowed_tools: list[str] = Field(default_factory=list)
+    model: str | None = None
+    timeout_s: float = Field(default=300.0, gt=0)
+    extra_args: list[str] = Field(default_factory=list)
+    env_passthrough: list[str] = Field(default_factory=lambda: list(DEFAULT_ENV_PASSTHROUGH))
+    idle_close_s: float = Field(default=600.0, gt=0)
+    interrupt_grace_s: float = Field(default=5.0, gt=0)
+
+
+class OutputSettings(_Strict):
+    flush_interval_s: float = Field(default=2.0, gt=0)
+    max_backoff_s: float = Field(default=60.0, gt=0)
+
+
+class RoomSettings(_Strict):
+    """One served room. The `[claude]` keys may be overridden per room."""
+
+    id: str
+    allowed_users: list[str] = Field(default_factory=list)
+    workdir: Path | None = None
+    binary: str | None = None
+    permission_mode: PermissionMode | None = None
+    allowed_tools: list[str] | None = None
+    disallowed_tools: list[str] | None = None
+    model: str | None = None
+    timeout_s: float | None = Field(default=None, gt=0)
+    extra_args: list[str] | None = None
+    env_passthrough: list[str] | None = None
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="AIAGENTCHAT_", env_nested_delimiter="__", extra="forbid", case_sensitive=False
+    )
+
+    matrix: MatrixSettings = Field(default_factory=MatrixSettings)
+    paths: PathSettings = Field(default_factory=PathSettings)
+    claude: ClaudeSettings = Field(default_factory=ClaudeSettings)
+    output: OutputSettings = Field(default_factory=OutputSettings)
+    rooms: list[RoomSettings] = Field(default_factory=list)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment wins over the file, which arrives as init values.
+        return (env_settings, init_settings)
+
+    def room(self, room_id: str) -> RoomSettings | None:
+        return next((r for r in self.rooms if r.id == room_id), None)
+
+    def claude_for(self, room: RoomSettings) -> ClaudeSettings:
+        """The room's effective agent settings: `[claude]` with the room's overrides applied."""
+        overrides = {
+            key: value
+            for key in ClaudeSettings.model_fields
+            if (value := getattr(room, key, None)) is not None
+        }
+        return self.claude.model_copy(update=overrides)
+
+    def workdir_for(self, room: RoomSettings) -> Path:
+        if room.workdir is not None:
+            return room.workdir
+        digest = hashlib.sha256(room.id.encode()).hexdigest()[:24]
+        return self.paths.data_dir / "rooms" / digest
+
+
+def load_settings(path: Path | None) -> Settings:
+    """Read the file (if any) and the environment; raise ConfigError with one clear message."""
+    data: dict[str, Any] = {}
+    text = ""
+    if path is not None:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read settings: {exc.strerror}") from exc
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+        _refuse_secrets_in_open_file(path, data, text)
+    try:
+        settings = Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path, text)) from exc
+    return settings.model_copy(
+        update={"paths": settings.paths.model_copy(update={"data_dir": settings.paths.data_dir.resolve()})}
+    )
+
+
+def _refuse_secrets_in_open_file(path: Path, data: dict[str, Any], text: str) -> None:
+    matrix = data.get("matrix")
+    if not isinstance(matrix, dict):
+        return
+    present = [key for key in SECRET_KEYS if key in matrix]
+    if present and stat.S_IMODE(os.stat(path).st_mode) & 0o077:
+        key = present[0]
+        line = _line_of(text, ("matrix", key))
+        where = f"{path}:{line}" if line else str(path)
+        raise ConfigError(
+            f"{where}: matrix.{key} is a secret; put it in AIAGENTCHAT_MATRIX__{key.upper()} "
+            f"or make the file private (chmod 600 {path})"
+        )
+
+
+def _describe(exc: ValidationError, path: Path | None, text: str) -> str:
+    error = exc.errors()[0]
+    loc = tuple(error["loc"])
+    key = ".".join(str(part) for part in loc)
+    line = _line_of(text, loc) if text else None
+    where = f"{path}:{line}: " if line else (f"{path}: " if path else "")
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{where}{key}: {error['msg']}{more}"
+
+
+_TABLE = re.compile(r"^\s*(\[\[?)\s*([A-Za-z0-9_.\-]+)\s*\]\]?")
+_KEY = re.compile(r"^\s*([A-Za-z0-9_\-]+)\s*=")
+
+
+def _line_of(text: str, loc: tuple[Any, ...]) -> int | None:
+    """The 1-based line where the key at `loc` (e.g. ("rooms", 0, "timeout_s")) is written, if found."""
+    table: tuple[Any, ...] = ()
+    counts: dict[str, int] = {}
+    table_line: dict[tuple[Any, ...], int] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        if match := _TABLE.match(line):
+            name = match.group(2)
+            if match.group(1) == "[[":
+                counts[name] = counts.get(name, -1) + 1
+                table = (*name.split("."), counts[name])
+            else:
+                table = tuple(name.split("."))
+            table_line[table] = number
+            continue
+        if (match := _KEY.match(line)) and (*table, match.group(1)) == loc[: len(table) + 1]:
+            return number
+    for depth in range(len(loc), 0, -1):
+        if loc[:depth] in table_line:
+            return table_line[loc[:depth]]
+    return None

@@ -1,0 +1,81 @@
+#!/usr/bin/env python3
+"""A tiny stand-in for the Claude Code CLI's bidirectional stream-json mode, for unit tests of the runner.
+
+The prompt decides what it does: `say WORDS` streams WORDS; `env` answers with the sorted names of its
+environment; `argv` answers with its arguments as JSON; `tool NAME` asks permission for tool NAME and
+answers with the decision it got; `hang` never answers; `crash` exits with code 3; `bigline N` writes
+one non-JSON line of N bytes, then answers `survived`. `--resume bad` fails like the real CLI.
+"""
+
+import json
+import os
+import sys
+import uuid
+
+session = str(uuid.uuid4())
+if "--resume" in sys.argv:
+    resumed = sys.argv[sys.argv.index("--resume") + 1]
+    if resumed == "bad":
+        print(f"No conversation found with session ID: {resumed}", file=sys.stderr)
+        sys.exit(1)
+    session = resumed
+
+
+def emit(event):
+    sys.stdout.write(json.dumps(event) + "\n")
+    sys.stdout.flush()
+
+
+def answer(text, turns=1):
+    emit({"type": "stream_event", "event": {"type": "message_start", "message": {"id": "m1"}}, "session_id": session})
+    for word in text.split(" "):
+        emit({"type": "stream_event", "event": {"type": "content_block_delta", "delta": {"type": "text_delta", "text": word + " "}}})
+    emit({"type": "assistant", "message": {"id": "m1", "content": [{"type": "text", "text": text}]}, "session_id": session})
+    emit({"type": "result", "subtype": "success", "is_error": False, "result": text, "session_id": session,
+          "duration_ms": 1234, "num_turns": turns, "total_cost_usd": 0.0012})
+
+
+def read():
+    line = sys.stdin.readline()
+    if not line:
+        sys.exit(0)
+    return json.loads(line)
+
+
+while True:
+    message = read()
+    if message["type"] == "control_request":
+        if message["request"]["subtype"] == "initialize":
+            emit({"type": "control_response", "response": {"subtype": "success", "request_id": message["request_id"]}})
+        continue
+    prompt = message["message"]["content"]
+    emit({"type": "system", "subtype": "init", "session_id": session, "cwd": os.getcwd()})
+    if prompt.startswith("say "):
+        answer(prompt[4:])
+    elif prompt == "env":
+        answer(" ".join(sorted(os.environ)))
+    elif prompt == "argv":
+        answer(json.dumps(sys.argv[1:]))
+    elif prompt.startswith("tool "):
+        emit({"type": "control_request", "request_id": "r1",
+              "request": {"subtype": "can_use_tool", "tool_name": prompt[5:], "input": {"file_path": "/x"}}})
+        response = read()
+        while response["type"] != "control_response":
+            response = read()
+        decision = response["response"]["response"]
+        answer(f"decision {decision['behavior']} {decision.get('message', '')}".strip())
+    elif prompt == "hang":
+        while True:
+            request = read()
+            if request.get("request", {}).get("subtype") == "interrupt" and os.environ.get("FAKE_OBEYS_INTERRUPT"):
+                emit({"type": "result", "subtype": "error_during_execution", "is_error": True, "result": "",
+                      "session_id": session})
+                break
+    elif prompt == "crash":
+        print("boom: something broke", file=sys.stderr)
+        sys.exit(3)
+    elif prompt.startswith("bigline "):
+        sys.stdout.write("x" * int(prompt[8:]) + "\n")
+        answer("survived")
+    else:
+        answer(f"you said {prompt}")

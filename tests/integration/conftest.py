@@ -1,0 +1,120 @@
+"""Shared integration fixtures: one Synapse and one scripted model server per session; per test, fresh
+accounts, rooms and daemons (real subprocesses driving the real Claude Code CLI)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness import claude_binary
+from tests.harness.matrix_user import MatrixUser
+from tests.harness.model_server import model_server
+from tests.harness.synapse import running_synapse
+from tests.integration.daemon import Daemon, write_settings
+
+MARKER = "org.aiagentchat"
+
+
+@pytest.fixture(scope="session")
+async def synapse():
+    async with running_synapse() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+async def model():
+    async with model_server() as server:
+        yield server
+
+
+def bot_events(events: list[dict[str, Any]], prompt_id: str) -> list[dict[str, Any]]:
+    return [e for e in events if (e.get("content", {}).get(MARKER) or {}).get("prompt") == prompt_id]
+
+
+def bot_text(events: list[dict[str, Any]], prompt_id: str) -> str:
+    return "\n".join(e["content"]["body"] for e in bot_events(events, prompt_id))
+
+
+def run_ended(prompt_id: str):
+    def ended(events: list[dict[str, Any]]) -> bool:
+        text = bot_text(events, prompt_id)
+        return any(mark in text for mark in ("✅ Done", "❌", "⏹️"))
+
+    return ended
+
+
+class World:
+    """One test's accounts, rooms and daemons."""
+
+    def __init__(self, synapse, model, tmp_path: Path) -> None:
+        self.synapse = synapse
+        self.model = model
+        self.tmp_path = tmp_path
+        tag = secrets.token_hex(4)
+        self.bot_name = f"bot{tag}"
+        self.bot_password = secrets.token_urlsafe(12)
+        self.user_name = f"user{tag}"
+        self.user_password = secrets.token_urlsafe(12)
+        self.bot_id = ""
+        self.user = MatrixUser()
+        self.daemons: list[Daemon] = []
+
+    async def setup(self) -> None:
+        self.bot_id = await self.synapse.register(self.bot_name, self.bot_password)
+        user_id = await self.synapse.register(self.user_name, self.user_password)
+        await self.user.login(self.synapse.base_url, user_id, self.user_password)
+
+    async def room(self) -> str:
+        return await self.user.create_room(invite=[self.bot_id])
+
+    def daemon(self, rooms: list[dict[str, Any]], claude: dict[str, Any] | None = None) -> Daemon:
+        home = self.tmp_path / "home"
+        home.mkdir(exist_ok=True)
+        config = self.tmp_path / "settings.toml"
+        write_settings(
+            config,
+            {
+                "matrix": {"homeserver": self.synapse.base_url, "user_id": self.bot_id},
+                "paths": {"data_dir": str(self.tmp_path / "data")},
+                "claude": {"binary": claude_binary(), "timeout_s": 60} | (claude or {}),
+                "output": {"flush_interval_s": 0.5},
+            },
+            [{"allowed_users": [self.user.user_id]} | room for room in rooms],
+        )
+        env = {
+            "PATH": os.environ["PATH"],
+            "HOME": str(home),
+            "LANG": "C.UTF-8",
+            "AIAGENTCHAT_MATRIX__PASSWORD": self.bot_password,
+            "ANTHROPIC_BASE_URL": self.model.base_url,
+            "ANTHROPIC_API_KEY": "test-key",
+            "DISABLE_TELEMETRY": "1",
+            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+        }
+        daemon = Daemon(config, env)
+        self.daemons.append(daemon)
+        return daemon
+
+    async def ask(self, room_id: str, text: str, timeout: float = 60) -> str:
+        """Post a prompt and wait until its run ends; the bot's whole output for it."""
+        prompt_id = await self.user.send_text(room_id, text)
+        events = await self.user.wait_for(run_ended(prompt_id), timeout=timeout, room_id=room_id)
+        return bot_text(events, prompt_id)
+
+    async def close(self) -> None:
+        for daemon in self.daemons:
+            if daemon.proc is not None and daemon.proc.returncode is None:
+                await daemon.stop()
+        await self.user.close()
+
+
+@pytest.fixture
+async def world(synapse, model, tmp_path):
+    world = World(synapse, model, tmp_path)
+    await world.setup()
+    yield world
+    await world.close()

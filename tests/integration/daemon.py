@@ -1,0 +1,103 @@
+"""The aiagentchat daemon as a real subprocess, its JSON log lines collected for tests to wait on."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+CLAUDE_BIN = Path(os.environ.get("AIAGENTCHAT_CLAUDE_BIN", REPO / "node_modules" / ".bin" / "claude"))
+
+
+def toml_value(value: Any) -> str:
+    return json.dumps(value) if not isinstance(value, bool) else str(value).lower()
+
+
+def write_settings(path: Path, sections: dict[str, dict[str, Any]], rooms: list[dict[str, Any]]) -> None:
+    lines = []
+    for name, values in sections.items():
+        lines.append(f"[{name}]")
+        lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
+    for room in rooms:
+        lines.append("[[rooms]]")
+        lines += [f"{key} = {toml_value(value)}" for key, value in room.items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+class Daemon:
+    def __init__(self, config: Path, env: dict[str, str]) -> None:
+        self.config = config
+        self.env = env
+        self.proc: asyncio.subprocess.Process | None = None
+        self.logs: list[dict[str, Any]] = []
+        self.raw: list[str] = []
+        self._changed = asyncio.Condition()
+        self._reader: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.logs.clear()
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "aiagentchat",
+            "--config",
+            str(self.config),
+            env=self.env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        self._reader = asyncio.create_task(self._read(self.proc.stderr))
+        await self.wait_for_log("ready", timeout=60)
+
+    async def _read(self, stream: asyncio.StreamReader) -> None:
+        while line := await stream.readline():
+            text = line.decode("utf-8", "replace").rstrip("\n")
+            self.raw.append(text)
+            try:
+                entry = json.loads(text)
+            except ValueError:
+                entry = {"event": "raw", "text": text}
+            async with self._changed:
+                self.logs.append(entry if isinstance(entry, dict) else {"event": "raw", "text": text})
+                self._changed.notify_all()
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def wait_for_log(self, event: str, timeout: float = 30, **fields: Any) -> dict[str, Any]:
+        def match() -> dict[str, Any] | None:
+            return next(
+                (
+                    entry
+                    for entry in self.logs
+                    if entry.get("event") == event and all(entry.get(k) == v for k, v in fields.items())
+                ),
+                None,
+            )
+
+        try:
+            async with asyncio.timeout(timeout), self._changed:
+                while (found := match()) is None:
+                    if self.proc is not None and self.proc.returncode is not None and self._reader.done():
+                        break
+                    await self._changed.wait()
+        except TimeoutError:
+            found = None
+        if found is None:
+            tail = "\n".join(self.raw[-30:])
+            raise AssertionError(f"daemon never logged {event} {fields} within {timeout} s; log tail:\n{tail}")
+        return found
+
+    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            self.proc.send_signal(sig)
+        async with asyncio.timeout(timeout):
+            code = await self.proc.wait()
+        if self._reader is not None:
+            await self._reader
+        return code

@@ -1,0 +1,96 @@
+"""The working core end to end: a real Synapse, a real nio user, the daemon as a subprocess, and the real
+Claude Code CLI talking to the scripted model API."""
+
+import pytest
+
+from tests.integration.conftest import bot_events, bot_text, run_ended
+
+pytestmark = [pytest.mark.integration, pytest.mark.anyio]
+
+
+async def test_a_prompt_is_answered_with_html_and_no_mentions(world):
+    room = await world.room()
+    await world.daemon([{"id": room}]).start()
+    prompt_id = await world.user.send_text(room, "say hello from the agent")
+    events = await world.user.wait_for(run_ended(prompt_id), timeout=60, room_id=room)
+    text = bot_text(events, prompt_id)
+    assert "hello from the agent" in text
+    assert "✅ Done" in text
+    for event in bot_events(events, prompt_id):
+        assert event["sender"] == world.bot_id
+        assert event["content"]["m.mentions"] == {}
+        assert event["content"]["format"] == "org.matrix.custom.html"
+
+
+async def test_a_second_prompt_continues_the_conversation(world):
+    room = await world.room()
+    await world.daemon([{"id": room}]).start()
+    await world.ask(room, "say first turn")
+    answer = await world.ask(room, "recall")
+    assert "I remember: say first turn" in answer
+
+
+async def test_after_a_restart_the_conversation_continues_and_nothing_runs_twice(world):
+    room = await world.room()
+    old = await world.user.send_text(room, "say sent before the bot ever looked")
+    daemon = world.daemon([{"id": room}])
+    await daemon.start()
+    first = await world.user.send_text(room, "say before restart")
+    await world.user.wait_for(run_ended(first), timeout=60, room_id=room)
+    assert await daemon.stop() == 0
+
+    while_down = await world.user.send_text(room, "say while down")
+    await daemon.start()
+    await world.user.wait_for(run_ended(while_down), timeout=60, room_id=room)
+    answer = await world.ask(room, "recall")
+    assert "say before restart" in answer and "say while down" in answer
+
+    events = world.user.room_events(room)
+    assert bot_text(events, first).count("✅ Done") == 1
+    assert bot_text(events, while_down).count("✅ Done") == 1
+    assert bot_events(events, old) == []
+    assert "sent before the bot ever looked" not in answer
+    runs = [r["latest_user_text"] for r in await world.model.requests() if r["has_tools"] and not r["continuation"]]
+    assert runs.count("say before restart") == 1
+
+
+async def test_two_rooms_never_see_each_others_conversation(world):
+    room_a = await world.room()
+    room_b = await world.room()
+    await world.daemon([{"id": room_a}, {"id": room_b}]).start()
+    await world.ask(room_a, "say apple secret")
+    await world.ask(room_b, "say banana secret")
+    recall_a = await world.ask(room_a, "recall")
+    recall_b = await world.ask(room_b, "recall")
+    assert "apple" in recall_a and "banana" not in recall_a
+    assert "banana" in recall_b and "apple" not in recall_b
+    a_events = world.user.room_events(room_a)
+    assert "banana" not in "\n".join(str(e.get("content", {}).get("body")) for e in a_events)
+
+
+async def test_a_tool_call_shows_as_a_tool_line_with_its_result(world):
+    room = await world.room()
+    await world.daemon([{"id": room}], claude={"allowed_tools": ["Bash"]}).start()
+    answer = await world.ask(room, "bash echo tool-output-42")
+    assert "🔧 Bash: `echo tool-output-42`" in answer
+    assert "```\ntool-output-42\n```" in answer
+    assert "tool said: tool-output-42" in answer
+
+
+async def test_an_unlisted_tool_is_denied_and_the_room_is_told(world, tmp_path):
+    room = await world.room()
+    target = tmp_path / "should-not-exist.txt"
+    await world.daemon([{"id": room}]).start()
+    answer = await world.ask(room, f"write {target} forbidden")
+    assert "🚫 Write denied: Write is not in this room's allowed_tools" in answer
+    assert not target.exists()
+
+
+async def test_a_hanging_agent_is_stopped_at_the_timeout(world):
+    room = await world.room()
+    await world.daemon([{"id": room}], claude={"timeout_s": 3, "interrupt_grace_s": 3}).start()
+    answer = await world.ask(room, "hang")
+    assert "⏱️ Timed out after 3 s" in answer
+    assert "⏹️ Stopped at the time limit." in answer
+    after = await world.ask(room, "say alive again")
+    assert "alive again" in after

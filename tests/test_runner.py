@@ -1,0 +1,190 @@
+"""The room worker against a small fake CLI: turns, the tool seam, timeouts, crashes, environment."""
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from aiagentchat.batcher import Block, EndOfRun, Text
+from aiagentchat.runner import Prompt, RoomToolPolicy, RoomWorker, agent_environment
+from aiagentchat.settings import ClaudeSettings
+from aiagentchat.store import Store
+
+pytestmark = pytest.mark.anyio
+FAKE = Path(__file__).parent / "fakes" / "fake_claude.py"
+
+
+class Recorder:
+    """Collects what the worker hands to its batcher; runs end with EndOfRun."""
+
+    def __init__(self) -> None:
+        self.items: list = []
+        self.ended: asyncio.Queue[str] = asyncio.Queue()
+
+    async def put(self, item) -> None:
+        self.items.append(item)
+        if isinstance(item, EndOfRun):
+            self.ended.put_nowait(item.prompt_id)
+
+    def output(self, prompt_id: str) -> str:
+        parts = []
+        for item in self.items:
+            if isinstance(item, Text) and item.prompt_id == prompt_id:
+                parts.append(item.text)
+            elif isinstance(item, Block) and item.prompt_id == prompt_id:
+                parts.append("\n" + item.markdown + "\n")
+        return "".join(parts)
+
+
+@pytest.fixture
+async def store(tmp_path):
+    store = await Store.open(tmp_path / "db.sqlite")
+    yield store
+    await store.close()
+
+
+def fake_claude(tmp_path: Path, **overrides) -> ClaudeSettings:
+    script = tmp_path / "claude"
+    script.write_text(f"#!/bin/sh\nexec {sys.executable} {FAKE} \"$@\"\n")
+    script.chmod(0o755)
+    values = {"binary": str(script), "timeout_s": 5, "interrupt_grace_s": 1,
+              "env_passthrough": ["PATH", "FAKE_*"]}
+    return ClaudeSettings(**(values | overrides))
+
+
+async def run_prompts(worker: RoomWorker, recorder: Recorder, *texts: str, deadline: float = 20) -> list[str]:
+    ids = []
+    async with asyncio.TaskGroup() as group:
+        task = group.create_task(worker.run())
+        for number, text in enumerate(texts):
+            event_id = f"$e{number}"
+            ids.append(event_id)
+            await worker.inbox.put(Prompt("!room:x", event_id, "@u:x", text))
+            async with asyncio.timeout(deadline):
+                assert await recorder.ended.get() == event_id
+        task.cancel()
+    return ids
+
+
+def make_worker(tmp_path, store, claude) -> tuple[RoomWorker, Recorder]:
+    recorder = Recorder()
+    worker = RoomWorker("!room:x", claude, tmp_path / "work", store, recorder, RoomToolPolicy(claude))
+    return worker, recorder
+
+
+async def test_prompts_are_answered_in_one_live_process_and_session_is_stored(tmp_path, store):
+    worker, recorder = make_worker(tmp_path, store, fake_claude(tmp_path))
+    first, second = await run_prompts(worker, recorder, "say hello there", "say again")
+    assert recorder.output(first).startswith("hello there")
+    assert "✅ Done · 1.2 s · 1 turn · $0.0012" in recorder.output(first)
+    assert recorder.output(second).startswith("again")
+    assert await store.session_id("!room:x") is not None
+
+
+async def test_streamed_text_is_not_repeated_by_the_final_message(tmp_path, store):
+    worker, recorder = make_worker(tmp_path, store, fake_claude(tmp_path))
+    (prompt,) = await run_prompts(worker, recorder, "say one two three")
+    assert recorder.output(prompt).count("one two three") == 1
+
+
+async def test_prompt_never_reaches_the_argument_list(tmp_path, store):
+    worker, recorder = make_worker(tmp_path, store, fake_claude(tmp_path))
+    (prompt,) = await run_prompts(worker, recorder, "argv")
+    argv = json.loads(recorder.output(prompt).split("\n")[0])
+    assert "--input-format" in argv and "argv" not in argv
+
+
+async def test_agent_environment_is_only_the_passthrough(tmp_path, store, monkeypatch):
+    monkeypatch.setenv("AIAGENTCHAT_MATRIX__PASSWORD", "hunter2")
+    monkeypatch.setenv("FAKE_VISIBLE", "1")
+    worker, recorder = make_worker(tmp_path, store, fake_claude(tmp_path))
+    (prompt,) = await run_prompts(worker, recorder, "env")
+    names = recorder.output(prompt).split("\n")[0].split()
+    assert "FAKE_VISIBLE" in names
+    assert "AIAGENTCHAT_MATRIX__PASSWORD" not in names
+    assert "HOME" not in names
+
+
+def test_environment_patterns():
+    env = {"PATH": "/bin", "ANTHROPIC_API_KEY": "k", "CLAUDE_CODE_X": "1", "SECRET": "s", "HOME": "/h"}
+    assert agent_environment(["PATH", "HOME", "ANTHROPIC_*", "CLAUDE_CODE_*"], env) == {
+        "PATH": "/bin", "ANTHROPIC_API_KEY": "k", "CLAUDE_CODE_X": "1", "HOME": "/h"}
+
+
+async def test_unlisted_tool_is_denied_with_a_reason_shown_and_sent_to_the_agent(tmp_path, store):
+    worker, recorder = make_worker(tmp_path, store, fake_claude(tmp_path, allowed_tools=["Read"]))
+    denied, allowed = await run_prompts(worker, recorder, "tool Write", "tool Read")
+    assert "🚫 Write denied: Write is not in this room's allowed_tools" in recorder.output(denied)
+    assert "decision deny Write is not in this room's allowed_tools" in recorder.output(denied)
+    assert "decision allow" in recorder.output(allowed)
+
+
+async def test_hang_is_stopped_at_the_timeout_and_the_room_keeps_working(tmp_path, store):
+    worker, recorder = make_worker(tmp_path, store, fake_claude(tmp_path, timeout_s=1))
+    hung, after = await run_prompts(worker, recorder, "hang", "say still here")
+    assert "⏱️ Timed out after 1 s" in recorder.output(hung)
+    assert "⏹️ Stopped at the time limit." in recorder.output(hung)
+    assert recorder.output(after).startswith("still here")
+
+
+async def test_interrupt_that_is_obeyed_keeps_the_process(tmp_path, store, monkeypatch):
+    monkeypatch.setenv("FAKE_OBEYS_INTERRUPT", "1")
+    worker, recorder = make_worker(tmp_path, store, fake_claude(tmp_path, timeout_s=1))
+    async with asyncio.TaskGroup() as group:
+        task = group.create_task(worker.run())
+        await worker.inbox.put(Prompt("!room:x", "$hang", "@u:x", "hang"))
+        async with asyncio.timeout(10):
+            await recorder.ended.get()
+        pid = worker.agent.proc.pid
+        await worker.inbox.put(Prompt("!room:x", "$next", "@u:x", "say fine"))
+        async with asyncio.timeout(10):
+            await recorder.ended.get()
+        assert worker.agent.proc.pid == pid
+        task.cancel()
+    assert recorder.output("$next").startswith("fine")
+
+
+async def test_crash_is_reported_with_its_stderr_and_the_next_prompt_restarts(tmp_path, store):
+    worker, recorder = make_worker(tmp_path, store, fake_claude(tmp_path))
+    crashed, after = await run_prompts(worker, recorder, "crash", "say back")
+    assert "❌ The agent stopped unexpectedly (exit code 3: boom: something broke)" in recorder.output(crashed)
+    assert recorder.output(after).startswith("back")
+
+
+async def test_missing_binary_is_reported(tmp_path, store):
+    worker, recorder = make_worker(tmp_path, store, ClaudeSettings(binary=str(tmp_path / "nope")))
+    (prompt,) = await run_prompts(worker, recorder, "say hi")
+    assert "❌ Cannot start the agent" in recorder.output(prompt)
+    assert "Install the Claude Code CLI or set `claude.binary`" in recorder.output(prompt)
+
+
+async def test_a_lost_session_starts_a_new_conversation(tmp_path, store):
+    await store.set_session_id("!room:x", "bad")
+    worker, recorder = make_worker(tmp_path, store, fake_claude(tmp_path))
+    (prompt,) = await run_prompts(worker, recorder, "say fresh")
+    assert "could not be resumed" in recorder.output(prompt)
+    assert "fresh" in recorder.output(prompt)
+    assert await store.session_id("!room:x") not in (None, "bad")
+
+
+async def test_a_stored_session_is_resumed(tmp_path, store):
+    await store.set_session_id("!room:x", "1234-abcd")
+    worker, recorder = make_worker(tmp_path, store, fake_claude(tmp_path))
+    (prompt,) = await run_prompts(worker, recorder, "argv")
+    argv = json.loads(recorder.output(prompt).split("\n")[0])
+    assert argv[argv.index("--resume") + 1] == "1234-abcd"
+
+
+async def test_a_huge_non_json_line_does_not_break_the_run(tmp_path, store):
+    worker, recorder = make_worker(tmp_path, store, fake_claude(tmp_path))
+    (prompt,) = await run_prompts(worker, recorder, "bigline 3000000")
+    assert recorder.output(prompt).startswith("survived")
+
+
+async def test_prompts_starting_with_a_dash_or_holding_nul_are_just_text(tmp_path, store):
+    worker, recorder = make_worker(tmp_path, store, fake_claude(tmp_path))
+    dash, nul = await run_prompts(worker, recorder, "--dangerously-skip-permissions", "a\x00b")
+    assert recorder.output(dash).startswith("you said --dangerously-skip-permissions")
+    assert recorder.output(nul).startswith("you said a\x00b")

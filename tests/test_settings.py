@@ -1,0 +1,108 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from aiagentchat.settings import ConfigError, load_settings
+
+GOOD = """
+[matrix]
+homeserver = "http://127.0.0.1:8008"
+user_id = "@bot:localhost"
+
+[paths]
+data_dir = "{data}"
+
+[claude]
+timeout_s = 120
+allowed_tools = ["Read"]
+
+[[rooms]]
+id = "!a:localhost"
+allowed_users = ["@alice:localhost"]
+
+[[rooms]]
+id = "!b:localhost"
+allowed_users = ["@bob:localhost"]
+timeout_s = 30
+allowed_tools = ["Bash(git:*)"]
+workdir = "/srv/b"
+"""
+
+
+def write(tmp_path: Path, text: str, mode: int = 0o644) -> Path:
+    path = tmp_path / "settings.toml"
+    path.write_text(text.replace("{data}", str(tmp_path / "data")))
+    path.chmod(mode)
+    return path
+
+
+def test_room_overrides_and_default_workdir(tmp_path):
+    settings = load_settings(write(tmp_path, GOOD))
+    a, b = settings.rooms
+    assert settings.claude_for(a).timeout_s == 120
+    assert settings.claude_for(b).timeout_s == 30
+    assert settings.claude_for(b).allowed_tools == ["Bash(git:*)"]
+    assert settings.claude_for(a).allowed_tools == ["Read"]
+    assert settings.workdir_for(b) == Path("/srv/b")
+    default = settings.workdir_for(a)
+    assert default.parent == tmp_path / "data" / "rooms"
+    assert "!" not in default.name and len(default.name) == 24
+    assert settings.workdir_for(a) != settings.workdir_for(b)
+
+
+def test_environment_overrides_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("AIAGENTCHAT_CLAUDE__TIMEOUT_S", "7")
+    monkeypatch.setenv("AIAGENTCHAT_MATRIX__PASSWORD", "from-env")
+    settings = load_settings(write(tmp_path, GOOD))
+    assert settings.claude.timeout_s == 7
+    assert settings.matrix.password.get_secret_value() == "from-env"
+    assert "from-env" not in repr(settings)
+
+
+def test_defaults_without_a_file(monkeypatch):
+    monkeypatch.delenv("AIAGENTCHAT_CLAUDE__TIMEOUT_S", raising=False)
+    settings = load_settings(None)
+    assert settings.claude.timeout_s == 300
+    assert settings.claude.binary == "claude"
+    assert settings.claude.permission_mode == "default"
+    assert "ANTHROPIC_*" in settings.claude.env_passthrough
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('[claude]\ntimeout_s = "soon"\n', "settings.toml:2: claude.timeout_s: Input should be a valid number"),
+        ('[[rooms]]\nid = "!a:x"\n[[rooms]]\nid = "!b:x"\ncolour = 3\n', "settings.toml:5: rooms.1.colour: Extra inputs"),
+        ("[claude]\npermission_mode = \"yolo\"\n", "settings.toml:2: claude.permission_mode: Input should be"),
+        ("[matrix\n", "invalid TOML"),
+    ],
+)
+def test_invalid_file_names_key_and_line(tmp_path, text, expected):
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, text))
+    assert expected in str(info.value)
+
+
+def test_password_in_a_readable_file_is_refused(tmp_path):
+    text = '[matrix]\nuser_id = "@b:x"\npassword = "pw"\n'
+    with pytest.raises(ConfigError, match=r"settings.toml:3: matrix.password is a secret"):
+        load_settings(write(tmp_path, text, mode=0o644))
+    assert load_settings(write(tmp_path, text, mode=0o600)).matrix.password.get_secret_value() == "pw"
+
+
+def test_daemon_exits_2_with_one_line_on_a_bad_file(tmp_path):
+    path = write(tmp_path, '[claude]\ntimeout_s = -1\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "aiagentchat", "--config", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0
+    assert "settings.toml:2: claude.timeout_s: Input should be greater than 0" in done.stderr
+
+
+def test_example_settings_file_is_valid():
+    example = Path(__file__).parent.parent / "settings.toml"
+    settings = load_settings(example)
+    assert settings.rooms and settings.rooms[0].allowed_users
