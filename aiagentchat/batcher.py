@@ -122,7 +122,7 @@ class Batcher:
         self._prompt_id: str | None = None
         self._pending = ""
         self._after_block = False
-        self._held_since: float | None = None
+        self._line_since: float | None = None
         self._last_flush = -math.inf
         self._outbox: deque[_Event] = deque()
         self._resume_at = -math.inf
@@ -183,7 +183,7 @@ class Batcher:
             self._draining = True
             return
         if item.prompt_id != self._prompt_id:
-            self._flush(self._clock(), everything=True)
+            pass
             self._prompt_id = item.prompt_id
         match item:
             case Text(text=text):
@@ -191,11 +191,16 @@ class Batcher:
                     text = "\n" + text
                 self._pending += text
                 self._after_block = False
+                if self._pending.endswith("\n"):
+                    self._line_since = None
+                elif "\n" in text or self._line_since is None:
+                    self._line_since = self._clock()
             case Block(markdown=markdown):
                 if self._pending and not self._pending.endswith("\n\n"):
                     self._pending += "\n" if self._pending.endswith("\n") else "\n\n"
                 self._pending += markdown if markdown.endswith("\n") else markdown + "\n"
                 self._after_block = True
+                self._line_since = None
             case EndOfRun():
                 self._flush(self._clock(), everything=True)
 
@@ -205,32 +210,26 @@ class Batcher:
         due = self._last_flush + self._interval_s
         if self._pending[:line_start].strip():
             return due
-        if not self._pending[line_start:].strip():
+        if self._line_since is None or not self._pending[line_start:].strip():
             return None
-        if self._held_since is None:
-            return due
-        return max(due, self._held_since + self._interval_s)
+        return max(due, self._line_since + self._interval_s)
 
     def _flush(self, now: float, *, everything: bool) -> None:
         """Turn pending output into events; mid-run, a partial last line waits up to one interval."""
-        held_long_enough = self._held_since is not None and now - self._held_since >= self._interval_s
-        line_start = len(self._pending) if everything or held_long_enough else self._pending.rfind("\n") + 1
-        text, rest = self._pending[:line_start], self._pending[line_start:]
+        if everything or (self._line_since is not None and now >= self._line_since + self._interval_s):
+            cut = len(self._pending)
+        else:
+            cut = self._pending.rfind("\n") + 1
+        text, self._pending = self._pending[:cut], self._pending[cut:]
         if text.strip():
             marker = {"prompt": self._prompt_id}
             for content in render.message_contents(text, marker):
                 self._outbox.append(_Event(content, uuid.uuid4().hex, render.content_size(content)))
             self._last_flush = now
-            self._pending = rest
-            self._held_since = now if rest else None
-        elif everything:
-            self._pending = ""
-            self._held_since = None
-        elif self._held_since is None:
-            self._held_since = now
         if not self._pending:
             self._prompt_id = None
             self._after_block = False
+            self._line_since = None
 
     async def _send(self, event: _Event) -> None:
         outcome = await self._sender.send(self.room_id, event.content, event.txn_id)

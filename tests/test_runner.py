@@ -188,3 +188,21 @@ async def test_prompts_starting_with_a_dash_or_holding_nul_are_just_text(tmp_pat
     dash, nul = await run_prompts(worker, recorder, "--dangerously-skip-permissions", "a\x00b")
     assert recorder.output(dash).startswith("you said --dangerously-skip-permissions")
     assert recorder.output(nul).startswith("you said a\x00b")
+
+
+async def test_an_idle_agent_process_is_closed_and_the_next_prompt_resumes(tmp_path, store):
+    worker, recorder = make_worker(tmp_path, store, fake_claude(tmp_path, idle_close_s=0.2))
+    async with asyncio.TaskGroup() as group:
+        task = group.create_task(worker.run())
+        await worker.inbox.put(Prompt("!room:x", "$one", "@u:x", "say first"))
+        async with asyncio.timeout(10):
+            await recorder.ended.get()
+        process = worker.agent.proc
+        async with asyncio.timeout(10):
+            await process.wait()
+        await worker.inbox.put(Prompt("!room:x", "$two", "@u:x", "argv"))
+        async with asyncio.timeout(10):
+            await recorder.ended.get()
+        task.cancel()
+    argv = json.loads(recorder.output("$two").split("\n")[0])
+    assert argv[argv.index("--resume") + 1] == await store.session_id("!room:x")

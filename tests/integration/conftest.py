@@ -36,7 +36,7 @@ def bot_events(events: list[dict[str, Any]], prompt_id: str) -> list[dict[str, A
 
 
 def bot_text(events: list[dict[str, Any]], prompt_id: str) -> str:
-    return "\n".join(e["content"]["body"] for e in bot_events(events, prompt_id))
+    return "".join(e["content"]["body"] for e in bot_events(events, prompt_id))
 
 
 def run_ended(prompt_id: str):

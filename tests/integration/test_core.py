@@ -1,6 +1,9 @@
 """The working core end to end: a real Synapse, a real nio user, the daemon as a subprocess, and the real
 Claude Code CLI talking to the scripted model API."""
 
+import json
+import stat
+
 import pytest
 
 from tests.integration.conftest import bot_events, bot_text, run_ended
@@ -10,7 +13,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 
 async def test_a_prompt_is_answered_with_html_and_no_mentions(world):
     room = await world.room()
-    await world.daemon([{"id": room}]).start()
+    daemon = world.daemon([{"id": room}])
+    await daemon.start()
     prompt_id = await world.user.send_text(room, "say hello from the agent")
     events = await world.user.wait_for(run_ended(prompt_id), timeout=60, room_id=room)
     text = bot_text(events, prompt_id)
@@ -20,6 +24,15 @@ async def test_a_prompt_is_answered_with_html_and_no_mentions(world):
         assert event["sender"] == world.bot_id
         assert event["content"]["m.mentions"] == {}
         assert event["content"]["format"] == "org.matrix.custom.html"
+
+    credentials = world.tmp_path / "data" / "credentials.json"
+    assert stat.S_IMODE(credentials.stat().st_mode) == 0o600
+    token = json.loads(credentials.read_text())["access_token"]
+    log = "\n".join(daemon.raw)
+    assert token not in log and world.bot_password not in log
+    run_lines = [entry for entry in daemon.logs if entry.get("run_id") == prompt_id]
+    assert {"run_started", "agent_started", "run_finished"} <= {entry["event"] for entry in run_lines}
+    assert all(entry.get("room_id") == room for entry in run_lines)
 
 
 async def test_a_second_prompt_continues_the_conversation(world):
@@ -94,3 +107,14 @@ async def test_a_hanging_agent_is_stopped_at_the_timeout(world):
     assert "⏹️ Stopped at the time limit." in answer
     after = await world.ask(room, "say alive again")
     assert "alive again" in after
+
+
+async def test_text_streams_into_the_room_while_the_model_writes(world):
+    room = await world.room()
+    await world.daemon([{"id": room}]).start()
+    prompt_id = await world.user.send_text(room, "slow 12")
+    events = await world.user.wait_for(run_ended(prompt_id), timeout=60, room_id=room)
+    bodies = [e["content"]["body"] for e in bot_events(events, prompt_id)]
+    assert len(bodies) >= 2
+    assert "w1" in bodies[0] and "w12" not in bodies[0]
+    assert "w12" in "".join(bodies)

@@ -1,0 +1,316 @@
+"""The batcher against a fake sender and fake time: coalescing, timing, 429 back-off, ordering, closing."""
+
+import asyncio
+import re
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import structlog
+
+from aiagentchat.batcher import (
+    Batcher,
+    Block,
+    EndOfRun,
+    Item,
+    RateLimited,
+    SendFailed,
+    SendOutcome,
+    Sent,
+    Text,
+)
+from aiagentchat.render import MAX_CHUNK_BYTES, MAX_CONTENT_BYTES, content_size
+
+pytestmark = pytest.mark.anyio
+ROOM = "!room:example.org"
+REAL_SECONDS_BEFORE_GIVING_UP = 5
+
+
+@dataclass(frozen=True)
+class Call:
+    room_id: str
+    content: dict[str, Any]
+    txn_id: str
+    at: float
+
+    @property
+    def body(self) -> str:
+        return self.content["body"]
+
+    @property
+    def prompt(self) -> str:
+        return self.content["org.aiagentchat"]["prompt"]
+
+
+class FakeRoom:
+    """A fake clock, sleep and sender for one batcher. Time moves only when a test moves it: by `advance`,
+    or in `until`, which jumps to the batcher's next wake-up whenever the batcher waits for one."""
+
+    def __init__(self, *outcomes: SendOutcome) -> None:
+        self.now = 0.0
+        self.calls: list[Call] = []
+        self.outcomes = list(outcomes)
+        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._generation = 0
+        self._progress = asyncio.Event()
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> asyncio.Future[None]:
+        """Registers the wake-up as soon as the batcher asks for it, before it awaits it."""
+        sleeper = (self.now + seconds, self._generation, asyncio.get_running_loop().create_future())
+        self._sleepers.append(sleeper)
+        sleeper[2].add_done_callback(lambda _: self._sleepers.remove(sleeper))
+        self._progress.set()
+        return sleeper[2]
+
+    async def send(self, room_id: str, content: dict[str, Any], txn_id: str) -> SendOutcome:
+        self.calls.append(Call(room_id, content, txn_id, self.now))
+        self._progress.set()
+        return self.outcomes.pop(0) if self.outcomes else Sent(f"$event{len(self.calls)}")
+
+    async def put(self, batcher: Batcher, *items: Item) -> None:
+        """Hand items to the batcher; a wake-up it asked for before seeing them no longer counts."""
+        self._generation += 1
+        for item in items:
+            await batcher.put(item)
+
+    def nudge(self, _task: object = None) -> None:
+        """Make `until` look at its condition again."""
+        self._progress.set()
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        for deadline, _, future in self._sleepers:
+            if deadline <= self.now and not future.done():
+                future.set_result(None)
+
+    def waiting_until(self) -> float | None:
+        """When the batcher will wake up, if it has seen every item and now waits for fake time."""
+        deadlines = [d for d, g, future in self._sleepers if g == self._generation and not future.done()]
+        return min(deadlines, default=None)
+
+    async def until(self, condition: Callable[[], bool]) -> None:
+        async with asyncio.timeout(REAL_SECONDS_BEFORE_GIVING_UP):
+            while True:
+                self._progress.clear()
+                if condition():
+                    return
+                deadline = self.waiting_until()
+                if deadline is None:
+                    await self._progress.wait()
+                else:
+                    self.advance(max(deadline - self.now, 0.0))
+
+    async def settled(self) -> None:
+        """Wait until the batcher has taken in everything put and waits for fake time to pass."""
+        await self.until(lambda: self.waiting_until() is not None)
+
+    def bodies(self, calls: list[Call] | None = None) -> list[str]:
+        return [call.body for call in (self.calls if calls is None else calls)]
+
+
+@asynccontextmanager
+async def running(room: FakeRoom, **options: Any) -> AsyncIterator[Batcher]:
+    batcher = Batcher(ROOM, room, clock=room.clock, sleep=room.sleep, **options)
+    task = asyncio.create_task(batcher.run())
+    try:
+        yield batcher
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def close(room: FakeRoom, batcher: Batcher) -> None:
+    closing: asyncio.Task[None] = asyncio.create_task(batcher.close())
+    closing.add_done_callback(room.nudge)
+    await room.until(closing.done)
+    await closing
+
+
+async def test_first_output_goes_out_at_once() -> None:
+    room = FakeRoom()
+    async with running(room) as batcher:
+        await room.put(batcher, Text("$p", "hello\n"))
+        await room.until(lambda: len(room.calls) == 1)
+    call = room.calls[0]
+    assert (call.room_id, call.body, call.prompt, call.at) == (ROOM, "hello\n", "$p", 0.0)
+    assert call.content["m.mentions"] == {}
+    assert re.fullmatch("[0-9a-f]{32}", call.txn_id)
+
+
+async def test_output_within_one_interval_becomes_one_event() -> None:
+    room = FakeRoom()
+    pieces = ["Let ", "me ", "look.\n", "Found ", "it.\n"]
+    async with running(room) as batcher:
+        await room.put(batcher, Text("$p", "Start.\n"))
+        await room.until(lambda: len(room.calls) == 1)
+        for piece in pieces:
+            room.advance(0.3)
+            await room.put(batcher, Text("$p", piece))
+            await room.settled()
+        await room.until(lambda: len(room.calls) == 2)
+        assert room.bodies() == ["Start.\n", "".join(pieces)]
+        assert [call.at for call in room.calls] == [0.0, 2.0]
+
+
+async def test_a_partial_line_waits_for_its_newline_until_the_run_ends() -> None:
+    room = FakeRoom()
+    async with running(room) as batcher:
+        await room.put(batcher, Text("$p", "first line\nsecond li"))
+        await room.until(lambda: len(room.calls) == 1)
+        room.advance(0.5)
+        await room.put(batcher, Text("$p", "ne"), EndOfRun("$p"))
+        await room.until(lambda: len(room.calls) == 2)
+    assert room.bodies() == ["first line\n", "second line"]
+    assert [call.at for call in room.calls] == [0.0, 0.5]
+
+
+async def test_a_partial_line_goes_out_once_held_for_an_interval() -> None:
+    room = FakeRoom()
+    async with running(room) as batcher:
+        await room.put(batcher, Text("$p", "Let me "))
+        await room.settled()
+        room.advance(0.5)
+        await room.put(batcher, Text("$p", "check.\n"))
+        await room.until(lambda: len(room.calls) == 1)
+        await room.put(batcher, Text("$p", "Thinking"))
+        await room.until(lambda: len(room.calls) == 2)
+    assert room.bodies() == ["Let me check.\n", "Thinking"]
+    assert [call.at for call in room.calls] == [0.5, 2.5]
+
+
+async def test_a_rate_limited_event_is_resent_unchanged_after_the_wait() -> None:
+    room = FakeRoom(RateLimited(retry_after_s=3.0))
+    async with running(room) as batcher:
+        await room.put(batcher, Text("$p", "one\n"))
+        await room.until(lambda: len(room.calls) == 1)
+        room.advance(1.0)
+        await room.put(batcher, Text("$p", "two\n"))
+        await room.settled()
+        room.advance(1.0)
+        await room.put(batcher, Text("$p", "three\n"))
+        await room.settled()
+        assert len(room.calls) == 1
+        await room.until(lambda: len(room.calls) == 3)
+        first, retry, second = room.calls
+        assert retry.at - first.at >= 3.0
+        assert (retry.txn_id, retry.content) == (first.txn_id, first.content)
+        assert second.txn_id != first.txn_id
+        assert "".join(room.bodies([retry, second])) == "one\ntwo\nthree\n"
+        assert (batcher.stats.events_sent, batcher.stats.rate_limited) == (2, 1)
+        assert batcher.stats.bytes_sent == content_size(retry.content) + content_size(second.content)
+
+
+async def test_without_retry_after_the_back_off_doubles_up_to_the_cap() -> None:
+    room = FakeRoom(*[RateLimited(retry_after_s=None)] * 4, RateLimited(retry_after_s=600.0))
+    async with running(room, max_backoff_s=5.0) as batcher:
+        await room.put(batcher, Text("$p", "hello\n"))
+        await room.until(lambda: len(room.calls) == 6)
+    times = [call.at for call in room.calls]
+    assert [later - earlier for earlier, later in zip(times, times[1:])] == [1.0, 2.0, 4.0, 5.0, 5.0]
+    assert len({call.txn_id for call in room.calls}) == 1
+
+
+async def test_a_retryable_failure_is_retried_with_the_same_transaction_id() -> None:
+    room = FakeRoom(SendFailed("TimeoutError", retryable=True), SendFailed("502", retryable=True))
+    async with running(room) as batcher:
+        await room.put(batcher, Text("$p", "hello\n"))
+        await room.until(lambda: len(room.calls) == 3)
+        assert [call.at for call in room.calls] == [0.0, 1.0, 3.0]
+        assert len({(call.txn_id, call.body) for call in room.calls}) == 1
+        assert (batcher.stats.events_sent, batcher.stats.send_failures) == (1, 2)
+
+
+async def test_a_refused_event_is_logged_and_skipped() -> None:
+    room = FakeRoom(SendFailed("M_FORBIDDEN: not in room", retryable=False))
+    with structlog.testing.capture_logs() as logs:
+        async with running(room) as batcher:
+            await room.put(batcher, Text("$p", "lost\n"))
+            await room.until(lambda: len(room.calls) == 1)
+            await room.put(batcher, Text("$p", "kept\n"))
+            await room.until(lambda: len(room.calls) == 2)
+    assert room.bodies() == ["lost\n", "kept\n"]
+    assert room.calls[0].txn_id != room.calls[1].txn_id
+    failures = [entry for entry in logs if entry["event"] == "send_failed"]
+    assert failures == [
+        {"event": "send_failed", "room_id": ROOM, "reason": "M_FORBIDDEN: not in room", "log_level": "error"}
+    ]
+
+
+async def test_two_prompts_never_share_an_event() -> None:
+    room = FakeRoom()
+    async with running(room) as batcher:
+        await room.put(
+            batcher,
+            Text("$a", "alpha\n"),
+            Text("$a", "half a line"),
+            Text("$b", "beta\n"),
+            Block("$b", "✅ Done"),
+            EndOfRun("$b"),
+        )
+        await room.until(lambda: len(room.calls) == 2)
+    assert [(call.prompt, call.body) for call in room.calls] == [
+        ("$a", "alpha\nhalf a line"),
+        ("$b", "beta\n\n✅ Done\n"),
+    ]
+
+
+async def test_blocks_stand_on_their_own_lines() -> None:
+    room = FakeRoom()
+    async with running(room) as batcher:
+        await room.put(
+            batcher,
+            Text("$p", "Let me check."),
+            Block("$p", "🔧 Bash: `pytest -q`"),
+            Block("$p", "```\n3 passed\n```"),
+            Text("$p", "All green."),
+            EndOfRun("$p"),
+        )
+        await room.until(lambda: len(room.calls) == 1)
+    assert room.calls[0].body == "Let me check.\n\n🔧 Bash: `pytest -q`\n\n```\n3 passed\n```\n\nAll green."
+    assert "<p>Let me check.</p>" in room.calls[0].content["formatted_body"]
+    assert "<p>All green.</p>" in room.calls[0].content["formatted_body"]
+
+
+async def test_blank_output_never_becomes_an_event() -> None:
+    room = FakeRoom()
+    async with running(room) as batcher:
+        await room.put(batcher, Text("$p", "answer\n"))
+        await room.until(lambda: len(room.calls) == 1)
+        await room.put(batcher, Text("$p", "\n\n"), EndOfRun("$p"), Text("$q", "next\n"))
+        await room.until(lambda: len(room.calls) == 2)
+    assert room.bodies() == ["answer\n", "next\n"]
+
+
+async def test_large_output_is_split_into_events_that_fit() -> None:
+    room = FakeRoom()
+    text = "".join(f"{i:05} ✓ some output, 漢字 and <tags> & more\n" for i in range(4_500))
+    assert len(text.encode()) > 200_000
+    async with running(room) as batcher:
+        await room.put(batcher, *(Text("$p", text[i : i + 777]) for i in range(0, len(text), 777)))
+        await room.put(batcher, EndOfRun("$p"))
+        await close(room, batcher)
+    assert len(room.calls) > 10
+    assert all(content_size(call.content) <= MAX_CONTENT_BYTES for call in room.calls)
+    assert all(len(call.body.encode()) <= MAX_CHUNK_BYTES for call in room.calls)
+    assert "".join(room.bodies()) == text
+    assert batcher.stats.events_sent == len(room.calls)
+
+
+async def test_close_delivers_everything_pending_then_ends_run() -> None:
+    room = FakeRoom(RateLimited(retry_after_s=3.0))
+    batcher = Batcher(ROOM, room, clock=room.clock, sleep=room.sleep)
+    async with asyncio.TaskGroup() as group:
+        run = group.create_task(batcher.run())
+        await room.put(batcher, Text("$p", "done\nand a partial"))
+        await room.until(lambda: len(room.calls) == 1)
+        await close(room, batcher)
+        assert run.done()
+    assert room.bodies() == ["done\n", "done\n", "and a partial"]
+    assert [call.at for call in room.calls] == [0.0, 3.0, 3.0]
+    with pytest.raises(RuntimeError, match="closed"):
+        await batcher.put(Text("$p", "too late\n"))
