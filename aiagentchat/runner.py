@@ -8,7 +8,6 @@ import contextlib
 import fnmatch
 import json
 import os
-import signal
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import Any, Protocol
 import structlog
 
 from aiagentchat.batcher import Batcher, Block, EndOfRun
+from aiagentchat.processes import terminate_tree
 from aiagentchat.protocol import OverlongLine, Translator, parse_line, read_lines
 from aiagentchat.settings import ClaudeSettings
 from aiagentchat.store import Store
@@ -163,20 +163,12 @@ class AgentProcess:
         return event
 
     async def close(self, wait_s: float) -> None:
-        """End the process: close its input, then signal its whole process group."""
+        """End the process: close its input and give it `wait_s` to finish, then end its whole tree."""
         if self.proc.stdin and not self.proc.stdin.is_closing():
             self.proc.stdin.close()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.proc.wait(), wait_s)
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            if self.proc.returncode is not None:
-                break
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, sig)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.proc.wait(), KILL_WAIT_S)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        await terminate_tree(self.proc, KILL_WAIT_S)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -6,7 +6,6 @@ import asyncio
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -14,25 +13,10 @@ import pytest
 
 from tests.harness.claude_cli import StreamJsonClaude, descendants, is_result, run_one_shot
 from tests.harness.matrix_user import MatrixUser, body, messages
-from tests.harness.model_server import ModelServer, parse_messages, start_model_server
+from tests.harness.model_server import ModelServer, parse_messages
 from tests.harness.synapse import Synapse
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
-
-
-@pytest.fixture(scope="module")
-async def synapse() -> AsyncIterator[Synapse]:
-    async with Synapse() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-async def model() -> AsyncIterator[ModelServer]:
-    server = await start_model_server()
-    try:
-        yield server
-    finally:
-        await server.stop()
 
 
 def unique(name: str) -> str:

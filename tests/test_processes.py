@@ -1,0 +1,44 @@
+import asyncio
+import os
+
+import pytest
+
+from aiagentchat.processes import descendants, terminate_tree
+
+pytestmark = pytest.mark.anyio
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def test_children_that_left_the_group_are_ended_too(tmp_path):
+    pids = tmp_path / "pids"
+    proc = await asyncio.create_subprocess_exec(
+        "sh", "-c", f"setsid sleep 300 & echo $! > {pids}; sleep 300 & wait",
+        start_new_session=True,
+    )
+    async with asyncio.timeout(10):
+        while not pids.exists() or not pids.read_text().strip() or len(descendants(proc.pid)) < 2:
+            await asyncio.sleep(0.02)
+    escaped = int(pids.read_text())
+    assert escaped in descendants(proc.pid)
+    assert os.getpgid(escaped) != os.getpgid(proc.pid)
+
+    await terminate_tree(proc, wait_s=2)
+
+    assert proc.returncode is not None
+    async with asyncio.timeout(5):
+        while alive(escaped):
+            await asyncio.sleep(0.02)
+
+
+async def test_a_process_that_already_exited_is_fine():
+    proc = await asyncio.create_subprocess_exec("true", start_new_session=True)
+    await proc.wait()
+    await terminate_tree(proc, wait_s=1)
+    assert proc.returncode == 0
