@@ -35,13 +35,23 @@ class Block:
 
 
 @dataclass(frozen=True)
-class EndOfRun:
-    """The prompt's run ended: everything of it is flushed now, including a partial last line."""
+class Begin:
+    """A prompt's run starts: `marker` fields go into the `org.aiagentchat` key of each of its events."""
 
     prompt_id: str
+    marker: dict[str, Any]
 
 
-Item = Text | Block | EndOfRun
+@dataclass(frozen=True)
+class EndOfRun:
+    """The prompt's run ended: everything of it is flushed now, including a partial last line. `final`
+    (ok, result, cost...) goes into the marker of the run's last event, so clients know the run is over."""
+
+    prompt_id: str
+    final: dict[str, Any] | None = None
+
+
+Item = Begin | Text | Block | EndOfRun
 
 
 @dataclass(frozen=True)
@@ -51,13 +61,13 @@ class Sent:
 
 @dataclass(frozen=True)
 class RateLimited:
-    retry_after_s: float | None
+    retry_after_s: float | None  # from Retry-After or retry_after_ms; None if the server gave none
 
 
 @dataclass(frozen=True)
 class SendFailed:
     reason: str
-    retryable: bool
+    retryable: bool  # network error, timeout, 5xx: True; 403, 404, 413 and the like: False
 
 
 SendOutcome = Sent | RateLimited | SendFailed
@@ -69,6 +79,8 @@ class Sender(Protocol):
 
 @dataclass
 class Stats:
+    """What a batcher has sent so far, for benchmarks and logs."""
+
     events_sent: int = 0
     rate_limited: int = 0
     send_failures: int = 0
@@ -82,6 +94,7 @@ class _Event:
     content: dict[str, Any]
     txn_id: str
     size: int
+    notice: bool = False  # a notice that stands in for an event the homeserver refused
 
 
 @dataclass(frozen=True)
@@ -93,7 +106,8 @@ class Batcher:
     """Coalesces a room's output into few events and sends them in order, one at a time.
 
     The first output after a quiet `interval_s` goes out at once, later output at most once per
-    `interval_s`; a partial last line waits for its newline for up to one interval. A rate limit or a
+    `interval_s`; a partial last line waits for its newline for up to one interval, and a code block cut
+    by a flush is closed in one event and re-opened in the next. A rate limit or a
     retryable failure pauses sending (new output keeps coalescing meanwhile), then the same event is sent
     again with the same transaction id, so the homeserver can drop a duplicate.
     """
@@ -120,7 +134,9 @@ class Batcher:
         self._draining = False
         self._closed = asyncio.Event()
         self._prompt_id: str | None = None
+        self._markers: dict[str, dict[str, Any]] = {}
         self._pending = ""
+        self._reopen = ""
         self._after_block = False
         self._line_since: float | None = None
         self._last_flush = -math.inf
@@ -134,13 +150,17 @@ class Batcher:
         await self._queue.put(item)
 
     async def close(self) -> None:
-        """Flush everything still pending, partial lines included, deliver it, and let run() return."""
+        """Flush everything still pending, partial lines included, deliver it, and let run() return.
+
+        Waits for run() (which must be running or be started) to deliver, rate limits and retries included.
+        """
         if not self._closing:
             self._closing = True
             await self._queue.put(_Close())
         await self._closed.wait()
 
     async def run(self) -> None:
+        """The room's sending task: returns once close() has been called and everything is delivered."""
         while True:
             while not self._queue.empty():
                 self._accept(self._queue.get_nowait())
@@ -183,9 +203,11 @@ class Batcher:
             self._draining = True
             return
         if item.prompt_id != self._prompt_id:
-            pass
+            self._flush(self._clock(), everything=True)
             self._prompt_id = item.prompt_id
         match item:
+            case Begin(marker=marker):
+                self._markers[item.prompt_id] = marker
             case Text(text=text):
                 if self._after_block and not text.startswith("\n"):
                     text = "\n" + text
@@ -201,8 +223,9 @@ class Batcher:
                 self._pending += markdown if markdown.endswith("\n") else markdown + "\n"
                 self._after_block = True
                 self._line_since = None
-            case EndOfRun():
-                self._flush(self._clock(), everything=True)
+            case EndOfRun(final=final):
+                self._flush(self._clock(), everything=True, final=final)
+                self._markers.pop(item.prompt_id, None)
 
     def _flush_due(self) -> float | None:
         """When pending output is next due to be flushed; None while there is nothing worth an event."""
@@ -212,24 +235,66 @@ class Batcher:
             return due
         if self._line_since is None or not self._pending[line_start:].strip():
             return None
+        if self._line_since >= due:
+            return self._line_since
         return max(due, self._line_since + self._interval_s)
 
-    def _flush(self, now: float, *, everything: bool) -> None:
-        """Turn pending output into events; mid-run, a partial last line waits up to one interval."""
-        if everything or (self._line_since is not None and now >= self._line_since + self._interval_s):
+    def _partial_line_goes(self, now: float) -> bool:
+        """A partial last line is sent when it has waited a full interval, or at once when it began after
+        a quiet interval: the first words of an answer show up without waiting for its first newline."""
+        if self._line_since is None:
+            return False
+        return now >= self._line_since + self._interval_s or self._line_since >= self._last_flush + self._interval_s
+
+    def _flush(self, now: float, *, everything: bool, final: dict[str, Any] | None = None) -> None:
+        """Turn pending output into events; mid-run, a partial last line waits up to one interval, and a
+        code block still open is closed in this event and re-opened in the next."""
+        if everything or self._partial_line_goes(now):
             cut = len(self._pending)
         else:
             cut = self._pending.rfind("\n") + 1
         text, self._pending = self._pending[:cut], self._pending[cut:]
+        text = self._fenced(text, close=not everything) if text.strip() else ""
         if text.strip():
-            marker = {"prompt": self._prompt_id}
-            for content in render.message_contents(text, marker):
-                self._outbox.append(_Event(content, uuid.uuid4().hex, render.content_size(content)))
-            self._last_flush = now
+            self._emit(text, now, final)
+        elif final is not None:
+            self._enqueue(render.notice_content("(end of run)", {**self._marker(), "final": final}))
+        if everything:
+            self._reopen = ""
         if not self._pending:
-            self._prompt_id = None
             self._after_block = False
             self._line_since = None
+
+    def _emit(self, text: str, now: float, final: dict[str, Any] | None = None) -> None:
+        """Build the events for `text` now: their contents and transaction ids are final."""
+        marker = self._marker()
+        contents = render.message_contents(text, marker)
+        if final is not None:
+            contents[-1] = render.with_marker(contents[-1], {**marker, "final": final})
+        for content in contents:
+            self._enqueue(content)
+        self._last_flush = now
+
+    def _marker(self) -> dict[str, Any]:
+        return {"prompt": self._prompt_id, **self._markers.get(self._prompt_id or "", {})}
+
+    def _enqueue(self, content: dict[str, Any]) -> None:
+        self._outbox.append(_Event(content, uuid.uuid4().hex, render.content_size(content)))
+
+    def _fenced(self, text: str, *, close: bool) -> str:
+        """`text` as an event of its own: re-open the code block the previous event closed (unless `text`
+        starts by closing it), and close a code block it leaves open when `close`."""
+        if self._reopen:
+            line_end = text.find("\n") + 1 or len(text)
+            if render.fence_left_open(self._reopen + text[:line_end]) is None:
+                text = text[line_end:]
+            else:
+                text = self._reopen + text
+        fence = render.fence_left_open(text) if close else None
+        self._reopen = fence[0] if fence else ""
+        if fence is not None:
+            text += fence[1] if text.endswith("\n") else "\n" + fence[1]
+        return text
 
     async def _send(self, event: _Event) -> None:
         outcome = await self._sender.send(self.room_id, event.content, event.txn_id)
@@ -251,7 +316,16 @@ class Batcher:
                 self._outbox.popleft()
                 self._backoff_s = 1.0
                 self.stats.send_failures += 1
-                log.error("send_failed", room_id=self.room_id, reason=reason)
+                log.error("send_failed", room_id=self.room_id, reason=reason, bytes=event.size)
+                if not event.notice:
+                    self._outbox.appendleft(self._refusal_notice(event, reason))
+
+    def _refusal_notice(self, event: _Event, reason: str) -> _Event:
+        """What the room sees instead of an event the homeserver refused for good; it keeps the event's
+        marker (and so a run's `final`), so a client waiting for the end of a run still sees it."""
+        body = f"⚠️ {event.size} bytes of output could not be delivered to this room ({reason})."
+        content = render.notice_content(body, event.content.get(render.MARKER_KEY) or {})
+        return _Event(content, uuid.uuid4().hex, render.content_size(content), notice=True)
 
     def _back_off(self, retry_after_s: float | None) -> float:
         """Pause sending: the server's delay, else 1 s doubling per failure; both capped at max_backoff_s."""

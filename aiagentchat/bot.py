@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import random
 import re
 import secrets
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from nio import (
     JoinError,
     LoginResponse,
     MegolmEvent,
+    RoomCreateEvent,
     RoomMessageText,
     RoomResolveAliasResponse,
     RoomSendResponse,
@@ -30,12 +33,16 @@ from nio import (
 )
 
 from aiagentchat.batcher import Batcher, RateLimited, Sent, SendFailed, SendOutcome
+from aiagentchat.guard import ToolGuard
+from aiagentchat.render import MARKER_KEY
 from aiagentchat.runner import Prompt, RoomToolPolicy, RoomWorker
-from aiagentchat.settings import RoomSettings, Settings
+from aiagentchat.settings import ConfigError, RoomSettings, Settings
 from aiagentchat.store import Store
 
 log = structlog.get_logger(__name__)
 
+HOPS_KEY = "org.aiagentchat.hops"
+LEGACY_ROOM_VERSIONS = {str(version) for version in range(1, 12)}
 SYNC_TIMEOUT_MS = 30_000
 MAX_SYNC_BACKOFF_S = 30.0
 
@@ -54,6 +61,15 @@ def write_private(path: Path, data: str) -> None:
     os.replace(tmp, path)
 
 
+def read_private(path: Path) -> str:
+    """Read a secret file, refusing one that others can read (or a link planted in its place)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, encoding="utf-8") as handle:
+        if stat.S_IMODE(os.fstat(handle.fileno()).st_mode) & 0o077:
+            raise ConfigError(f"{path} holds a secret but others can read it; run: chmod 600 {path}")
+        return handle.read()
+
+
 @dataclass(frozen=True)
 class Credentials:
     homeserver: str
@@ -65,7 +81,7 @@ class Credentials:
     def load(cls, path: Path) -> Credentials | None:
         if not path.exists():
             return None
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_private(path))
         return cls(**{key: data[key] for key in ("homeserver", "user_id", "device_id", "access_token")})
 
     def save(self, path: Path) -> None:
@@ -133,6 +149,7 @@ class Bot:
         )
         self.rooms: dict[str, RoomSettings] = {}
         self.workers: dict[str, RoomWorker] = {}
+        self.creators: dict[str, set[str]] = {}
         self.ready = asyncio.Event()
         self._stopping = asyncio.Event()
 
@@ -140,7 +157,7 @@ class Bot:
     def _pickle_key(path: Path) -> str:
         if not path.exists():
             write_private(path, secrets.token_urlsafe(32))
-        return path.read_text(encoding="utf-8").strip()
+        return read_private(path).strip()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -188,8 +205,6 @@ class Bot:
                     continue
                 room_id = response.room_id
             self.rooms[room_id] = room
-            if not room.allowed_users:
-                log.warning("room_has_no_allowed_users", room_id=room_id, effect="no prompt will run")
             joined = await self.client.join(room_id)
             if isinstance(joined, JoinError):
                 log.error("room_join_failed", room_id=room_id, error=joined.message)
@@ -203,7 +218,8 @@ class Bot:
             max_backoff_s=self.settings.output.max_backoff_s,
         )
         workdir = self.settings.workdir_for(room).resolve()
-        return RoomWorker(room_id, claude, workdir, self.store, batcher, RoomToolPolicy(claude))
+        guard = ToolGuard(self.settings.paths.data_dir, workdir, room.allow_claude_config_writes)
+        return RoomWorker(room_id, claude, workdir, self.store, batcher, RoomToolPolicy(claude), guard)
 
     async def run(self) -> None:
         await self.login()
@@ -228,10 +244,11 @@ class Bot:
     async def _sync_loop(self) -> None:
         token = await self.store.sync_token()
         history = token is None
+        full_state = True  # the first sync of every start brings the rooms' state (power levels, creators)
         failures = 0
         while True:
             try:
-                response = await self.client.sync(timeout=SYNC_TIMEOUT_MS, since=token, full_state=history)
+                response = await self.client.sync(timeout=SYNC_TIMEOUT_MS, since=token, full_state=full_state)
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 response = SyncError(f"{type(exc).__name__}: {exc}")
             if isinstance(response, SyncError):
@@ -250,7 +267,7 @@ class Bot:
             await self._crypto_upkeep()
             token = response.next_batch
             await self.store.set_sync_token(token)
-            history = False
+            history = full_state = False
             if not self.ready.is_set():
                 self.ready.set()
                 log.info("ready", rooms=len(self.rooms), user_id=self.client.user_id)
@@ -273,11 +290,27 @@ class Bot:
             room = self.rooms.get(room_id)
             if room is None:
                 continue
+            self._note_creators(room_id, [*info.state, *info.timeline.events])
             first_sight = await self.store.mark_room_seen(room_id)
             if history or first_sight:
                 continue
             for event in info.timeline.events:
                 await self._consider_event(room_id, room, event)
+
+    def _note_creators(self, room_id: str, events: list[Any]) -> None:
+        for event in events:
+            if isinstance(event, RoomCreateEvent):
+                extra = event.source.get("content", {}).get("additional_creators") or []
+                self.creators[room_id] = {event.sender, *[user for user in extra if isinstance(user, str)]}
+
+    def _power_level(self, room_id: str, user_id: str) -> float:
+        """The user's power level; creators of version 12+ rooms rank above every level."""
+        room = self.client.rooms.get(room_id)
+        if room is None:
+            return 0
+        if room.room_version not in LEGACY_ROOM_VERSIONS and user_id in self.creators.get(room_id, set()):
+            return math.inf
+        return room.power_levels.get_user_level(user_id)
 
     async def _consider_invite(self, room_id: str, invite_state: list[Any]) -> None:
         room = self.rooms.get(room_id)
@@ -301,15 +334,44 @@ class Bot:
             return
         if not isinstance(event, RoomMessageText) or event.sender == self.client.user_id:
             return
-        if event.sender not in room.allowed_users:
-            log.info("prompt_ignored", room_id=room_id, sender=event.sender, reason="not in allowed_users")
-            return
-        relation = event.source.get("content", {}).get("m.relates_to") or {}
-        if relation.get("rel_type") == "m.replace":
-            log.info("prompt_ignored", room_id=room_id, event_id=event.event_id, reason="edit")
+        refusal = self._refusal(room_id, room, event)
+        hops = self._hops(event)
+        if refusal is None and hops >= room.max_hops:
+            refusal = f"hop limit {room.max_hops} reached"
+        if refusal is not None:
+            log.info("prompt_ignored", room_id=room_id, event_id=event.event_id, sender=event.sender, reason=refusal)
             return
         if not await self.store.claim_event(room_id, event.event_id):
             return
-        prompt = Prompt(room_id, event.event_id, event.sender, strip_reply_fallback(event.body))
-        log.info("prompt_accepted", room_id=room_id, event_id=event.event_id, sender=event.sender)
+        prompt = Prompt(room_id, event.event_id, event.sender, strip_reply_fallback(event.body), hops)
+        log.info("prompt_accepted", room_id=room_id, event_id=event.event_id, sender=event.sender, hops=hops)
         self.workers[room_id].inbox.put_nowait(prompt)
+
+    def _refusal(self, room_id: str, room: RoomSettings, event: RoomMessageText) -> str | None:
+        """Why this message must not run as a prompt, or None if it may."""
+        content = event.source.get("content", {})
+        if MARKER_KEY in content:
+            if event.sender not in room.allowed_bots:
+                return "output of an agent that is not in allowed_bots"
+        elif event.sender not in room.allowed_users:
+            return "sender not in allowed_users"
+        if (content.get("m.relates_to") or {}).get("rel_type") == "m.replace":
+            return "an edit of an earlier message"
+        matrix_room = self.client.rooms.get(room_id)
+        if matrix_room is not None and matrix_room.encrypted and not event.decrypted:
+            return "unencrypted message in an encrypted room"
+        if room.require_verified_device and not event.verified:
+            return "the sender's device is not verified"
+        if room.min_power_level is not None:
+            level = self._power_level(room_id, event.sender)
+            if level < room.min_power_level:
+                return f"power level {level} below {room.min_power_level}"
+        return None
+
+    @staticmethod
+    def _hops(event: RoomMessageText) -> int:
+        """How many agents this prompt has already passed through."""
+        content = event.source.get("content", {})
+        marker = content.get(MARKER_KEY)
+        value = marker.get("hops") if isinstance(marker, dict) else content.get(HOPS_KEY, 0)
+        return value if isinstance(value, int) and value >= 0 else 0

@@ -1,16 +1,767 @@
-"""`cchat`: post prompts to an aiagentchat room from a terminal or another agent (being built; see issue 3)."""
+"""`cchat`: talk to aiagentchat rooms from a terminal or from another agent's shell.
+
+    cchat login --homeserver URL --user @you:server    password from a prompt or CCHAT_PASSWORD
+    cchat send ROOM TEXT [--wait [--json] [--timeout S]]
+    cchat rooms [--json]
+    cchat tail ROOM [--json]
+
+ROOM is a room id (`!...`), an alias (`#name:server`) or a room `name` from the daemon's settings file
+(`--config`, `AIAGENTCHAT_CONFIG` or `./settings.toml`; needed only for names and the allowed-users check).
+`--wait` follows the room from the sync position taken *before* the prompt was sent and stops at the bot event
+whose `org.aiagentchat` marker names this prompt's event id and carries `final`.
+
+Exit codes: 0 answered, 1 the agent reported an error, 2 usage or configuration error (also: homeserver
+unreachable, saved login rejected, encrypted room), 3 timed out, 4 not allowed or not joined, 130 interrupted.
+Every error is one line on stderr.
+
+The login (`{homeserver, user_id, device_id, access_token}`, mode 0600) lives in
+`$CCHAT_CONFIG_DIR/credentials.json`, by default `$XDG_CONFIG_HOME/aiagentchat/` (`~/.config/aiagentchat/`).
+
+No end-to-end encryption yet: cchat refuses encrypted rooms (they come with the encryption issue).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import errno
+import getpass
+import json
+import logging
+import os
+import secrets
+import stat
 import sys
+import time
+import uuid
+from collections import deque
+from collections.abc import Coroutine, Iterator, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Annotated, Any, Optional, TextIO
 
+import aiohttp
 import typer
+from nio import (
+    AsyncClient,
+    AsyncClientConfig,
+    LoginResponse,
+    MessageDirection,
+    RoomGetStateEventResponse,
+    RoomMessagesResponse,
+    RoomResolveAliasResponse,
+    RoomSendResponse,
+    SyncError,
+)
+from typer.core import TyperGroup
 
-app = typer.Typer(add_completion=False, help="Talk to aiagentchat rooms from the terminal.")
+from aiagentchat.settings import ConfigError, RoomSettings, Settings, load_settings
+
+EXIT_OK, EXIT_AGENT_ERROR, EXIT_USAGE, EXIT_TIMEOUT, EXIT_FORBIDDEN, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+MARKER = "org.aiagentchat"
+HOPS_KEY = "org.aiagentchat.hops"
+HOPS_ENV = "AIAGENTCHAT_HOPS"
+DEFAULT_SETTINGS = Path("settings.toml")
+CREDENTIAL_KEYS = ("homeserver", "user_id", "device_id", "access_token")
+NETWORK_ERRORS = (aiohttp.ClientError, TimeoutError, OSError)
+SEND_ATTEMPTS = 5
+
+
+class Fail(Exception):
+    """Ends the command: `message` becomes the one stderr line, `code` the exit code."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def error_line(message: str, prefix: str = "cchat") -> None:
+    print(f"{prefix}: " + " ".join(message.split()), file=sys.stderr, flush=True)
+
+
+# --- saved login ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Credentials:
+    homeserver: str
+    user_id: str
+    device_id: str
+    access_token: str
+
+
+def config_dir(env: Mapping[str, str] = os.environ) -> Path:
+    if env.get("CCHAT_CONFIG_DIR"):
+        return Path(env["CCHAT_CONFIG_DIR"])
+    xdg = env.get("XDG_CONFIG_HOME", "")
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".config"
+    return base / "aiagentchat"
+
+
+def credentials_path() -> Path:
+    return config_dir() / "credentials.json"
+
+
+def write_private(path: Path, data: str) -> None:
+    """Write a file only its owner can read; a link planted at `path` is replaced, never followed."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_credentials(path: Path, credentials: Credentials) -> None:
+    write_private(path, json.dumps(asdict(credentials)))
+
+
+def load_credentials(path: Path) -> Credentials:
+    """The saved login; refuses a file others can read and a link planted in its place."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd, encoding="utf-8") as handle:
+            if stat.S_IMODE(os.fstat(handle.fileno()).st_mode) & 0o077:
+                raise Fail(EXIT_USAGE, f"{path} holds a secret but others can read it; run: chmod 600 {path}")
+            data = json.loads(handle.read())
+        return Credentials(**{key: str(data[key]) for key in CREDENTIAL_KEYS})
+    except FileNotFoundError:
+        hint = "run cchat login --homeserver URL --user @you:server"
+        raise Fail(EXIT_USAGE, f"not logged in ({path} is missing): {hint}") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise Fail(EXIT_USAGE, f"{path} is a symbolic link; refusing to read a saved login through it") from None
+        raise Fail(EXIT_USAGE, f"{path}: cannot read the saved login: {exc.strerror}") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        message = f"{path}: unreadable saved login ({type(exc).__name__}); run cchat login again"
+        raise Fail(EXIT_USAGE, message) from None
+
+
+# --- settings and rooms -----------------------------------------------------------------------------------------
+
+
+def read_settings(config: Path | None, required: bool = False) -> Settings | None:
+    path = config if config is not None else (DEFAULT_SETTINGS if DEFAULT_SETTINGS.exists() else None)
+    if path is None:
+        if required:
+            raise Fail(EXIT_USAGE, "no settings file: pass --config or set AIAGENTCHAT_CONFIG")
+        return None
+    try:
+        settings = load_settings(path)
+    except ConfigError as exc:
+        raise Fail(EXIT_USAGE, str(exc)) from None
+    if settings.matrix.homeserver:
+        return settings
+    from aiagentchat.localserver import add_saved_room  # the built-in homeserver's room "local", if made
+
+    return add_saved_room(settings)
+
+
+def lookup_room(settings: Settings | None, room: str) -> RoomSettings | None:
+    """The settings' room named `room`, else the one whose id is `room`."""
+    rooms = settings.rooms if settings else []
+    return next((r for r in rooms if r.name == room), None) or next((r for r in rooms if r.id == room), None)
+
+
+def may_prompt(room: RoomSettings, user_id: str) -> bool:
+    return user_id in room.allowed_users or user_id in room.allowed_bots
+
+
+async def resolve_room(client: Any, room: str, settings: Settings | None) -> tuple[str, RoomSettings | None]:
+    """ROOM (id, alias or settings name) as a room id, with its settings entry when the settings have one."""
+    entry = lookup_room(settings, room)
+    if entry is None and not room.startswith(("!", "#")):
+        hint = "give a room id (!...), an alias (#...:server) or a room name from the settings"
+        raise Fail(EXIT_USAGE, f"unknown room {room!r}: {hint}")
+    target = entry.id if entry else room
+    room_id = await resolve_alias(client, target) if target.startswith("#") else target
+    if entry is None and settings is not None:
+        for candidate in settings.rooms:
+            if candidate.id.startswith("#") and await resolve_alias(client, candidate.id, quiet=True) == room_id:
+                return room_id, candidate
+    return room_id, entry
+
+
+async def resolve_alias(client: Any, alias: str, quiet: bool = False) -> str | None:
+    response = await call(client.room_resolve_alias(alias), client)
+    if isinstance(response, RoomResolveAliasResponse):
+        return response.room_id
+    if quiet:
+        return None
+    if response.status_code == "M_NOT_FOUND":
+        raise Fail(EXIT_USAGE, f"room alias {alias} not found")
+    raise failure(response, f"resolving {alias}")
+
+
+# --- talking to the homeserver ----------------------------------------------------------------------------------
+
+
+def make_client(homeserver: str, user_id: str, device_id: str = "") -> AsyncClient:
+    logging.getLogger("nio").setLevel(logging.CRITICAL)
+    config = AsyncClientConfig(
+        encryption_enabled=False, store_sync_tokens=False, max_limit_exceeded=0, max_timeouts=0, request_timeout=60
+    )
+    return AsyncClient(homeserver, user_id, device_id=device_id, config=config)
+
+
+def connect(credentials: Credentials) -> AsyncClient:
+    client = make_client(credentials.homeserver, credentials.user_id, credentials.device_id)
+    client.restore_login(credentials.user_id, credentials.device_id, credentials.access_token)
+    return client
+
+
+async def call(awaitable: Coroutine[Any, Any, Any], client: AsyncClient) -> Any:
+    try:
+        return await awaitable
+    except NETWORK_ERRORS as exc:
+        raise Fail(EXIT_USAGE, f"cannot reach {client.homeserver}: {type(exc).__name__}: {exc}") from None
+
+
+def failure(response: Any, doing: str) -> Fail:
+    content = getattr(response, "content", None)
+    content = content if isinstance(content, dict) else {}  # nio 0.26 parses some errors as successes
+    code = getattr(response, "status_code", None) or content.get("errcode")
+    message = getattr(response, "message", None) or content.get("error", "")
+    if code == "M_UNKNOWN_TOKEN":
+        return Fail(EXIT_USAGE, "the homeserver rejected the saved login (M_UNKNOWN_TOKEN): run cchat login again")
+    if code == "M_FORBIDDEN":
+        return Fail(EXIT_FORBIDDEN, f"{doing}: not allowed ({message})")
+    return Fail(EXIT_USAGE, f"{doing}: {code or status_of(response)} {message}")
+
+
+def status_of(response: Any) -> int | None:
+    transport = getattr(response, "transport_response", None)
+    return transport.status if transport is not None else None
+
+
+def retry_after_s(response: Any, attempt: int) -> float:
+    transport = getattr(response, "transport_response", None)
+    header = transport.headers.get("Retry-After", "") if transport is not None else ""
+    if header.strip().isdigit():
+        return min(float(header), 30.0)
+    ms = getattr(response, "retry_after_ms", None)
+    return min(ms / 1000, 30.0) if ms else min(2.0**attempt, 10.0)
+
+
+async def check_room(client: AsyncClient, room_id: str, room: str) -> None:
+    """Fail (4) unless the user is joined; fail (2) for an encrypted room, which cchat cannot read yet."""
+    response = await call(client.room_get_state_event(room_id, "m.room.encryption"), client)
+    # nio 0.26 parses a 403 here as a success whose content is the error: go by the HTTP status and errcode.
+    content = getattr(response, "content", None) or {}
+    errcode = getattr(response, "status_code", None) or content.get("errcode")
+    if status_of(response) == 200 and not errcode:
+        raise Fail(EXIT_USAGE, f"{room} is encrypted; cchat does not support encrypted rooms yet")
+    if errcode == "M_NOT_FOUND":
+        return
+    if errcode == "M_FORBIDDEN":
+        raise Fail(EXIT_FORBIDDEN, f"{client.user_id} is not joined to {room} ({room_id}); join it first")
+    raise failure(response, f"checking {room}")
+
+
+async def send_prompt(client: AsyncClient, room_id: str, content: dict[str, Any]) -> str:
+    """Send once; a 429, a 5xx or a network error is retried with the same transaction id (no duplicates)."""
+    txn_id = uuid.uuid4().hex
+    last = ""
+    for attempt in range(1, SEND_ATTEMPTS + 1):
+        try:
+            response = await client.room_send(room_id, "m.room.message", content, tx_id=txn_id)
+        except NETWORK_ERRORS as exc:
+            last = f"{type(exc).__name__}: {exc}"
+            await asyncio.sleep(min(2.0**attempt, 10.0))
+            continue
+        if isinstance(response, RoomSendResponse):
+            return response.event_id
+        status = status_of(response)
+        if status == 429 or response.status_code == "M_LIMIT_EXCEEDED":
+            last = "rate limited"
+            await asyncio.sleep(retry_after_s(response, attempt))
+        elif status is not None and status >= 500:
+            last = f"{status} {response.message}"
+            await asyncio.sleep(min(2.0**attempt, 10.0))
+        else:
+            raise failure(response, f"sending to {room_id}")
+    raise Fail(EXIT_USAGE, f"sending to {room_id} failed after {SEND_ATTEMPTS} attempts: {last}")
+
+
+def sync_filter(room_id: str, limit: int) -> dict[str, Any]:
+    return {
+        "presence": {"types": []},
+        "account_data": {"types": []},
+        "room": {
+            "rooms": [room_id],
+            "timeline": {"limit": limit, "types": ["m.room.message"]},
+            "state": {"types": []},
+            "ephemeral": {"types": []},
+            "account_data": {"types": []},
+        },
+    }
+
+
+class Follower:
+    """Follows one room's messages from a sync position; returns each event once, in timeline order."""
+
+    def __init__(self, client: AsyncClient, room_id: str) -> None:
+        self.client = client
+        self.room_id = room_id
+        self.token: str | None = None
+        self._seen: set[str] = set()
+        self._order: deque[str] = deque()
+        self._failures = 0
+
+    async def start(self) -> None:
+        """Take the current position (before anything is sent), so nothing later can be missed."""
+        while self.token is None:
+            await self._sync(0, limit=1)
+            if self._failures > 3:
+                raise Fail(EXIT_USAGE, f"cannot sync with {self.client.homeserver}")
+
+    async def poll(self, timeout_ms: int = 10_000) -> list[dict[str, Any]]:
+        return await self._sync(timeout_ms, limit=100)
+
+    async def _sync(self, timeout_ms: int, limit: int) -> list[dict[str, Any]]:
+        """One sync round; on a passing failure, back off and keep the old position (retried next round)."""
+        try:
+            response = await self.client.sync(timeout_ms, sync_filter(self.room_id, limit), since=self.token)
+            if isinstance(response, SyncError):
+                status = status_of(response)
+                if response.status_code == "M_UNKNOWN_TOKEN" or (status and 400 <= status < 500 and status != 429):
+                    raise failure(response, "syncing")
+                return await self._back_off()
+            room = response.rooms.join.get(self.room_id)
+            events = [dict(event.source) for event in room.timeline.events] if room is not None else []
+            if room is not None and room.timeline.limited and self.token is not None:
+                skipped = await self._page_forward(self.token)
+                if skipped is None:
+                    return await self._back_off()
+                events = skipped + events
+        except NETWORK_ERRORS:
+            return await self._back_off()
+        self._failures = 0
+        first, self.token = self.token is None, response.next_batch
+        new = [event for event in events if self._is_new(event.get("event_id"))]
+        return [] if first else new  # the first sync only takes the position
+
+    async def _page_forward(self, token: str) -> list[dict[str, Any]] | None:
+        """The events a limited sync skipped, paging forward from the previous sync token (None: failed)."""
+        events: list[dict[str, Any]] = []
+        for _ in range(50):
+            response = await self.client.room_messages(
+                self.room_id, start=token, direction=MessageDirection.front, limit=100
+            )
+            if not isinstance(response, RoomMessagesResponse):
+                return None
+            events += [dict(event.source) for event in response.chunk]
+            if not response.chunk or not response.end or response.end == token:
+                break
+            token = response.end
+        return events
+
+    def _is_new(self, event_id: str | None) -> bool:
+        if not event_id or event_id in self._seen:
+            return False
+        self._seen.add(event_id)
+        self._order.append(event_id)
+        if len(self._order) > 10_000:
+            self._seen.discard(self._order.popleft())
+        return True
+
+    async def _back_off(self) -> list[dict[str, Any]]:
+        self._failures += 1
+        await asyncio.sleep(min(0.5 * 2**self._failures, 10.0))
+        return []
+
+
+# --- answers (pure) ---------------------------------------------------------------------------------------------
+
+
+def marker_of(event: dict[str, Any]) -> dict[str, Any] | None:
+    """The `org.aiagentchat` marker of a bot message event, or None for anything else."""
+    content = event.get("content")
+    if event.get("type") != "m.room.message" or not isinstance(content, dict):
+        return None
+    marker = content.get(MARKER)
+    return marker if isinstance(marker, dict) and isinstance(content.get("body"), str) else None
+
+
+class Answer:
+    """The bot events answering one prompt, collected in order; `final` once the run's last event arrived."""
+
+    def __init__(self, prompt_id: str) -> None:
+        self.prompt_id = prompt_id
+        self.bodies: list[str] = []
+        self.final: dict[str, Any] | None = None
+
+    def offer(self, event: dict[str, Any]) -> str | None:
+        """Take `event` if it answers this prompt (before the final); returns its body."""
+        marker = marker_of(event)
+        if marker is None or marker.get("prompt") != self.prompt_id or self.final is not None:
+            return None
+        body = event["content"]["body"]
+        self.bodies.append(body)
+        final = marker.get("final")
+        if isinstance(final, dict):
+            self.final = final
+        return body
+
+
+def result_object(final: dict[str, Any] | None, bodies: list[str]) -> dict[str, Any]:
+    """The `--json` object; `final` None (timed out) gives ok false and a null result."""
+    final = final or {}
+    return {
+        "ok": final.get("ok") is True,
+        "result": final.get("result"),
+        "cost_usd": usd(final.get("cost_usd")),
+        "duration_ms": final.get("duration_ms"),
+        "session_id": final.get("session_id"),
+        "events": list(bodies),
+    }
+
+
+def usd(value: Any) -> float | None:
+    """A cost as a float; Matrix event JSON has no floats, so a daemon may send it as a decimal string."""
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def exit_code(final: dict[str, Any] | None) -> int:
+    if final is None:
+        return EXIT_TIMEOUT
+    return EXIT_OK if final.get("ok") is True else EXIT_AGENT_ERROR
+
+
+def prompt_content(text: str, env: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    content: dict[str, Any] = {"msgtype": "m.text", "body": text}
+    hops = env.get(HOPS_ENV, "").strip()
+    if hops:
+        if not hops.isdigit():
+            raise Fail(EXIT_USAGE, f"{HOPS_ENV} must be a whole number, not {hops!r}")
+        content[HOPS_KEY] = int(hops) + 1
+    return content
+
+
+def prompt_text(text: str, stdin: TextIO) -> str:
+    if text == "-":
+        try:
+            text = stdin.buffer.read().decode("utf-8") if hasattr(stdin, "buffer") else stdin.read()
+        except UnicodeDecodeError:
+            raise Fail(EXIT_USAGE, "stdin is not UTF-8 text") from None
+    text = text.rstrip()
+    if not text.strip():
+        raise Fail(EXIT_USAGE, "the prompt is empty")
+    return text
+
+
+# --- terminal output --------------------------------------------------------------------------------------------
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+class Live:
+    """Bodies to stdout as they arrive; on a terminal, a progress line with the elapsed time on stderr."""
+
+    FRAMES = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
+
+    def __init__(self, out: TextIO, err: TextIO, show_bodies: bool) -> None:
+        self.out, self.err, self.show_bodies = out, err, show_bodies
+        self.spinner = _isatty(err)
+        self.started = time.monotonic()
+        self._line_open = False  # stdout ends mid-line: drawing on the same terminal would overwrite it
+        self._frame = 0
+
+    def body(self, text: str) -> None:
+        if not self.show_bodies:
+            return
+        self.clear()
+        self.out.write(text)
+        self.out.flush()
+        self._line_open = not text.endswith("\n")
+
+    def draw(self) -> None:
+        if not self.spinner or (self._line_open and _isatty(self.out)):
+            return
+        self._frame = (self._frame + 1) % len(self.FRAMES)
+        elapsed = time.monotonic() - self.started
+        self.err.write(f"\r{self.FRAMES[self._frame]} waiting for the agent · {elapsed:.0f} s\x1b[K")
+        self.err.flush()
+
+    def clear(self) -> None:
+        if self.spinner:
+            self.err.write("\r\x1b[K")
+            self.err.flush()
+
+    def finish(self) -> None:
+        self.clear()
+        if self._line_open:
+            self.out.write("\n")
+            self.out.flush()
+            self._line_open = False
+
+    async def spin(self) -> None:
+        while self.spinner:
+            self.draw()
+            await asyncio.sleep(0.1)
+
+
+# --- commands ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SendRequest:
+    room: str
+    text: str
+    wait: bool
+    timeout: float
+    json: bool
+    config: Path | None
+
+
+async def run_send(request: SendRequest) -> int:
+    credentials = load_credentials(credentials_path())
+    settings = read_settings(request.config)
+    content = prompt_content(request.text)
+    client = connect(credentials)
+    try:
+        room_id, entry = await resolve_room(client, request.room, settings)
+        if entry is not None and not may_prompt(entry, credentials.user_id):
+            who = credentials.user_id
+            where = f"allowed_users or allowed_bots of {request.room}"
+            raise Fail(EXIT_FORBIDDEN, f"{who} is not in {where}; nothing sent")
+        await check_room(client, room_id, request.room)
+        if not request.wait:
+            print(await send_prompt(client, room_id, content), flush=True)
+            return EXIT_OK
+        follower = Follower(client, room_id)
+        await follower.start()
+        prompt_id = await send_prompt(client, room_id, content)
+        answer = await follow_answer(follower, prompt_id, request.timeout, show_bodies=not request.json)
+    finally:
+        await client.close()
+    if request.json:
+        print(json.dumps(result_object(answer.final, answer.bodies), ensure_ascii=False), flush=True)
+    code = exit_code(answer.final)
+    if code == EXIT_TIMEOUT:
+        error_line(f"no final answer to {prompt_id} within {request.timeout:g} s")
+    elif code == EXIT_AGENT_ERROR:
+        error_line(f"the agent reported an error: {str((answer.final or {}).get('result') or 'no result')[:300]}")
+    return code
+
+
+async def follow_answer(follower: Follower, prompt_id: str, timeout: float, show_bodies: bool) -> Answer:
+    """Collect the answer to `prompt_id` until its final event or the timeout, showing it live."""
+    answer = Answer(prompt_id)
+    live = Live(sys.stdout, sys.stderr, show_bodies)
+    spinner = asyncio.create_task(live.spin())
+    try:
+        async with asyncio.timeout(timeout):
+            while answer.final is None:
+                for event in await follower.poll():
+                    if (body := answer.offer(event)) is not None:
+                        live.body(body)
+    except TimeoutError:
+        pass
+    finally:
+        spinner.cancel()
+        live.finish()
+    return answer
+
+
+async def run_tail(room: str, as_json: bool, config: Path | None) -> int:
+    credentials = load_credentials(credentials_path())
+    settings = read_settings(config)
+    client = connect(credentials)
+    try:
+        room_id, _ = await resolve_room(client, room, settings)
+        await check_room(client, room_id, room)
+        follower = Follower(client, room_id)
+        await follower.start()
+        while True:
+            for event in await follower.poll(30_000):
+                if (marker := marker_of(event)) is None:
+                    continue
+                body, final = event["content"]["body"], marker.get("final")
+                final = final if isinstance(final, dict) else None
+                if as_json:
+                    line = {"prompt": marker.get("prompt"), "body": body, "final": final}
+                    sys.stdout.write(json.dumps(line, ensure_ascii=False) + "\n")
+                else:  # bodies of one run are its text cut into pieces: end a line only where a run ends
+                    sys.stdout.write(body + ("\n" if final is not None and not body.endswith("\n") else ""))
+                sys.stdout.flush()
+    finally:
+        await client.close()
+
+
+async def run_login(homeserver: str, user: str, password: str, path: Path) -> Credentials:
+    homeserver = homeserver.rstrip("/")
+    try:
+        saved: Credentials | None = load_credentials(path)
+    except Fail:
+        saved = None
+    reuse = saved is not None and saved.homeserver == homeserver and saved.user_id == user
+    client = make_client(homeserver, user, saved.device_id if reuse and saved else "")
+    try:
+        response = await call(client.login(password, device_name="cchat"), client)
+    finally:
+        await client.close()
+    if not isinstance(response, LoginResponse):
+        raise Fail(EXIT_USAGE, f"login as {user} at {homeserver} refused: {response.status_code} {response.message}")
+    credentials = Credentials(homeserver, response.user_id, response.device_id, response.access_token)
+    save_credentials(path, credentials)
+    return credentials
+
+
+@contextlib.contextmanager
+def failing() -> Iterator[None]:
+    """A Fail inside becomes its one stderr line and the command's exit code."""
+    try:
+        yield
+    except Fail as exc:
+        error_line(exc.message)
+        raise typer.Exit(exc.code) from None
+
+
+def run(coroutine: Coroutine[Any, Any, Any], interrupted: int = EXIT_INTERRUPTED) -> Any:
+    """Run one command's coroutine (see failing); Ctrl-C exits with `interrupted`."""
+    try:
+        with failing():
+            return asyncio.run(coroutine)
+    except KeyboardInterrupt:
+        if interrupted:
+            error_line("interrupted")
+        raise typer.Exit(interrupted) from None
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(EXIT_OK) from None
+    except typer.Exit:
+        raise
+    except Exception as exc:
+        if os.environ.get("CCHAT_DEBUG"):
+            raise
+        error_line(f"unexpected error: {type(exc).__name__}: {exc} (CCHAT_DEBUG=1 shows the traceback)")
+        raise typer.Exit(EXIT_USAGE) from None
+
+
+class OneLineErrors(TyperGroup):
+    """Usage errors as one stderr line (`cchat send: Missing argument 'TEXT'.`), exit code 2."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
+        try:
+            code = super().main(args=args, prog_name=prog_name or "cchat", standalone_mode=False, **extra)
+        except typer.TyperException as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":
+                print(exc.format_message(), file=sys.stderr)
+            else:
+                ctx = getattr(exc, "ctx", None)
+                error_line(exc.format_message(), prefix=ctx.command_path if ctx else "cchat")
+            code = EXIT_USAGE
+        except typer.Abort:
+            error_line("aborted")
+            code = EXIT_INTERRUPTED
+        if not standalone_mode:
+            return code
+        sys.exit(code if isinstance(code, int) else EXIT_OK)
+
+
+app = typer.Typer(
+    cls=OneLineErrors,
+    name="cchat",
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="Talk to aiagentchat rooms from a terminal or another agent.",
+)
+
+ConfigOption = Annotated[
+    Optional[Path],  # noqa: UP007 - typer needs Optional here
+    typer.Option("--config", envvar="AIAGENTCHAT_CONFIG", help="The daemon's settings (default ./settings.toml)."),
+]
+
+
+def ask_password(user: str) -> str:
+    if not _isatty(sys.stdin):
+        raise Fail(EXIT_USAGE, "no password: set CCHAT_PASSWORD or run cchat login on a terminal")
+    try:
+        password = getpass.getpass(f"Password for {user}: ")
+    except (EOFError, KeyboardInterrupt):
+        password = ""
+    if not password:
+        raise Fail(EXIT_USAGE, "no password given")
+    return password
 
 
 @app.command()
-def send(room: str, text: str) -> None:
-    """Post TEXT as a prompt in ROOM (not available yet)."""
-    print(f"cchat: sending to {room} is not available in this version yet", file=sys.stderr)
-    raise typer.Exit(2)
+def login(
+    homeserver: Annotated[str, typer.Option("--homeserver", help="Homeserver URL, e.g. https://matrix.example.org")],
+    user: Annotated[str, typer.Option("--user", help="Your full Matrix ID, e.g. @you:example.org")],
+) -> None:
+    """Log in as USER (password from CCHAT_PASSWORD or a prompt) and save the login, mode 0600."""
+    with failing():
+        if not user.startswith("@") or ":" not in user:
+            raise Fail(EXIT_USAGE, f"--user must be a full Matrix ID like @you:example.org, not {user!r}")
+        password = os.environ.get("CCHAT_PASSWORD", "") or ask_password(user)
+    path = credentials_path()
+    saved = run(run_login(homeserver, user, password, path))
+    print(f"logged in as {saved.user_id} (device {saved.device_id}); saved to {path}")
+
+
+@app.command()
+def send(
+    room: Annotated[str, typer.Argument(help="Room id (!...), alias (#...:server) or room name from the settings.")],
+    text: Annotated[str, typer.Argument(help="The prompt; - reads it from stdin.")],
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the room until the answer to this prompt.")] = False,
+    timeout: Annotated[float, typer.Option("--timeout", help="With --wait: give up after S seconds.")] = 600.0,
+    as_json: Annotated[bool, typer.Option("--json", help="With --wait: print one JSON object only.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Post TEXT as a prompt in ROOM; print its event id, or with --wait the answer as it arrives."""
+    with failing():
+        if as_json and not wait:
+            raise Fail(EXIT_USAGE, "--json needs --wait")
+        if not timeout > 0:
+            raise Fail(EXIT_USAGE, "--timeout must be more than 0 seconds")
+        body = prompt_text(text, sys.stdin)
+    raise typer.Exit(run(run_send(SendRequest(room, body, wait, timeout, as_json, config))))
+
+
+@app.command()
+def rooms(
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """List the rooms of the daemon's settings: name, id, allowed users (tab-separated)."""
+    with failing():
+        settings = read_settings(config, required=True)
+    entries = settings.rooms if settings else []
+    if as_json:
+        keys = ("name", "id", "allowed_users", "allowed_bots", "max_hops")
+        print(json.dumps([{key: getattr(r, key) for key in keys} for r in entries], ensure_ascii=False))
+        return
+    for r in entries:
+        print(f"{r.name or '-'}\t{r.id}\t{','.join(r.allowed_users) or '-'}")
+
+
+@app.command()
+def tail(
+    room: Annotated[str, typer.Argument(help="Room id (!...), alias (#...:server) or room name from the settings.")],
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON line per event: {prompt, body, final}.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Print the bot's output in ROOM as it arrives, until Ctrl-C."""
+    run(run_tail(room, as_json, config), interrupted=EXIT_OK)
+
+
+if __name__ == "__main__":
+    app()

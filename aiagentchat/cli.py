@@ -1,10 +1,13 @@
-"""`aiagentchat` / `python -m aiagentchat`: start the daemon. Exit codes: 2 bad settings, 3 Matrix login refused."""
+"""`aiagentchat` / `python -m aiagentchat`: start the daemon. Exit codes: 2 bad settings, 3 Matrix login refused,
+4 the built-in homeserver failed to start."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -13,11 +16,13 @@ import typer
 
 from aiagentchat import logs
 from aiagentchat.bot import Bot, LoginFailed
-from aiagentchat.settings import ConfigError, Settings, load_settings
+from aiagentchat.localserver import HomeserverError, LocalHomeserver
+from aiagentchat.settings import ConfigError, Settings, check_safety, load_settings
 from aiagentchat.store import Store
 
 EXIT_CONFIG = 2
 EXIT_LOGIN = 3
+EXIT_HOMESERVER = 4
 DEFAULT_CONFIG = Path("settings.toml")
 
 app = typer.Typer(add_completion=False, help="Drive Claude Code from Matrix rooms.")
@@ -48,15 +53,43 @@ def run(
     path = config if config is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
     try:
         settings = load_settings(path)
+        warnings = check_safety(settings)
+        # no homeserver configured: run the built-in one (it refuses a configured account without a homeserver)
+        local = None if settings.matrix.homeserver else LocalHomeserver.for_settings(settings, config=path)
     except ConfigError as exc:
         print(f"aiagentchat: {exc}", file=sys.stderr)
         raise typer.Exit(EXIT_CONFIG) from None
+    for warning in warnings:
+        log.warning("unsafe_setting", detail=warning)
+    if missing := missing_claude_login(os.environ):
+        log.warning("no_claude_login", detail=missing)
     try:
-        asyncio.run(serve(settings))
+        asyncio.run(serve(settings) if local is None else local.run(settings, serve))
     except* LoginFailed as group:
         log.error("login_failed", reason=str(group.exceptions[0]))
         raise typer.Exit(EXIT_LOGIN) from None
+    except* ConfigError as group:
+        print(f"aiagentchat: {group.exceptions[0]}", file=sys.stderr)
+        raise typer.Exit(EXIT_CONFIG) from None
+    except* HomeserverError as group:
+        print(f"aiagentchat: the built-in homeserver failed: {group.exceptions[0]}", file=sys.stderr)
+        raise typer.Exit(EXIT_HOMESERVER) from None
     log.info("stopped")
+
+
+def missing_claude_login(env: Mapping[str, str]) -> str | None:
+    """What to tell the person when the agent has no way to reach the model, or None when it has one:
+    an API key or OAuth token in the environment, or the CLI's own login (`claude /login`)."""
+    if any(env.get(name) for name in ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN")):
+        return None
+    home = Path(env.get("HOME") or Path.home())
+    config_dir = Path(env["CLAUDE_CONFIG_DIR"]) if env.get("CLAUDE_CONFIG_DIR") else home / ".claude"
+    if (config_dir / ".credentials.json").exists():
+        return None
+    return (
+        "no ANTHROPIC_API_KEY, CLAUDE_CODE_OAUTH_TOKEN or Claude login (~/.claude/.credentials.json): the daemon "
+        "runs, but prompts fail until you set ANTHROPIC_API_KEY (or run `claude /login`) and restart it"
+    )
 
 
 def main() -> None:

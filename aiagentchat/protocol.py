@@ -81,6 +81,15 @@ class RunResult:
     subtype: str
 
 
+def run_summary(result: RunResult | None, failure: str | None = None) -> dict[str, Any]:
+    """What a client needs to know about a finished run (the `final` marker of its last event)."""
+    if result is None or failure is not None:
+        return {"ok": False, "result": failure or "the run ended without a result", "cost_usd": None,
+                "duration_ms": None, "num_turns": None, "session_id": result.session_id if result else None}
+    return {"ok": not result.is_error, "result": result.text, "cost_usd": result.cost_usd,
+            "duration_ms": result.duration_ms, "num_turns": result.num_turns, "session_id": result.session_id}
+
+
 def code_span(text: str) -> str:
     """Inline code that survives any backticks inside `text`."""
     longest = max((len(run) for run in re.findall(r"`+", text)), default=0)

@@ -6,6 +6,7 @@ import json
 import re
 import unicodedata
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 import nh3
@@ -15,6 +16,7 @@ from markdown_it.renderer import RendererHTML
 from markdown_it.token import Token
 from markdown_it.utils import EnvType, OptionsDict
 
+MARKER_KEY = "org.aiagentchat"  # marks every event the bot sends as agent output
 MAX_CHUNK_BYTES = 12_000
 MAX_CONTENT_BYTES = 45_000
 # The smallest split_markdown limit: a re-opened fence and its closing line then leave room for any character.
@@ -144,7 +146,8 @@ class _Splitter:
 
     def _break(self) -> None:
         if self.fence is not None:
-            self.parts.append(self.fence.closing if self.parts[-1].endswith("\n") else "\n" + self.fence.closing)
+            newline = "" if self.parts[-1].endswith("\n") else "\n"
+            self.parts.append(newline + self.fence.closing)
         self.chunks.append("".join(self.parts))
         self.parts = [self.fence.opening] if self.fence else []
         self.used = utf8_size(self.parts[0]) if self.parts else 0
@@ -165,6 +168,14 @@ def split_markdown(text: str, limit: int = MAX_CHUNK_BYTES) -> list[str]:
     for line in _lines(text):
         splitter.add(line)
     return splitter.finish()
+
+
+def fence_left_open(markdown: str) -> tuple[str, str] | None:
+    """The opening and closing lines of the fenced code block still open at the end of `markdown`, if any."""
+    fence = None
+    for line in _lines(markdown):
+        fence = _fence_after(fence, line, MAX_CHUNK_BYTES)
+    return (fence.opening, fence.closing) if fence else None
 
 
 def _render_image(
@@ -208,9 +219,31 @@ def to_html(markdown: str) -> str:
     return sanitize(_markdown.render(markdown))
 
 
+def without_floats(value: Any) -> Any:
+    """`value` with every float turned into its exact decimal string: Matrix's canonical JSON has no
+    floats, and Synapse refuses an event carrying one (400 M_BAD_JSON)."""
+    if isinstance(value, float):
+        return format(Decimal(repr(value)).normalize(), "f")
+    if isinstance(value, dict):
+        return {key: without_floats(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [without_floats(item) for item in value]
+    return value
+
+
 def message_contents(markdown: str, marker: dict[str, Any]) -> list[dict[str, Any]]:
     """One `m.text` content per chunk of `markdown`, each under MAX_CONTENT_BYTES as compact JSON."""
-    return _contents(markdown, marker, MAX_CHUNK_BYTES)
+    return _contents(markdown, without_floats(marker), MAX_CHUNK_BYTES)
+
+
+def with_marker(content: dict[str, Any], marker: dict[str, Any]) -> dict[str, Any]:
+    """`content` marked as agent output with `marker`, ready for the wire."""
+    return {**content, MARKER_KEY: without_floats(marker)}
+
+
+def notice_content(body: str, marker: dict[str, Any]) -> dict[str, Any]:
+    """A plain `m.notice` from the bot, marked like its other output."""
+    return with_marker({"msgtype": "m.notice", "body": body, "m.mentions": {}}, marker)
 
 
 def _contents(markdown: str, marker: dict[str, Any], limit: int) -> list[dict[str, Any]]:
@@ -222,7 +255,7 @@ def _contents(markdown: str, marker: dict[str, Any], limit: int) -> list[dict[st
             "format": "org.matrix.custom.html",
             "formatted_body": to_html(chunk),
             "m.mentions": {},
-            "org.aiagentchat": marker,
+            MARKER_KEY: marker,
         }
         if content_size(content) > MAX_CONTENT_BYTES:
             contents.extend(_contents(chunk, marker, limit // 2))

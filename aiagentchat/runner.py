@@ -16,9 +16,10 @@ from typing import Any, Protocol
 
 import structlog
 
-from aiagentchat.batcher import Batcher, Block, EndOfRun
+from aiagentchat.batcher import Batcher, Begin, Block, EndOfRun
+from aiagentchat.guard import ToolGuard
 from aiagentchat.processes import terminate_tree
-from aiagentchat.protocol import OverlongLine, Translator, parse_line, read_lines
+from aiagentchat.protocol import OverlongLine, Translator, parse_line, read_lines, run_summary
 from aiagentchat.settings import ClaudeSettings
 from aiagentchat.store import Store
 
@@ -26,6 +27,8 @@ log = structlog.get_logger(__name__)
 
 STDERR_TAIL_LINES = 20
 KILL_WAIT_S = 3.0
+GUARD_HOOK = "aiagentchat-guard"
+HOPS_VARIABLE = "AIAGENTCHAT_HOPS"
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,7 @@ class Prompt:
     event_id: str
     sender: str
     text: str
+    hops: int = 0  # how many agents this prompt has passed through (agent-to-agent chains)
 
 
 @dataclass(frozen=True)
@@ -102,27 +106,38 @@ class AgentExited(Exception):
 class AgentProcess:
     """A live CLI process in bidirectional stream-json mode."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, resumed: bool) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, resumed: bool, hops: int) -> None:
         self.proc = proc
         self.resumed = resumed
+        self.hops = hops
         self.events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         self.saw_output = False
         self._tasks = [asyncio.create_task(self._read_stdout()), asyncio.create_task(self._read_stderr())]
 
     @classmethod
-    async def start(cls, claude: ClaudeSettings, workdir: Path, session_id: str | None) -> AgentProcess:
+    async def start(
+        cls, claude: ClaudeSettings, workdir: Path, session_id: str | None, hops: int
+    ) -> AgentProcess:
+        env = agent_environment(claude.env_passthrough, os.environ) | {HOPS_VARIABLE: str(hops)}
         proc = await asyncio.create_subprocess_exec(
             *cli_arguments(claude, session_id),
             cwd=workdir,
-            env=agent_environment(claude.env_passthrough, os.environ),
+            env=env,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,
         )
-        agent = cls(proc, resumed=session_id is not None)
-        await agent.write({"type": "control_request", "request_id": uuid.uuid4().hex, "request": {"subtype": "initialize"}})
+        agent = cls(proc, resumed=session_id is not None, hops=hops)
+        hooks = {"PreToolUse": [{"matcher": None, "hookCallbackIds": [GUARD_HOOK]}]}
+        await agent.write(
+            {
+                "type": "control_request",
+                "request_id": uuid.uuid4().hex,
+                "request": {"subtype": "initialize", "hooks": hooks},
+            }
+        )
         return agent
 
     @property
@@ -191,6 +206,7 @@ class RoomWorker:
         store: Store,
         batcher: Batcher,
         policy: ToolPolicy,
+        guard: ToolGuard,
     ) -> None:
         self.room_id = room_id
         self.claude = claude
@@ -198,6 +214,7 @@ class RoomWorker:
         self.store = store
         self.batcher = batcher
         self.policy = policy
+        self.guard = guard
         self.inbox: asyncio.Queue[Prompt] = asyncio.Queue()
         self.agent: AgentProcess | None = None
 
@@ -217,32 +234,39 @@ class RoomWorker:
     async def handle(self, prompt: Prompt) -> None:
         structlog.contextvars.bind_contextvars(run_id=prompt.event_id)
         log.info("run_started", sender=prompt.sender, chars=len(prompt.text))
+        await self.batcher.put(Begin(prompt.event_id, {"hops": prompt.hops + 1}))
         try:
-            await self._run(prompt)
+            final = await self._run(prompt)
         except asyncio.CancelledError:
+            reason = "interrupted: the daemon is shutting down"
             await self.batcher.put(Block(prompt.event_id, "⚠️ Interrupted: the daemon is shutting down."))
-            await self.batcher.put(EndOfRun(prompt.event_id))
+            await self.batcher.put(EndOfRun(prompt.event_id, run_summary(None, reason)))
             raise
         except Exception:
             log.exception("run_crashed")
-            await self.batcher.put(Block(prompt.event_id, "❌ Internal error while running this prompt; see the daemon log."))
+            await self.batcher.put(
+                Block(prompt.event_id, "❌ Internal error while running this prompt; see the daemon log.")
+            )
+            final = run_summary(None, "internal error in aiagentchat")
         finally:
             structlog.contextvars.unbind_contextvars("run_id")
-        await self.batcher.put(EndOfRun(prompt.event_id))
+        await self.batcher.put(EndOfRun(prompt.event_id, final))
 
-    async def _run(self, prompt: Prompt) -> None:
+    async def _run(self, prompt: Prompt) -> dict[str, Any]:
         agent = await self._ensure_agent(prompt)
         if agent is None:
-            return
+            return run_summary(None, "the agent could not be started")
         translator = Translator(prompt.event_id)
         await agent.write({"type": "user", "message": {"role": "user", "content": prompt.text}})
+        failure = None
         try:
             async with asyncio.timeout(self.claude.timeout_s):
                 await self._pump(agent, prompt, translator)
         except TimeoutError:
             await self._stop_at_timeout(agent, prompt, translator)
+            failure = f"timed out after {self.claude.timeout_s:g} s"
         except AgentExited:
-            await self._report_exit(agent, prompt, translator)
+            return await self._report_exit(agent, prompt)
         if translator.session_id:
             await self.store.set_session_id(self.room_id, translator.session_id)
         result = translator.result
@@ -252,16 +276,17 @@ class RoomWorker:
             cost_usd=result.cost_usd if result else None,
             duration_ms=result.duration_ms if result else None,
         )
+        return run_summary(result, failure)
 
     async def _ensure_agent(self, prompt: Prompt) -> AgentProcess | None:
-        if self.agent is not None and self.agent.alive:
+        if self.agent is not None and self.agent.alive and self.agent.hops == prompt.hops:
             return self.agent
         if self.agent is not None:
-            await self._close_agent("exited")
+            await self._close_agent("exited" if not self.agent.alive else "hops changed")
         self.workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
         session_id = await self.store.session_id(self.room_id)
         try:
-            self.agent = await AgentProcess.start(self.claude, self.workdir, session_id)
+            self.agent = await AgentProcess.start(self.claude, self.workdir, session_id, prompt.hops)
         except (FileNotFoundError, PermissionError) as exc:
             log.error("agent_start_failed", binary=self.claude.binary, error=str(exc))
             await self.batcher.put(
@@ -293,6 +318,9 @@ class RoomWorker:
     ) -> None:
         request = event.get("request") or {}
         request_id = event.get("request_id")
+        if request.get("subtype") == "hook_callback":
+            await self._answer_guard_hook(agent, prompt, request_id, request.get("input") or {})
+            return
         if request.get("subtype") != "can_use_tool":
             await agent.write(
                 {
@@ -321,6 +349,30 @@ class RoomWorker:
             }
         )
 
+    async def _answer_guard_hook(
+        self, agent: AgentProcess, prompt: Prompt, request_id: Any, hook_input: dict[str, Any]
+    ) -> None:
+        tool_name = str(hook_input.get("tool_name", ""))
+        tool_input = hook_input.get("tool_input") if isinstance(hook_input.get("tool_input"), dict) else {}
+        reason = self.guard.check(tool_name, tool_input)
+        output: dict[str, Any] = {}
+        if reason is not None:
+            log.warning("tool_blocked", tool=tool_name, reason=reason)
+            await self.batcher.put(Block(prompt.event_id, f"🛡️ {tool_name} blocked: {reason}."))
+            output = {
+                "hookSpecificOutput": {
+                    "hookEventName": "PreToolUse",
+                    "permissionDecision": "deny",
+                    "permissionDecisionReason": f"aiagentchat blocked this: {reason}.",
+                }
+            }
+        await agent.write(
+            {
+                "type": "control_response",
+                "response": {"subtype": "success", "request_id": request_id, "response": output},
+            }
+        )
+
     async def _stop_at_timeout(self, agent: AgentProcess, prompt: Prompt, translator: Translator) -> None:
         log.warning("run_timeout", timeout_s=self.claude.timeout_s)
         await self.batcher.put(
@@ -341,7 +393,7 @@ class RoomWorker:
             await self._close_agent("timeout")
         await self.batcher.put(Block(prompt.event_id, "⏹️ Stopped at the time limit."))
 
-    async def _report_exit(self, agent: AgentProcess, prompt: Prompt, translator: Translator) -> None:
+    async def _report_exit(self, agent: AgentProcess, prompt: Prompt) -> dict[str, Any]:
         await self._close_agent("exited")
         description = agent.exit_description()
         log.warning("agent_exited", detail=description)
@@ -354,9 +406,9 @@ class RoomWorker:
                     f"({description}); starting a new one.",
                 )
             )
-            await self._run(prompt)
-            return
+            return await self._run(prompt)
         await self.batcher.put(Block(prompt.event_id, f"❌ The agent stopped unexpectedly ({description})."))
+        return run_summary(None, f"the agent stopped unexpectedly ({description})")
 
     async def _close_agent(self, reason: str) -> None:
         agent, self.agent = self.agent, None

@@ -28,7 +28,7 @@ class _Strict(BaseModel):
 
 
 class MatrixSettings(_Strict):
-    homeserver: str = "http://127.0.0.1:8008"
+    homeserver: str = ""  # empty: the built-in local homeserver
     user_id: str = ""
     password: SecretStr | None = None
     access_token: SecretStr | None = None
@@ -61,8 +61,15 @@ class RoomSettings(_Strict):
     """One served room. The `[claude]` keys may be overridden per room."""
 
     id: str
+    name: str | None = None
     allowed_users: list[str] = Field(default_factory=list)
+    allowed_bots: list[str] = Field(default_factory=list)
+    max_hops: int = Field(default=3, ge=1)
+    min_power_level: int | None = None
+    require_verified_device: bool = False
     workdir: Path | None = None
+    shared_workdir: bool = False
+    allow_claude_config_writes: bool = False
     binary: str | None = None
     permission_mode: PermissionMode | None = None
     allowed_tools: list[str] | None = None
@@ -113,6 +120,49 @@ class Settings(BaseSettings):
             return room.workdir
         digest = hashlib.sha256(room.id.encode()).hexdigest()[:24]
         return self.paths.data_dir / "rooms" / digest
+
+
+def check_safety(settings: Settings) -> list[str]:
+    """Refuse unsafe combinations (ConfigError); return warnings to log loudly at start-up."""
+    if settings.claude.permission_mode == "bypassPermissions":
+        raise ConfigError(
+            "claude.permission_mode: bypassPermissions lets the agent run anything without asking; "
+            "it may only be set per room ([[rooms]] permission_mode)"
+        )
+    for room in settings.rooms:
+        extra = settings.claude_for(room).extra_args
+        if "--dangerously-skip-permissions" in extra or "--allow-dangerously-skip-permissions" in extra:
+            raise ConfigError(
+                f"room {room.id}: --dangerously-skip-permissions is refused in extra_args; "
+                "set permission_mode = \"bypassPermissions\" on the room instead"
+            )
+    data_dir = settings.paths.data_dir
+    owners: dict[Path, RoomSettings] = {}
+    for room in settings.rooms:
+        if room.workdir is not None:
+            if not room.workdir.is_absolute():
+                raise ConfigError(f"room {room.id}: workdir {room.workdir} must be an absolute path")
+            if not room.workdir.is_dir():
+                raise ConfigError(f"room {room.id}: workdir {room.workdir} does not exist")
+        workdir = settings.workdir_for(room).resolve()
+        if data_dir.is_relative_to(workdir):
+            raise ConfigError(
+                f"room {room.id}: workdir {workdir} contains the data directory {data_dir}; "
+                "the agent must not reach the daemon's own files"
+            )
+        other = owners.setdefault(workdir, room)
+        if other is not room and not (room.shared_workdir and other.shared_workdir):
+            raise ConfigError(
+                f"rooms {other.id} and {room.id} share the workdir {workdir}; "
+                "set shared_workdir = true on both if that is intended"
+            )
+    warnings = []
+    for room in settings.rooms:
+        if settings.claude_for(room).permission_mode == "bypassPermissions":
+            warnings.append(f"room {room.id} runs the agent with bypassPermissions: no tool call is asked")
+        if not room.allowed_users and not room.allowed_bots:
+            warnings.append(f"room {room.id} has no allowed_users: no prompt will run there")
+    return warnings
 
 
 def load_settings(path: Path | None) -> Settings:

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-import structlog
+from structlog.testing import capture_logs
 
 from aiagentchat.batcher import (
+    Begin,
     Batcher,
     Block,
     EndOfRun,
@@ -94,6 +95,8 @@ class FakeRoom:
         return min(deadlines, default=None)
 
     async def until(self, condition: Callable[[], bool]) -> None:
+        """Let the batcher run, moving fake time to each wake-up it waits for, until `condition` holds; a
+        few real seconds at most, so that a broken batcher fails the test instead of hanging it."""
         async with asyncio.timeout(REAL_SECONDS_BEFORE_GIVING_UP):
             while True:
                 self._progress.clear()
@@ -103,7 +106,7 @@ class FakeRoom:
                 if deadline is None:
                     await self._progress.wait()
                 else:
-                    self.advance(max(deadline - self.now, 0.0))
+                    self.advance(deadline - self.now)
 
     async def settled(self) -> None:
         """Wait until the batcher has taken in everything put and waits for fake time to pass."""
@@ -157,30 +160,126 @@ async def test_output_within_one_interval_becomes_one_event() -> None:
         assert [call.at for call in room.calls] == [0.0, 2.0]
 
 
+async def test_the_first_words_go_out_at_once_even_mid_line() -> None:
+    room = FakeRoom()
+    async with running(room) as batcher:
+        await room.put(batcher, Text("$p", "Let me "))
+        await room.until(lambda: len(room.calls) == 1)
+    assert room.bodies() == ["Let me "]
+    assert room.calls[0].at == 0.0
+
+
 async def test_a_partial_line_waits_for_its_newline_until_the_run_ends() -> None:
     room = FakeRoom()
     async with running(room) as batcher:
-        await room.put(batcher, Text("$p", "first line\nsecond li"))
+        await room.put(batcher, Text("$p", "intro\n"))
         await room.until(lambda: len(room.calls) == 1)
         room.advance(0.5)
-        await room.put(batcher, Text("$p", "ne"), EndOfRun("$p"))
+        await room.put(batcher, Text("$p", "first line\nsecond li"))
         await room.until(lambda: len(room.calls) == 2)
-    assert room.bodies() == ["first line\n", "second line"]
-    assert [call.at for call in room.calls] == [0.0, 0.5]
+        room.advance(0.3)
+        await room.put(batcher, Text("$p", "ne"), EndOfRun("$p"))
+        await room.until(lambda: len(room.calls) == 3)
+    assert room.bodies() == ["intro\n", "first line\n", "second line"]
+    assert [call.at for call in room.calls] == [0.0, 2.0, 2.3]
 
 
 async def test_a_partial_line_goes_out_once_held_for_an_interval() -> None:
     room = FakeRoom()
     async with running(room) as batcher:
         await room.put(batcher, Text("$p", "Let me "))
-        await room.settled()
+        await room.until(lambda: len(room.calls) == 1)
         room.advance(0.5)
         await room.put(batcher, Text("$p", "check.\n"))
-        await room.until(lambda: len(room.calls) == 1)
-        await room.put(batcher, Text("$p", "Thinking"))
         await room.until(lambda: len(room.calls) == 2)
-    assert room.bodies() == ["Let me check.\n", "Thinking"]
-    assert [call.at for call in room.calls] == [0.5, 2.5]
+        await room.put(batcher, Text("$p", "Thinking"))
+        await room.until(lambda: len(room.calls) == 3)
+    assert room.bodies() == ["Let me ", "check.\n", "Thinking"]
+    assert [call.at for call in room.calls] == [0.0, 2.0, 4.0]
+
+
+async def test_a_code_block_cut_by_a_flush_is_closed_and_reopened() -> None:
+    room = FakeRoom()
+    async with running(room) as batcher:
+        await room.put(batcher, Text("$p", "Here:\n```python\nx = 1\n"))
+        await room.until(lambda: len(room.calls) == 1)
+        room.advance(0.5)
+        await room.put(batcher, Text("$p", "y = 2\n```\nDone.\n"))
+        await room.until(lambda: len(room.calls) == 2)
+        await room.put(batcher, Text("$p", "More.\n"))
+        await room.until(lambda: len(room.calls) == 3)
+    assert room.bodies() == ["Here:\n```python\nx = 1\n```\n", "```python\ny = 2\n```\nDone.\n", "More.\n"]
+    assert '<code class="language-python">y = 2\n</code>' in room.calls[1].content["formatted_body"]
+
+
+async def test_a_code_block_closed_just_after_a_flush_is_not_reopened() -> None:
+    room = FakeRoom()
+    async with running(room) as batcher:
+        await room.put(batcher, Text("$p", "intro\n"))
+        await room.until(lambda: len(room.calls) == 1)
+        room.advance(0.5)
+        await room.put(batcher, Text("$p", "```python\nx = 1\n```"))
+        await room.until(lambda: len(room.calls) == 2)
+        room.advance(0.2)
+        await room.put(batcher, Text("$p", "\nDone.\n"))
+        await room.until(lambda: len(room.calls) == 3)
+    assert room.bodies() == ["intro\n", "```python\nx = 1\n```\n", "Done.\n"]
+
+
+async def test_a_code_block_closed_by_otherwise_blank_output_sends_nothing_more() -> None:
+    room = FakeRoom()
+    async with running(room) as batcher:
+        await room.put(batcher, Text("$p", "intro\n"))
+        await room.until(lambda: len(room.calls) == 1)
+        room.advance(0.5)
+        await room.put(batcher, Text("$p", "```python\nx = 1\n```"))
+        await room.until(lambda: len(room.calls) == 2)
+        await room.put(batcher, Text("$p", "\n\n"), EndOfRun("$p"), Text("$q", "next\n"))
+        await room.until(lambda: len(room.calls) == 3)
+    assert room.bodies() == ["intro\n", "```python\nx = 1\n```\n", "next\n"]
+
+
+async def test_a_code_block_left_open_by_a_run_is_not_reopened_for_the_next() -> None:
+    room = FakeRoom()
+    async with running(room) as batcher:
+        await room.put(batcher, Text("$a", "```python\nx = 1\n"))
+        await room.until(lambda: len(room.calls) == 1)
+        await room.put(batcher, Text("$a", "\n"), EndOfRun("$a"), Text("$b", "hello\n"))
+        await room.until(lambda: len(room.calls) == 2)
+    assert room.bodies() == ["```python\nx = 1\n```\n", "hello\n"]
+
+
+async def test_text_after_a_block_sent_on_its_own_starts_its_event_plainly() -> None:
+    room = FakeRoom()
+    async with running(room) as batcher:
+        await room.put(batcher, Block("$p", "🔧 Bash: `ls`"))
+        await room.until(lambda: len(room.calls) == 1)
+        await room.put(batcher, Text("$p", "Listed.\n"))
+        await room.until(lambda: len(room.calls) == 2)
+    assert room.bodies() == ["🔧 Bash: `ls`\n", "Listed.\n"]
+
+
+@pytest.mark.parametrize(
+    ("steps", "complete", "partial"),
+    [
+        ([(0.1, "ab"), (1.4, "c\nde")], "abc\n", "de"),
+        ([(0.1, "x\n"), (1.4, "de")], "x\n", "de"),
+    ],
+)
+async def test_a_partial_line_is_held_from_when_it_began(
+    steps: list[tuple[float, str]], complete: str, partial: str
+) -> None:
+    room = FakeRoom(RateLimited(retry_after_s=3.0))
+    async with running(room) as batcher:
+        await room.put(batcher, Text("$p", "first\n"))
+        await room.until(lambda: len(room.calls) == 1)
+        for delay, text in steps:
+            room.advance(delay)
+            await room.put(batcher, Text("$p", text))
+            await room.settled()
+        await room.until(lambda: len(room.calls) == 4)
+    after_the_wait = [(call.body, call.at) for call in room.calls[1:]]
+    assert after_the_wait == [("first\n", 3.0), (complete, 3.0), (partial, 5.0)]
 
 
 async def test_a_rate_limited_event_is_resent_unchanged_after_the_wait() -> None:
@@ -215,6 +314,18 @@ async def test_without_retry_after_the_back_off_doubles_up_to_the_cap() -> None:
     assert len({call.txn_id for call in room.calls}) == 1
 
 
+async def test_the_back_off_starts_again_from_one_second_after_a_success() -> None:
+    room = FakeRoom(RateLimited(None), RateLimited(None), Sent("$one"), RateLimited(None))
+    async with running(room) as batcher:
+        await room.put(batcher, Text("$p", "one\n"))
+        await room.until(lambda: len(room.calls) == 3)
+        await room.put(batcher, Text("$p", "two\n"))
+        await room.until(lambda: len(room.calls) == 5)
+    assert [(call.body, call.at) for call in room.calls] == [
+        ("one\n", 0.0), ("one\n", 1.0), ("one\n", 3.0), ("two\n", 3.0), ("two\n", 4.0)
+    ]
+
+
 async def test_a_retryable_failure_is_retried_with_the_same_transaction_id() -> None:
     room = FakeRoom(SendFailed("TimeoutError", retryable=True), SendFailed("502", retryable=True))
     async with running(room) as batcher:
@@ -225,20 +336,41 @@ async def test_a_retryable_failure_is_retried_with_the_same_transaction_id() -> 
         assert (batcher.stats.events_sent, batcher.stats.send_failures) == (1, 2)
 
 
-async def test_a_refused_event_is_logged_and_skipped() -> None:
-    room = FakeRoom(SendFailed("M_FORBIDDEN: not in room", retryable=False))
-    with structlog.testing.capture_logs() as logs:
+async def test_a_refused_event_is_replaced_by_a_notice_that_keeps_the_run_final() -> None:
+    refused = SendFailed("M_BAD_JSON: Bad JSON value", retryable=False)
+    room = FakeRoom(refused, Sent("$1"), refused, refused)
+    final = {"ok": True, "result": "done"}
+    with capture_logs() as logs:
         async with running(room) as batcher:
-            await room.put(batcher, Text("$p", "lost\n"))
-            await room.until(lambda: len(room.calls) == 1)
-            await room.put(batcher, Text("$p", "kept\n"))
+            await room.put(batcher, Begin("$p", {"hops": 1}), Text("$p", "lost\n"), EndOfRun("$p", final))
             await room.until(lambda: len(room.calls) == 2)
-    assert room.bodies() == ["lost\n", "kept\n"]
-    assert room.calls[0].txn_id != room.calls[1].txn_id
-    failures = [entry for entry in logs if entry["event"] == "send_failed"]
-    assert failures == [
-        {"event": "send_failed", "room_id": ROOM, "reason": "M_FORBIDDEN: not in room", "log_level": "error"}
-    ]
+            await room.put(batcher, Text("$q", "kept too\n"))
+            await room.until(lambda: len(room.calls) == 4)
+            await room.put(batcher, Text("$r", "after\n"))
+            await room.until(lambda: len(room.calls) == 5)
+    lost, notice, kept, notice_refused, after = room.calls
+    assert notice.content["msgtype"] == "m.notice" and notice.content["m.mentions"] == {}
+    assert notice.body == f"⚠️ {content_size(lost.content)} bytes of output could not be delivered to this room (M_BAD_JSON: Bad JSON value)."
+    assert notice.content["org.aiagentchat"] == {"prompt": "$p", "hops": 1, "final": final}
+    assert notice.txn_id != lost.txn_id
+    assert notice_refused.content["msgtype"] == "m.notice" and kept.body == "kept too\n"
+    assert after.body == "after\n"
+    failures = [entry["reason"] for entry in logs if entry["event"] == "send_failed"]
+    assert failures == ["M_BAD_JSON: Bad JSON value"] * 3
+
+
+async def test_no_float_ever_reaches_an_event() -> None:
+    room = FakeRoom()
+    final = {"ok": True, "cost_usd": 9.999999999999999e-05, "parts": [0.5, 2]}
+    async with running(room) as batcher:
+        await room.put(batcher, Text("$p", "done\n"), EndOfRun("$p", final))
+        await room.until(lambda: len(room.calls) == 1)
+        await room.put(batcher, EndOfRun("$p", final))
+        await room.until(lambda: len(room.calls) == 2)
+    markers = [call.content["org.aiagentchat"]["final"] for call in room.calls]
+    assert markers == [{"ok": True, "cost_usd": "0.00009999999999999999", "parts": ["0.5", 2]}] * 2
+    assert float(markers[0]["cost_usd"]) == final["cost_usd"]
+    assert room.calls[1].body == "(end of run)"
 
 
 async def test_two_prompts_never_share_an_event() -> None:
@@ -306,11 +438,30 @@ async def test_close_delivers_everything_pending_then_ends_run() -> None:
     batcher = Batcher(ROOM, room, clock=room.clock, sleep=room.sleep)
     async with asyncio.TaskGroup() as group:
         run = group.create_task(batcher.run())
-        await room.put(batcher, Text("$p", "done\nand a partial"))
+        await room.put(batcher, Text("$p", "done\n"))
         await room.until(lambda: len(room.calls) == 1)
+        await room.put(batcher, Text("$p", "and a partial"))
         await close(room, batcher)
         assert run.done()
     assert room.bodies() == ["done\n", "done\n", "and a partial"]
     assert [call.at for call in room.calls] == [0.0, 3.0, 3.0]
     with pytest.raises(RuntimeError, match="closed"):
         await batcher.put(Text("$p", "too late\n"))
+
+
+async def test_run_markers_carry_hops_and_the_final_summary_on_the_last_event() -> None:
+    room = FakeRoom()
+    final = {"ok": True, "result": "done", "cost_usd": "0.01"}
+    async with running(room) as batcher:
+        await room.put(batcher, Begin("$p", {"hops": 2}), Text("$p", "working\n"))
+        await room.until(lambda: len(room.calls) == 1)
+        await room.put(batcher, Block("$p", "✅ Done"), EndOfRun("$p", final))
+        await room.until(lambda: len(room.calls) == 2)
+        await room.put(batcher, Text("$q", "next\n"))
+        await room.until(lambda: len(room.calls) == 3)
+    markers = [call.content["org.aiagentchat"] for call in room.calls]
+    assert markers == [
+        {"prompt": "$p", "hops": 2},
+        {"prompt": "$p", "hops": 2, "final": final},
+        {"prompt": "$q"},
+    ]

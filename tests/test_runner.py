@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from aiagentchat.batcher import Block, EndOfRun, Text
+from aiagentchat.batcher import Begin, Block, EndOfRun, Text
+from aiagentchat.guard import ToolGuard
 from aiagentchat.runner import Prompt, RoomToolPolicy, RoomWorker, agent_environment
 from aiagentchat.settings import ClaudeSettings
 from aiagentchat.store import Store
@@ -22,10 +23,12 @@ class Recorder:
     def __init__(self) -> None:
         self.items: list = []
         self.ended: asyncio.Queue[str] = asyncio.Queue()
+        self.finals: dict[str, dict] = {}
 
     async def put(self, item) -> None:
         self.items.append(item)
         if isinstance(item, EndOfRun):
+            self.finals[item.prompt_id] = item.final
             self.ended.put_nowait(item.prompt_id)
 
     def output(self, prompt_id: str) -> str:
@@ -70,7 +73,8 @@ async def run_prompts(worker: RoomWorker, recorder: Recorder, *texts: str, deadl
 
 def make_worker(tmp_path, store, claude) -> tuple[RoomWorker, Recorder]:
     recorder = Recorder()
-    worker = RoomWorker("!room:x", claude, tmp_path / "work", store, recorder, RoomToolPolicy(claude))
+    guard = ToolGuard(tmp_path / "data", tmp_path / "work")
+    worker = RoomWorker("!room:x", claude, tmp_path / "work", store, recorder, RoomToolPolicy(claude), guard)
     return worker, recorder
 
 
@@ -206,3 +210,15 @@ async def test_an_idle_agent_process_is_closed_and_the_next_prompt_resumes(tmp_p
         task.cancel()
     argv = json.loads(recorder.output("$two").split("\n")[0])
     assert argv[argv.index("--resume") + 1] == await store.session_id("!room:x")
+
+
+async def test_every_run_ends_with_a_summary_for_clients(tmp_path, store):
+    worker, recorder = make_worker(tmp_path, store, fake_claude(tmp_path, timeout_s=1))
+    ok, hung, crashed = await run_prompts(worker, recorder, "say fine", "hang", "crash")
+    assert recorder.finals[ok] | {"session_id": None} == {
+        "ok": True, "result": "fine", "cost_usd": 0.0012, "duration_ms": 1234, "num_turns": 1, "session_id": None}
+    assert recorder.finals[hung]["ok"] is False and recorder.finals[hung]["result"] == "timed out after 1 s"
+    assert recorder.finals[crashed]["ok"] is False
+    assert recorder.finals[crashed]["result"].startswith("the agent stopped unexpectedly (exit code 3")
+    begins = [item for item in recorder.items if isinstance(item, Begin)]
+    assert [b.marker for b in begins] == [{"hops": 1}] * 3

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from aiagentchat.settings import ConfigError, load_settings
+from aiagentchat.settings import ConfigError, check_safety, load_settings
 
 GOOD = """
 [matrix]
@@ -102,7 +102,40 @@ def test_daemon_exits_2_with_one_line_on_a_bad_file(tmp_path):
     assert "settings.toml:2: claude.timeout_s: Input should be greater than 0" in done.stderr
 
 
-def test_example_settings_file_is_valid():
+def test_example_settings_file_works_as_is_with_the_built_in_homeserver():
     example = Path(__file__).parent.parent / "settings.toml"
     settings = load_settings(example)
-    assert settings.rooms and settings.rooms[0].allowed_users
+    assert check_safety(settings) == []
+    assert settings.matrix.homeserver == ""
+    assert settings.claude.permission_mode == "default"
+
+
+def test_bypass_is_only_per_room_and_is_reported(tmp_path):
+    with pytest.raises(ConfigError, match="bypassPermissions .* may only be set per room"):
+        check_safety(load_settings(write(tmp_path, '[claude]\npermission_mode = "bypassPermissions"\n')))
+    room = '[[rooms]]\nid = "!a:x"\nallowed_users = ["@u:x"]\npermission_mode = "bypassPermissions"\n'
+    warnings = check_safety(load_settings(write(tmp_path, room)))
+    assert warnings == ["room !a:x runs the agent with bypassPermissions: no tool call is asked"]
+    skip = '[[rooms]]\nid = "!a:x"\nextra_args = ["--dangerously-skip-permissions"]\n'
+    with pytest.raises(ConfigError, match="--dangerously-skip-permissions is refused"):
+        check_safety(load_settings(write(tmp_path, skip)))
+
+
+def test_workdir_rules(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    two = f'[[rooms]]\nid = "!a:x"\nworkdir = "{shared}"\n[[rooms]]\nid = "!b:x"\nworkdir = "{shared}"\n'
+    with pytest.raises(ConfigError, match="share the workdir"):
+        check_safety(load_settings(write(tmp_path, two)))
+    both = two.replace("\n[[rooms]]", "\nshared_workdir = true\n[[rooms]]") + "shared_workdir = true\n"
+    assert check_safety(load_settings(write(tmp_path, both))) == [
+        "room !a:x has no allowed_users: no prompt will run there",
+        "room !b:x has no allowed_users: no prompt will run there",
+    ]
+    with pytest.raises(ConfigError, match="must be an absolute path"):
+        check_safety(load_settings(write(tmp_path, '[[rooms]]\nid = "!a:x"\nworkdir = "rel"\n')))
+    with pytest.raises(ConfigError, match="does not exist"):
+        check_safety(load_settings(write(tmp_path, f'[[rooms]]\nid = "!a:x"\nworkdir = "{tmp_path}/nope"\n')))
+    around = f'[paths]\ndata_dir = "{tmp_path}/data"\n[[rooms]]\nid = "!a:x"\nworkdir = "{tmp_path}"\n'
+    with pytest.raises(ConfigError, match="contains the data directory"):
+        check_safety(load_settings(write(tmp_path, around)))

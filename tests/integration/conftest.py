@@ -19,6 +19,16 @@ from tests.integration.daemon import Daemon, write_settings
 MARKER = "org.aiagentchat"
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test's report ends with the log tail of each daemon it ran: the first thing to read in CI."""
+    report = yield
+    world = item.funcargs.get("world") if report.when == "call" and report.failed else None
+    for number, daemon in enumerate(world.daemons if isinstance(world, World) else []):
+        report.sections.append((f"daemon {number} log (last 60 lines)", "\n".join(daemon.raw[-60:])))
+    return report
+
+
 @pytest.fixture(scope="session")
 async def synapse():
     async with running_synapse() as server:
@@ -62,14 +72,24 @@ class World:
         self.bot_id = ""
         self.user = MatrixUser()
         self.daemons: list[Daemon] = []
+        self.others: list[MatrixUser] = []
 
     async def setup(self) -> None:
         self.bot_id = await self.synapse.register(self.bot_name, self.bot_password)
         user_id = await self.synapse.register(self.user_name, self.user_password)
         await self.user.login(self.synapse.base_url, user_id, self.user_password)
 
-    async def room(self) -> str:
-        return await self.user.create_room(invite=[self.bot_id])
+    async def room(self, **kwargs: Any) -> str:
+        return await self.user.create_room(invite=[self.bot_id], **kwargs)
+
+    async def another_user(self) -> MatrixUser:
+        """A second person on the homeserver, with no rights in any daemon's settings."""
+        name, password = f"other{secrets.token_hex(4)}", secrets.token_urlsafe(12)
+        user_id = await self.synapse.register(name, password)
+        other = MatrixUser()
+        await other.login(self.synapse.base_url, user_id, password)
+        self.others.append(other)
+        return other
 
     def daemon(self, rooms: list[dict[str, Any]], claude: dict[str, Any] | None = None) -> Daemon:
         home = self.tmp_path / "home"
@@ -109,7 +129,8 @@ class World:
         for daemon in self.daemons:
             if daemon.proc is not None and daemon.proc.returncode is None:
                 await daemon.stop()
-        await self.user.close()
+        for user in [self.user, *self.others]:
+            await user.close()
 
 
 @pytest.fixture

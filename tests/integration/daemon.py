@@ -40,6 +40,11 @@ class Daemon:
         self._reader: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        await self.launch()
+        await self.wait_for_log("ready", timeout=60)
+
+    async def launch(self) -> None:
+        """Start the process without waiting for it to be ready."""
         self.logs.clear()
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -52,7 +57,6 @@ class Daemon:
             stderr=asyncio.subprocess.PIPE,
         )
         self._reader = asyncio.create_task(self._read(self.proc.stderr))
-        await self.wait_for_log("ready", timeout=60)
 
     async def _read(self, stream: asyncio.StreamReader) -> None:
         while line := await stream.readline():
@@ -91,6 +95,15 @@ class Daemon:
             tail = "\n".join(self.raw[-30:])
             raise AssertionError(f"daemon never logged {event} {fields} within {timeout} s; log tail:\n{tail}")
         return found
+
+    async def wait(self, timeout: float = 30) -> int:
+        """Wait for the process to exit by itself; its exit code."""
+        assert self.proc is not None
+        async with asyncio.timeout(timeout):
+            code = await self.proc.wait()
+        if self._reader is not None:
+            await self._reader
+        return code
 
     async def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
         assert self.proc is not None

@@ -1,0 +1,304 @@
+"""cchat as a real subprocess against a real Synapse and a real daemon running the real Claude Code CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import signal
+import stat
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.harness.matrix_user import MatrixUser, messages
+from tests.integration.conftest import bot_events
+
+pytestmark = [pytest.mark.integration, pytest.mark.anyio]
+
+JSON_KEYS = {"ok", "result", "cost_usd", "duration_ms", "session_id", "events"}
+
+
+@dataclass
+class Ran:
+    code: int
+    stdout: str
+    stderr: str
+
+
+class Cchat:
+    """`python -m aiagentchat.cchat` with its own config dir, HOME and working directory (no settings.toml)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        for sub in ("config", "home", "cwd"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        self.env = {
+            "PATH": "/usr/bin:/bin",
+            "HOME": str(root / "home"),
+            "LANG": "C.UTF-8",
+            "CCHAT_CONFIG_DIR": str(root / "config"),
+        }
+        self.user_id = ""
+
+    @property
+    def credentials(self) -> Path:
+        return self.root / "config" / "credentials.json"
+
+    async def start(self, *args: str, env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "aiagentchat.cchat", *args,
+            env=self.env | (env or {}), cwd=self.root / "cwd",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+
+    async def __call__(self, *args: str, stdin: str = "", env: dict[str, str] | None = None, timeout: float = 120):
+        proc = await self.start(*args, env=env)
+        try:
+            async with asyncio.timeout(timeout):
+                out, err = await proc.communicate(stdin.encode())
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise AssertionError(f"cchat {' '.join(args)} still running after {timeout} s") from None
+        return Ran(proc.returncode, out.decode(), err.decode())
+
+    async def login(self, homeserver: str, user_id: str, password: str) -> Ran:
+        ran = await self("login", "--homeserver", homeserver, "--user", user_id, env={"CCHAT_PASSWORD": password})
+        assert ran.code == 0, ran.stderr
+        self.user_id = user_id
+        return ran
+
+
+@pytest.fixture
+async def cli(world, tmp_path) -> Cchat:
+    """cchat logged in as the world's user (a device of its own)."""
+    cli = Cchat(tmp_path / "cchat")
+    await cli.login(world.synapse.base_url, world.user.user_id, world.user_password)
+    return cli
+
+
+async def stranger(world) -> tuple[MatrixUser, Cchat]:
+    """A second account, logged in both as a test client (to join rooms) and with its own cchat."""
+    name, password = f"stranger{secrets.token_hex(4)}", secrets.token_urlsafe(12)
+    user_id = await world.synapse.register(name, password)
+    user = MatrixUser()
+    await user.login(world.synapse.base_url, user_id, password)
+    cli = Cchat(world.tmp_path / f"cchat-{name}")
+    await cli.login(world.synapse.base_url, user_id, password)
+    return user, cli
+
+
+async def nothing_sent_by(world, room: str, user_id: str) -> bool:
+    """True once the world's user saw a later sentinel and no message of `user_id` before it."""
+    sentinel = await world.user.send_text(room, "sentinel")
+    await world.user.wait_for(lambda evs: any(e.get("event_id") == sentinel for e in evs), room_id=room)
+    return messages(world.user.room_events(room), sender=user_id) == []
+
+
+def one_line(text: str) -> bool:
+    return text.count("\n") == 1 and text.endswith("\n")
+
+
+async def test_login_saves_a_private_login_and_a_second_login_keeps_the_device(world, tmp_path):
+    cli = Cchat(tmp_path / "cchat")
+    first = await cli.login(world.synapse.base_url, world.user.user_id, world.user_password)
+    saved = json.loads(cli.credentials.read_text())
+    assert set(saved) == {"homeserver", "user_id", "device_id", "access_token"}
+    assert saved["homeserver"] == world.synapse.base_url and saved["user_id"] == world.user.user_id
+    assert stat.S_IMODE(cli.credentials.stat().st_mode) == 0o600
+    assert saved["access_token"] not in first.stdout + first.stderr
+    assert world.user_password not in first.stdout + first.stderr
+
+    await cli.login(world.synapse.base_url, world.user.user_id, world.user_password)
+    again = json.loads(cli.credentials.read_text())
+    assert again["device_id"] == saved["device_id"]
+
+    wrong = await cli("login", "--homeserver", world.synapse.base_url, "--user", world.user.user_id,
+                      env={"CCHAT_PASSWORD": "wrong"})  # fmt: skip
+    assert wrong.code == 2 and one_line(wrong.stderr) and "refused" in wrong.stderr
+    assert json.loads(cli.credentials.read_text()) == again
+
+
+async def test_send_wait_json_returns_the_answer(world, cli):
+    room = await world.room()
+    await world.daemon([{"id": room}]).start()
+    ran = await cli("send", room, "say hi there", "--wait", "--json", "--timeout", "90")
+    assert ran.code == 0, ran.stderr
+    assert one_line(ran.stdout)
+    answer = json.loads(ran.stdout)
+    assert set(answer) == JSON_KEYS
+    assert answer["ok"] is True
+    assert "hi there" in answer["result"]
+    assert isinstance(answer["session_id"], str) and answer["session_id"]
+    assert isinstance(answer["duration_ms"], int)
+    assert "hi there" in "".join(answer["events"]) and "✅ Done" in answer["events"][-1]
+    assert ran.stderr == ""
+
+
+async def test_send_prints_the_prompt_event_id_and_an_alias_works(world, cli):
+    alias_local = f"cchat{secrets.token_hex(3)}"
+    room = await world.user.create_room(invite=[world.bot_id], alias=alias_local)
+    await world.daemon([{"id": room}]).start()
+    ran = await cli("send", f"#{alias_local}:{world.user.user_id.split(':', 1)[1]}", "say by alias")
+    assert ran.code == 0, ran.stderr
+    prompt_id = ran.stdout.strip()
+    assert prompt_id.startswith("$") and one_line(ran.stdout)
+    events = await world.user.wait_for(lambda evs: bot_events(evs, prompt_id) != [], timeout=60, room_id=room)
+    prompt = next(e for e in events if e.get("event_id") == prompt_id)
+    assert prompt["sender"] == world.user.user_id and prompt["content"]["body"] == "say by alias"
+    assert "org.aiagentchat.hops" not in prompt["content"]
+
+
+async def test_send_by_name_reads_stdin_and_prints_the_answer_as_it_streams(world, cli):
+    room = await world.room()
+    await world.daemon([{"id": room, "name": "work"}]).start()
+    config = str(world.tmp_path / "settings.toml")
+    ran = await cli("send", "work", "-", "--wait", "--config", config, "--timeout", "90", stdin="slow 6\n")
+    assert ran.code == 0, ran.stderr
+    assert "w1 w2 w3 w4 w5 w6" in ran.stdout
+    assert "✅ Done" in ran.stdout and ran.stdout.endswith("\n")
+    assert ran.stderr == ""  # no progress line when stderr is not a terminal
+    events = await world.user.wait_for(lambda evs: messages(evs, sender=world.user.user_id) != [], room_id=room)
+    assert [p["content"]["body"] for p in messages(events, sender=world.user.user_id)] == ["slow 6"]
+
+
+async def test_an_agent_error_exits_1(world, cli):
+    room = await world.room()
+    await world.daemon([{"id": room}]).start()
+    ran = await cli("send", room, "fail400", "--wait", "--json", "--timeout", "90")
+    assert ran.code == 1, ran.stderr
+    answer = json.loads(ran.stdout)
+    assert set(answer) == JSON_KEYS and answer["ok"] is False
+    assert one_line(ran.stderr) and ran.stderr.startswith("cchat: the agent reported an error")
+
+
+async def test_a_hanging_agent_exits_3_at_the_timeout(world, cli):
+    room = await world.room()
+    await world.daemon([{"id": room}], claude={"timeout_s": 300}).start()
+    started = time.monotonic()
+    ran = await cli("send", room, "hang", "--wait", "--json", "--timeout", "5", timeout=60)
+    took = time.monotonic() - started
+    assert ran.code == 3, ran.stderr
+    assert 5 <= took < 20
+    assert one_line(ran.stderr) and "within 5 s" in ran.stderr
+    answer = json.loads(ran.stdout)
+    assert answer["ok"] is False and answer["result"] is None
+
+
+async def test_a_user_the_settings_do_not_allow_exits_4_and_sends_nothing(world, cli):
+    other, other_cli = await stranger(world)
+    room = await world.user.create_room(invite=[world.bot_id, other.user_id])
+    await other.join(room)
+    try:
+        config = str(world.tmp_path / "settings.toml")
+        world.daemon([{"id": room, "name": "work"}])  # writes the daemon's settings; not started
+        for target in ("work", room):
+            ran = await other_cli("send", target, "say sneaky", "--wait", "--config", config, "--timeout", "30")
+            assert ran.code == 4, ran.stderr
+            assert ran.stdout == "" and one_line(ran.stderr) and "nothing sent" in ran.stderr
+        assert await nothing_sent_by(world, room, other.user_id)
+    finally:
+        await other.close()
+
+
+async def test_not_joined_or_refused_by_the_room_exits_4(world, cli):
+    other, other_cli = await stranger(world)
+    try:
+        room = await world.user.create_room(invite=[other.user_id])
+        ran = await other_cli("send", room, "say not joined")
+        assert ran.code == 4 and one_line(ran.stderr) and "not joined" in ran.stderr
+
+        await other.join(room)
+        client = world.user.client
+        levels = await client.room_get_state_event(room, "m.room.power_levels")
+        muted = await client.room_put_state(room, "m.room.power_levels", levels.content | {"events_default": 50})
+        assert muted.event_id
+        ran = await other_cli("send", room, "say muted")
+        assert ran.code == 4 and one_line(ran.stderr) and "not allowed" in ran.stderr, ran.stderr
+        assert await nothing_sent_by(world, room, other.user_id)
+    finally:
+        await other.close()
+
+
+async def test_an_agent_calling_cchat_counts_the_hop(world, cli):
+    room = await world.room()
+    ran = await cli("send", room, "say from an agent", env={"AIAGENTCHAT_HOPS": "1"})
+    assert ran.code == 0, ran.stderr
+    prompt_id = ran.stdout.strip()
+    events = await world.user.wait_for(lambda evs: any(e.get("event_id") == prompt_id for e in evs), room_id=room)
+    prompt = next(e for e in events if e.get("event_id") == prompt_id)
+    assert prompt["content"]["org.aiagentchat.hops"] == 2
+
+
+async def test_tail_prints_the_bot_output_as_json_lines_until_ctrl_c(world, cli):
+    room = await world.room()
+    await world.daemon([{"id": room}]).start()
+    proc = await cli.start("tail", room, "--json")
+    try:
+        await asyncio.sleep(2)  # let tail take its sync position
+        prompt_id = await world.user.send_text(room, "say tailed words")
+        lines = []
+        async with asyncio.timeout(60):
+            while not lines or lines[-1]["final"] is None:
+                line = json.loads(await proc.stdout.readline())
+                if line["prompt"] == prompt_id:
+                    lines.append(line)
+        assert set(lines[0]) == {"prompt", "body", "final"}
+        assert "tailed words" in "".join(line["body"] for line in lines)
+        assert lines[-1]["final"]["ok"] is True
+    finally:
+        proc.send_signal(signal.SIGINT)
+        async with asyncio.timeout(10):
+            _, err = await proc.communicate()
+    assert proc.returncode == 0 and err == b""
+
+
+async def test_an_encrypted_room_is_refused_before_anything_is_sent(world, cli):
+    encryption = {"type": "m.room.encryption", "state_key": "", "content": {"algorithm": "m.megolm.v1.aes-sha2"}}
+    room = await world.user.create_room(initial_state=[encryption])
+    ran = await cli("send", room, "say in the clear")
+    assert ran.code == 2 and one_line(ran.stderr) and "encrypted" in ran.stderr
+    sentinel = await world.user.send_text(room, "sentinel")
+    events = await world.user.wait_for(lambda evs: any(e.get("event_id") == sentinel for e in evs), room_id=room)
+    assert [e["event_id"] for e in messages(events, sender=world.user.user_id)] == [sentinel]
+
+
+async def test_a_long_answer_is_followed_complete_and_in_order(world, cli):
+    """A stand-in bot (the bot's account, no daemon) answers with more events than one sync holds."""
+    room = await world.room()
+    bot = MatrixUser()
+    await bot.login(world.synapse.base_url, world.bot_id, world.bot_password)
+    try:
+        await bot.join(room)
+        proc = await cli.start("send", room, "say many", "--wait", "--json", "--timeout", "60")
+        events = await world.user.wait_for(
+            lambda evs: any(e.get("content", {}).get("body") == "say many" for e in evs), room_id=room
+        )
+        prompt_id = next(e["event_id"] for e in events if e.get("content", {}).get("body") == "say many")
+        other = await world.user.send_text(room, "a human in between")
+        proc.send_signal(signal.SIGSTOP)  # cchat falls behind: its next sync is limited and must page forward
+        for i in range(150):
+            await bot.send_text(room, f"part {i}\n", **{"org.aiagentchat": {"prompt": prompt_id, "hops": 1}})
+            if i == 70:  # another run's output in between is not part of this answer
+                await bot.send_text(room, "not mine", **{"org.aiagentchat": {"prompt": other, "hops": 1}})
+        final = {"ok": True, "result": "150 parts", "cost_usd": "0.5", "duration_ms": 10, "num_turns": 1,
+                 "session_id": "s-1"}  # fmt: skip
+        await bot.send_text(room, "done", **{"org.aiagentchat": {"prompt": prompt_id, "hops": 1, "final": final}})
+        proc.send_signal(signal.SIGCONT)
+        async with asyncio.timeout(60):
+            out, err = await proc.communicate()
+    finally:
+        await bot.close()
+    assert proc.returncode == 0, err
+    assert json.loads(out) == {
+        "ok": True,
+        "result": "150 parts",
+        "cost_usd": 0.5,
+        "duration_ms": 10,
+        "session_id": "s-1",
+        "events": [f"part {i}\n" for i in range(150)] + ["done"],
+    }

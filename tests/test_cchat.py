@@ -1,0 +1,434 @@
+"""cchat without a network: saved login, ROOM resolution, prompts from stdin, the --json object, exit codes."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import stat
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from nio import RoomMessagesResponse, RoomResolveAliasError, RoomResolveAliasResponse
+from typer.testing import CliRunner
+
+from aiagentchat import cchat
+from aiagentchat.cchat import Answer, Credentials, Fail, Live, SendRequest
+from aiagentchat.settings import load_settings
+
+ME = "@me:example.org"
+SETTINGS = """
+[matrix]
+homeserver = "http://127.0.0.1:9"
+user_id = "@bot:example.org"
+
+[[rooms]]
+id = "!work:example.org"
+name = "work"
+allowed_users = ["@me:example.org"]
+
+[[rooms]]
+id = "#ops:example.org"
+name = "ops"
+allowed_bots = ["@me:example.org"]
+
+[[rooms]]
+id = "!private:example.org"
+name = "private"
+allowed_users = ["@someone:example.org"]
+"""
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """A config dir with a saved login for ME at a port nothing listens on; cwd without settings.toml."""
+    config = tmp_path / "config"
+    monkeypatch.setenv("CCHAT_CONFIG_DIR", str(config))
+    monkeypatch.delenv("AIAGENTCHAT_CONFIG", raising=False)
+    monkeypatch.delenv("AIAGENTCHAT_HOPS", raising=False)
+    monkeypatch.chdir(tmp_path)
+    cchat.save_credentials(config / "credentials.json", Credentials("http://127.0.0.1:9", ME, "DEV", "tok"))
+    return tmp_path
+
+
+@pytest.fixture
+def settings_file(tmp_path) -> Path:
+    path = tmp_path / "daemon-settings.toml"
+    path.write_text(SETTINGS)
+    return path
+
+
+def invoke(*args: str, input: str | None = None):
+    return CliRunner().invoke(cchat.app, list(args), input=input)
+
+
+# --- saved login -------------------------------------------------------------------------------------------------
+
+
+def test_credentials_are_private_and_a_planted_symlink_is_replaced_not_followed(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("do not touch")
+    path = tmp_path / "config" / "credentials.json"
+    path.parent.mkdir()
+    path.symlink_to(victim)
+
+    cchat.save_credentials(path, Credentials("https://hs", ME, "DEV", "secret-token"))
+
+    assert victim.read_text() == "do not touch"
+    assert not path.is_symlink()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert json.loads(path.read_text()) == {
+        "homeserver": "https://hs",
+        "user_id": ME,
+        "device_id": "DEV",
+        "access_token": "secret-token",
+    }
+    assert [p.name for p in path.parent.iterdir()] == ["credentials.json"]  # no temp file left behind
+    assert cchat.load_credentials(path) == Credentials("https://hs", ME, "DEV", "secret-token")
+
+
+def test_the_saved_login_has_the_daemons_layout(tmp_path):
+    from aiagentchat.bot import Credentials as DaemonCredentials
+
+    path = tmp_path / "credentials.json"
+    cchat.save_credentials(path, Credentials("https://hs", ME, "DEV", "tok"))
+    assert DaemonCredentials.load(path) == DaemonCredentials("https://hs", ME, "DEV", "tok")
+
+
+def test_a_readable_or_linked_saved_login_is_refused(tmp_path):
+    path = tmp_path / "credentials.json"
+    cchat.save_credentials(path, Credentials("https://hs", ME, "DEV", "tok"))
+    path.chmod(0o644)
+    with pytest.raises(Fail, match="others can read it") as caught:
+        cchat.load_credentials(path)
+    assert caught.value.code == 2
+    link = tmp_path / "link.json"
+    link.symlink_to(path)
+    path.chmod(0o600)
+    with pytest.raises(Fail, match="symbolic link"):
+        cchat.load_credentials(link)
+    with pytest.raises(Fail, match="not logged in"):
+        cchat.load_credentials(tmp_path / "missing.json")
+
+
+def test_the_config_dir_follows_cchat_config_dir_then_xdg_then_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert cchat.config_dir({"CCHAT_CONFIG_DIR": "/x/y"}) == Path("/x/y")
+    assert cchat.config_dir({"XDG_CONFIG_HOME": "/xdg"}) == Path("/xdg/aiagentchat")
+    assert cchat.config_dir({"XDG_CONFIG_HOME": "relative"}) == tmp_path / ".config" / "aiagentchat"
+    assert cchat.config_dir({}) == tmp_path / ".config" / "aiagentchat"
+
+
+def test_login_needs_a_full_user_id_and_a_password(home, monkeypatch):
+    monkeypatch.delenv("CCHAT_PASSWORD", raising=False)
+    result = invoke("login", "--homeserver", "http://127.0.0.1:9", "--user", "me")
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "full Matrix ID" in result.stderr
+    result = invoke("login", "--homeserver", "http://127.0.0.1:9", "--user", ME)
+    assert result.exit_code == 2
+    assert result.stderr == "cchat: no password: set CCHAT_PASSWORD or run cchat login on a terminal\n"
+
+
+# --- ROOM resolution ---------------------------------------------------------------------------------------------
+
+
+class FakeClient:
+    homeserver = "http://fake"
+
+    def __init__(self, aliases: dict[str, str]) -> None:
+        self.aliases = aliases
+        self.resolved: list[str] = []
+
+    async def room_resolve_alias(self, alias: str):
+        self.resolved.append(alias)
+        if alias in self.aliases:
+            return RoomResolveAliasResponse(alias, self.aliases[alias], [])
+        return RoomResolveAliasError("Room alias not found", "M_NOT_FOUND")
+
+
+@pytest.mark.anyio
+async def test_room_is_resolved_by_name_from_a_settings_file(settings_file):
+    settings = load_settings(settings_file)
+    client = FakeClient({"#ops:example.org": "!ops:example.org", "#other:example.org": "!other:example.org"})
+
+    room_id, entry = await cchat.resolve_room(client, "work", settings)
+    assert (room_id, entry.name) == ("!work:example.org", "work")
+    assert client.resolved == []  # a name with a room id needs no request
+
+    room_id, entry = await cchat.resolve_room(client, "ops", settings)
+    assert (room_id, entry.name) == ("!ops:example.org", "ops")
+
+    room_id, entry = await cchat.resolve_room(client, "!ops:example.org", settings)  # id of an alias entry
+    assert (room_id, entry.name) == ("!ops:example.org", "ops")
+
+    room_id, entry = await cchat.resolve_room(client, "#other:example.org", settings)
+    assert (room_id, entry) == ("!other:example.org", None)
+
+    assert await cchat.resolve_room(client, "!x:example.org", None) == ("!x:example.org", None)
+
+    with pytest.raises(Fail, match="unknown room 'nope'") as caught:
+        await cchat.resolve_room(client, "nope", settings)
+    assert caught.value.code == 2
+    with pytest.raises(Fail, match="#gone:example.org not found") as caught:
+        await cchat.resolve_room(client, "#gone:example.org", settings)
+    assert caught.value.code == 2
+
+
+def test_the_built_in_homeservers_room_local_is_found_by_name(tmp_path):
+    from aiagentchat.localserver import Account, Accounts
+
+    data = tmp_path / "data"
+    (data / "homeserver").mkdir(parents=True)
+    Accounts(Account("@bot:localhost", "pw"), Account("@you:localhost", "pw"), "!local:localhost").save(
+        data / "homeserver" / "accounts.json"
+    )
+    config = tmp_path / "settings.toml"
+    config.write_text(f'[paths]\ndata_dir = "{data}"\n')
+    entry = cchat.lookup_room(cchat.read_settings(config), "local")
+    assert entry is not None and entry.id == "!local:localhost" and cchat.may_prompt(entry, "@you:localhost")
+
+
+def test_allowed_users_and_allowed_bots_may_prompt(settings_file):
+    settings = load_settings(settings_file)
+    assert cchat.may_prompt(cchat.lookup_room(settings, "work"), ME)
+    assert cchat.may_prompt(cchat.lookup_room(settings, "ops"), ME)
+    assert not cchat.may_prompt(cchat.lookup_room(settings, "private"), ME)
+
+
+def test_a_user_the_settings_do_not_allow_gets_4_and_nothing_is_sent(home, settings_file):
+    result = invoke("send", "private", "say hi", "--config", str(settings_file))
+    assert result.exit_code == 4
+    assert result.stdout == ""
+    assert result.stderr == (
+        "cchat: @me:example.org is not in allowed_users or allowed_bots of private; nothing sent\n"
+    )
+
+
+# --- the prompt --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def sent(monkeypatch) -> list[SendRequest]:
+    requests: list[SendRequest] = []
+
+    async def fake_run_send(request: SendRequest) -> int:
+        requests.append(request)
+        return 0
+
+    monkeypatch.setattr(cchat, "run_send", fake_run_send)
+    return requests
+
+
+def test_text_dash_reads_the_prompt_from_stdin(home, sent):
+    result = invoke("send", "!r:x", "-", "--wait", "--json", "--timeout", "7", input="say from stdin\nsecond line\n")
+    assert result.exit_code == 0, result.stderr
+    assert sent == [SendRequest("!r:x", "say from stdin\nsecond line", True, 7.0, True, None)]
+
+
+def test_text_is_taken_as_given(home, sent):
+    assert invoke("send", "work", "say hi there").exit_code == 0
+    assert sent[0].text == "say hi there" and not sent[0].wait and sent[0].timeout == 600
+
+
+def test_hops_from_the_environment_are_counted_up():
+    assert cchat.prompt_content("hi", {}) == {"msgtype": "m.text", "body": "hi"}
+    assert cchat.prompt_content("hi", {"AIAGENTCHAT_HOPS": "2"}) == {
+        "msgtype": "m.text",
+        "body": "hi",
+        "org.aiagentchat.hops": 3,
+    }
+    with pytest.raises(Fail, match="AIAGENTCHAT_HOPS"):
+        cchat.prompt_content("hi", {"AIAGENTCHAT_HOPS": "many"})
+
+
+# --- answers -----------------------------------------------------------------------------------------------------
+
+
+def bot_event(event_id: str, prompt: str, body: str, final: dict[str, Any] | None = None) -> dict[str, Any]:
+    marker: dict[str, Any] = {"prompt": prompt, "hops": 1}
+    if final is not None:
+        marker["final"] = final
+    content = {"msgtype": "m.text", "body": body, "org.aiagentchat": marker}
+    return {"type": "m.room.message", "event_id": event_id, "sender": "@bot:x", "content": content}
+
+
+FINAL = {"ok": True, "result": "hi there", "cost_usd": 0.0123, "duration_ms": 1500, "num_turns": 1,
+         "session_id": "sess-1"}  # fmt: skip
+
+
+def test_json_object_from_a_faked_answer():
+    answer = Answer("$prompt")
+    events = [
+        {"type": "m.room.message", "event_id": "$prompt", "sender": ME, "content": {"msgtype": "m.text", "body": "hi"}},
+        bot_event("$1", "$other", "someone else's run"),
+        bot_event("$2", "$prompt", "hi "),
+        {"type": "m.reaction", "event_id": "$3", "content": {"org.aiagentchat": {"prompt": "$prompt"}}},
+        bot_event("$4", "$prompt", "there\n"),
+        bot_event("$5", "$prompt", "✅ Done · 1.5 s · 1 turn · $0.0123\n", FINAL),
+        bot_event("$6", "$prompt", "after the final"),
+    ]
+    taken = [answer.offer(event) for event in events]
+    assert taken == [None, None, "hi ", None, "there\n", "✅ Done · 1.5 s · 1 turn · $0.0123\n", None]
+    assert cchat.result_object(answer.final, answer.bodies) == {
+        "ok": True,
+        "result": "hi there",
+        "cost_usd": 0.0123,
+        "duration_ms": 1500,
+        "session_id": "sess-1",
+        "events": ["hi ", "there\n", "✅ Done · 1.5 s · 1 turn · $0.0123\n"],
+    }
+    assert cchat.exit_code(answer.final) == 0
+
+
+def test_an_agent_error_gives_1_and_a_timeout_gives_3_with_null_fields():
+    failed = {"ok": False, "result": "API Error: 400", "cost_usd": None, "duration_ms": 20, "num_turns": 1,
+              "session_id": None}  # fmt: skip
+    assert cchat.result_object(failed, ["❌ API Error: 400"]) == {
+        "ok": False, "result": "API Error: 400", "cost_usd": None, "duration_ms": 20, "session_id": None,
+        "events": ["❌ API Error: 400"],
+    }  # fmt: skip
+    assert cchat.exit_code(failed) == 1
+    assert cchat.result_object(None, ["w1 w2"]) == {
+        "ok": False, "result": None, "cost_usd": None, "duration_ms": None, "session_id": None, "events": ["w1 w2"],
+    }  # fmt: skip
+    assert cchat.exit_code(None) == 3
+
+
+def test_a_cost_sent_as_a_decimal_string_becomes_a_number():
+    # Canonical JSON (what Synapse accepts in events) has no floats: a daemon has to send the cost as text.
+    assert cchat.result_object(FINAL | {"cost_usd": "0.0123"}, [])["cost_usd"] == 0.0123
+    assert cchat.result_object(FINAL | {"cost_usd": 2}, [])["cost_usd"] == 2.0
+    assert cchat.result_object(FINAL | {"cost_usd": "n/a"}, [])["cost_usd"] is None
+
+
+class FakeSyncClient:
+    """Serves scripted /sync answers for one room, and /messages pages from a full history."""
+
+    homeserver = "http://fake"
+
+    def __init__(self, history: list[dict[str, Any]]) -> None:
+        self.history = history  # every event of the room, oldest first; tokens are positions in it
+        self.syncs: list[tuple[str | None, int]] = []  # (since, batch size) to serve, in order
+        self.pages: list[str] = []
+
+    async def sync(self, timeout, sync_filter, since=None):
+        since_seen, size = self.syncs.pop(0)
+        assert since == since_seen
+        start = int(since or 0)
+        end = start + size if since else len(self.history)
+        window = self.history[start:end]
+        limit = sync_filter["room"]["timeline"]["limit"]
+        timeline = SimpleNamespace(
+            events=[SimpleNamespace(source=e) for e in window[-limit:]], limited=len(window) > limit, prev_batch="x"
+        )
+        rooms = SimpleNamespace(join={"!r:x": SimpleNamespace(timeline=timeline)})
+        return SimpleNamespace(rooms=rooms, next_batch=str(end))
+
+    async def room_messages(self, room_id, start, direction, limit):
+        self.pages.append(start)
+        begin = int(start)
+        chunk = [SimpleNamespace(source=e) for e in self.history[begin : begin + limit]]
+        return RoomMessagesResponse(room_id, chunk, start, str(begin + len(chunk)))
+
+
+@pytest.mark.anyio
+async def test_the_follower_misses_nothing_after_its_start_even_past_a_limited_sync():
+    history = [bot_event(f"${i}", "$p", f"e{i} ") for i in range(400)]
+    client = FakeSyncClient(history)
+    client.syncs = [(None, 0), ("10", 5), ("15", 250), ("265", 10)]
+    follower = cchat.Follower(client, "!r:x")
+    client.history = history[:10]  # the room's state when the follower starts
+    await follower.start()
+    client.history = history
+    assert follower.token == "10"
+    seen = []
+    for _ in range(3):
+        seen += [e["event_id"] for e in await follower.poll()]
+    # 250 events in one sync (its limit is 100): paged forward from the last position up to now, each event once
+    assert seen == [f"${i}" for i in range(10, 400)]
+    assert client.pages[0] == "15"
+
+
+def test_live_output_concatenates_bodies_and_draws_nothing_when_stderr_is_not_a_terminal():
+    out, err = io.StringIO(), io.StringIO()
+    live = Live(out, err, show_bodies=True)
+    live.draw()
+    for body in ("w1 w2", " w3\n", "✅ Done"):
+        live.body(body)
+    live.finish()
+    assert out.getvalue() == "w1 w2 w3\n✅ Done\n"
+    assert err.getvalue() == ""
+
+
+def test_the_progress_line_shows_on_a_terminal():
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    out, err = io.StringIO(), Tty()
+    live = Live(out, err, show_bodies=False)
+    live.draw()
+    live.body("hidden with --json")
+    live.finish()
+    assert out.getvalue() == ""
+    assert "waiting for the agent · 0 s" in err.getvalue() and err.getvalue().endswith("\r\x1b[K")
+
+
+# --- usage errors and rooms --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["send"], "cchat send: Missing argument 'room'."),
+        (["send", "!r:x"], "cchat send: Missing argument 'text'."),
+        (["send", "!r:x", "hi", "--json"], "cchat: --json needs --wait"),
+        (["send", "!r:x", "hi", "--wait", "--timeout", "0"], "cchat: --timeout must be more than 0 seconds"),
+        (["send", "!r:x", "hi", "--bogus"], "cchat send: No such option: --bogus"),
+        (["send", "!r:x", "   "], "cchat: the prompt is empty"),
+        (["send", "nowhere", "hi"], "cchat: unknown room 'nowhere': give a room id"),
+        (["send", "work", "hi", "--config", "missing.toml"], "cchat: missing.toml: cannot read settings"),
+        (["rooms"], "cchat: no settings file: pass --config or set AIAGENTCHAT_CONFIG"),
+        (["fly"], "cchat: No such command 'fly'."),
+    ],
+)
+def test_usage_errors_exit_2_with_one_stderr_line(home, args, says):
+    result = invoke(*args)
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert result.stderr.startswith(says) and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_no_saved_login_exits_2(home):
+    os.remove(home / "config" / "credentials.json")
+    result = invoke("send", "!r:x", "hi")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("cchat: not logged in (") and result.stderr.count("\n") == 1
+
+
+def test_invalid_settings_exit_2_naming_the_line(home, tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[rooms]]\nid = "!a:x"\nmax_hops = 0\n')
+    result = invoke("send", "!a:x", "hi", "--config", str(bad))
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"cchat: {bad}:3: rooms.0.max_hops") and result.stderr.count("\n") == 1
+
+
+def test_rooms_lists_the_settings_rooms(home, settings_file, monkeypatch):
+    monkeypatch.setenv("AIAGENTCHAT_CONFIG", str(settings_file))
+    result = invoke("rooms")
+    assert result.exit_code == 0
+    assert result.stdout.splitlines() == [
+        "work\t!work:example.org\t@me:example.org",
+        "ops\t#ops:example.org\t-",
+        "private\t!private:example.org\t@someone:example.org",
+    ]
+    listed = json.loads(invoke("rooms", "--json").stdout)
+    assert listed[1] == {
+        "name": "ops",
+        "id": "#ops:example.org",
+        "allowed_users": [],
+        "allowed_bots": [ME],
+        "max_hops": 3,
+    }
