@@ -258,7 +258,7 @@ class Batcher:
         if text.strip():
             self._emit(text, now, final)
         elif final is not None:
-            self._enqueue(render.notice_content("(end of run)", {**self._marker(), "final": final}))
+            self._enqueue(render.notice_content("(end of run)", self._marker(final)))
         if everything:
             self._reopen = ""
         if not self._pending:
@@ -267,16 +267,22 @@ class Batcher:
 
     def _emit(self, text: str, now: float, final: dict[str, Any] | None = None) -> None:
         """Build the events for `text` now: their contents and transaction ids are final."""
-        marker = self._marker()
-        contents = render.message_contents(text, marker)
+        contents = render.message_contents(text, self._marker())
         if final is not None:
-            contents[-1] = render.with_marker(contents[-1], {**marker, "final": final})
+            closing = self._marker(final)
+            last = render.with_marker(contents[-1], closing)
+            if render.content_size(last) <= render.MAX_CONTENT_BYTES:
+                contents[-1] = last
+            else:
+                contents.append(render.notice_content("(end of run)", closing))
         for content in contents:
             self._enqueue(content)
         self._last_flush = now
 
-    def _marker(self) -> dict[str, Any]:
-        return {"prompt": self._prompt_id, **self._markers.get(self._prompt_id or "", {})}
+    def _marker(self, final: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The `org.aiagentchat` marker of the current prompt's events; with `final` for its last one."""
+        marker = {"prompt": self._prompt_id, **self._markers.get(self._prompt_id or "", {})}
+        return marker if final is None else {**marker, "final": render.bounded_final(final)}
 
     def _enqueue(self, content: dict[str, Any]) -> None:
         self._outbox.append(_Event(content, uuid.uuid4().hex, render.content_size(content)))

@@ -19,6 +19,7 @@ from markdown_it.utils import EnvType, OptionsDict
 MARKER_KEY = "org.aiagentchat"  # marks every event the bot sends as agent output
 MAX_CHUNK_BYTES = 12_000
 MAX_CONTENT_BYTES = 45_000
+MAX_FINAL_BYTES = 16_000  # a run's final summary in its last event's marker
 # The smallest split_markdown limit: a re-opened fence and its closing line then leave room for any character.
 MIN_CHUNK_BYTES = 16
 
@@ -234,6 +235,17 @@ def without_floats(value: Any) -> Any:
 def message_contents(markdown: str, marker: dict[str, Any]) -> list[dict[str, Any]]:
     """One `m.text` content per chunk of `markdown`, each under MAX_CONTENT_BYTES as compact JSON."""
     return _contents(markdown, without_floats(marker), MAX_CHUNK_BYTES)
+
+
+def bounded_final(final: dict[str, Any], limit: int = MAX_FINAL_BYTES) -> dict[str, Any]:
+    """A run's `final` summary, float-free and at most `limit` bytes: a longer `result` is cut (the whole
+    answer is in the run's events anyway) and `result_truncated` says so."""
+    final = without_floats(final)
+    result = final.get("result")
+    while (size := content_size(final)) > limit and isinstance(result, str) and result:
+        result = result[: int(len(result) * min(limit / size, 0.9))]
+        final = {**final, "result": result, "result_truncated": True}
+    return final
 
 
 def with_marker(content: dict[str, Any], marker: dict[str, Any]) -> dict[str, Any]:

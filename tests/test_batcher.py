@@ -465,3 +465,20 @@ async def test_run_markers_carry_hops_and_the_final_summary_on_the_last_event() 
         {"prompt": "$p", "hops": 2, "final": final},
         {"prompt": "$q"},
     ]
+
+
+async def test_a_huge_final_result_never_makes_an_event_too_large() -> None:
+    room = FakeRoom()
+    answer = "é word\n" * 15_000
+    final = {"ok": True, "result": answer, "cost_usd": 0.5}
+    async with running(room) as batcher:
+        await room.put(batcher, Text("$p", answer), Block("$p", "✅ Done"), EndOfRun("$p", final))
+        await room.until(lambda: any("final" in call.content["org.aiagentchat"] for call in room.calls))
+    assert all(content_size(call.content) <= MAX_CONTENT_BYTES for call in room.calls)
+    assert "".join(body for body in room.bodies() if body != "(end of run)") == answer + "\n✅ Done\n"
+    closing = room.calls[-1].content["org.aiagentchat"]["final"]
+    assert closing["result_truncated"] is True and closing["cost_usd"] == "0.5"
+    assert answer.startswith(closing["result"]) and len(closing["result"]) > 1000
+    assert [i for i, call in enumerate(room.calls) if "final" in call.content["org.aiagentchat"]] == [
+        len(room.calls) - 1
+    ]
