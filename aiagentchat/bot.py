@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import math
-import os
 import random
 import re
 import secrets
-import stat
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +30,10 @@ from nio import (
 
 from aiagentchat.batcher import Batcher, RateLimited, Sent, SendFailed, SendOutcome
 from aiagentchat.guard import ToolGuard
+from aiagentchat.private import Credentials, read_private, write_private
 from aiagentchat.render import MARKER_KEY
 from aiagentchat.runner import Prompt, RoomToolPolicy, RoomWorker
-from aiagentchat.settings import ConfigError, RoomSettings, Settings
+from aiagentchat.settings import RoomSettings, Settings
 from aiagentchat.store import Store
 
 log = structlog.get_logger(__name__)
@@ -51,49 +48,25 @@ class LoginFailed(Exception):
     """The homeserver refused our credentials; a person must fix the configuration."""
 
 
-def write_private(path: Path, data: str) -> None:
-    """Write a file only its owner can read, never following a link planted at its path."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(data)
-    os.replace(tmp, path)
-
-
-def read_private(path: Path) -> str:
-    """Read a secret file, refusing one that others can read (or a link planted in its place)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    with os.fdopen(fd, encoding="utf-8") as handle:
-        if stat.S_IMODE(os.fstat(handle.fileno()).st_mode) & 0o077:
-            raise ConfigError(f"{path} holds a secret but others can read it; run: chmod 600 {path}")
-        return handle.read()
-
-
-@dataclass(frozen=True)
-class Credentials:
-    homeserver: str
-    user_id: str
-    device_id: str
-    access_token: str
-
-    @classmethod
-    def load(cls, path: Path) -> Credentials | None:
-        if not path.exists():
-            return None
-        data = json.loads(read_private(path))
-        return cls(**{key: data[key] for key in ("homeserver", "user_id", "device_id", "access_token")})
-
-    def save(self, path: Path) -> None:
-        write_private(path, json.dumps(self.__dict__))
-
-
 _REPLY_FALLBACK = re.compile(r"\A(?:>[^\n]*\n)+\n?")
 
 
 def strip_reply_fallback(body: str) -> str:
     """Drop the quoted `> ` lines a reply carries, so someone else's words never become the prompt."""
     return _REPLY_FALLBACK.sub("", body, count=1)
+
+
+def prompt_text(event: RoomMessageText) -> str | None:
+    """What the agent is asked: a person's message without its reply fallback, or, from another agent, the
+    result of its run's final event (None for any other event of that agent: its streamed output, a
+    failed run)."""
+    marker = event.source.get("content", {}).get(MARKER_KEY)
+    if marker is None:
+        return strip_reply_fallback(event.body)
+    final = marker.get("final") if isinstance(marker, dict) else None
+    if isinstance(final, dict) and final.get("ok") is True and isinstance(final.get("result"), str):
+        return final["result"]
+    return None
 
 
 class MatrixSender:
@@ -343,7 +316,7 @@ class Bot:
             return
         if not await self.store.claim_event(room_id, event.event_id):
             return
-        prompt = Prompt(room_id, event.event_id, event.sender, strip_reply_fallback(event.body), hops)
+        prompt = Prompt(room_id, event.event_id, event.sender, prompt_text(event), hops)
         log.info("prompt_accepted", room_id=room_id, event_id=event.event_id, sender=event.sender, hops=hops)
         self.workers[room_id].inbox.put_nowait(prompt)
 
@@ -353,6 +326,8 @@ class Bot:
         if MARKER_KEY in content:
             if event.sender not in room.allowed_bots:
                 return "output of an agent that is not in allowed_bots"
+            if prompt_text(event) is None:
+                return "not the successful final answer of an agent's run"
         elif event.sender not in room.allowed_users:
             return "sender not in allowed_users"
         if (content.get("m.relates_to") or {}).get("rel_type") == "m.replace":

@@ -24,19 +24,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import getpass
 import json
 import logging
 import os
-import secrets
-import stat
 import sys
 import time
 import uuid
 from collections import deque
 from collections.abc import Coroutine, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Optional, TextIO
 
@@ -47,7 +44,6 @@ from nio import (
     AsyncClientConfig,
     LoginResponse,
     MessageDirection,
-    RoomGetStateEventResponse,
     RoomMessagesResponse,
     RoomResolveAliasResponse,
     RoomSendResponse,
@@ -55,6 +51,7 @@ from nio import (
 )
 from typer.core import TyperGroup
 
+from aiagentchat.private import Credentials
 from aiagentchat.settings import ConfigError, RoomSettings, Settings, load_settings
 
 EXIT_OK, EXIT_AGENT_ERROR, EXIT_USAGE, EXIT_TIMEOUT, EXIT_FORBIDDEN, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
@@ -62,7 +59,6 @@ MARKER = "org.aiagentchat"
 HOPS_KEY = "org.aiagentchat.hops"
 HOPS_ENV = "AIAGENTCHAT_HOPS"
 DEFAULT_SETTINGS = Path("settings.toml")
-CREDENTIAL_KEYS = ("homeserver", "user_id", "device_id", "access_token")
 NETWORK_ERRORS = (aiohttp.ClientError, TimeoutError, OSError)
 SEND_ATTEMPTS = 5
 
@@ -83,14 +79,6 @@ def error_line(message: str, prefix: str = "cchat") -> None:
 # --- saved login ------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Credentials:
-    homeserver: str
-    user_id: str
-    device_id: str
-    access_token: str
-
-
 def config_dir(env: Mapping[str, str] = os.environ) -> Path:
     if env.get("CCHAT_CONFIG_DIR"):
         return Path(env["CCHAT_CONFIG_DIR"])
@@ -103,44 +91,16 @@ def credentials_path() -> Path:
     return config_dir() / "credentials.json"
 
 
-def write_private(path: Path, data: str) -> None:
-    """Write a file only its owner can read; a link planted at `path` is replaced, never followed."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def save_credentials(path: Path, credentials: Credentials) -> None:
-    write_private(path, json.dumps(asdict(credentials)))
-
-
 def load_credentials(path: Path) -> Credentials:
     """The saved login; refuses a file others can read and a link planted in its place."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        with os.fdopen(fd, encoding="utf-8") as handle:
-            if stat.S_IMODE(os.fstat(handle.fileno()).st_mode) & 0o077:
-                raise Fail(EXIT_USAGE, f"{path} holds a secret but others can read it; run: chmod 600 {path}")
-            data = json.loads(handle.read())
-        return Credentials(**{key: str(data[key]) for key in CREDENTIAL_KEYS})
-    except FileNotFoundError:
+        saved = Credentials.load(path)
+    except ConfigError as exc:
+        raise Fail(EXIT_USAGE, str(exc)) from None
+    if saved is None:
         hint = "run cchat login --homeserver URL --user @you:server"
-        raise Fail(EXIT_USAGE, f"not logged in ({path} is missing): {hint}") from None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise Fail(EXIT_USAGE, f"{path} is a symbolic link; refusing to read a saved login through it") from None
-        raise Fail(EXIT_USAGE, f"{path}: cannot read the saved login: {exc.strerror}") from None
-    except (ValueError, KeyError, TypeError) as exc:
-        message = f"{path}: unreadable saved login ({type(exc).__name__}); run cchat login again"
-        raise Fail(EXIT_USAGE, message) from None
+        raise Fail(EXIT_USAGE, f"not logged in ({path} is missing): {hint}")
+    return saved
 
 
 # --- settings and rooms -----------------------------------------------------------------------------------------
@@ -344,8 +304,9 @@ class Follower:
             return await self._back_off()
         self._failures = 0
         first, self.token = self.token is None, response.next_batch
-        new = [event for event in events if self._is_new(event.get("event_id"))]
-        return [] if first else new  # the first sync only takes the position
+        if first:  # it only takes the position; what it saw is history (see recent())
+            return []
+        return [event for event in events if self._is_new(event.get("event_id"))]
 
     async def _page_forward(self, token: str) -> list[dict[str, Any]] | None:
         """The events a limited sync skipped, paging forward from the previous sync token (None: failed)."""
@@ -361,6 +322,24 @@ class Follower:
                 break
             token = response.end
         return events
+
+    async def recent(self, count: int) -> list[dict[str, Any]]:
+        """The last `count` bot events before the position `start()` took, oldest first (at most 1,000
+        events are looked through); later polls never return them again."""
+        found: list[dict[str, Any]] = []
+        token = self.token
+        for _ in range(10):
+            if len(found) >= count or token is None:
+                break
+            response = await self.client.room_messages(
+                self.room_id, start=token, direction=MessageDirection.back, limit=100
+            )
+            if not isinstance(response, RoomMessagesResponse):
+                raise failure(response, "reading the room's history")
+            found += [dict(event.source) for event in response.chunk if marker_of(dict(event.source))]
+            token = response.end if response.chunk and response.end != token else None
+        latest = found[:count][::-1]
+        return [event for event in latest if self._is_new(event.get("event_id"))]
 
     def _is_new(self, event_id: str | None) -> bool:
         if not event_id or event_id in self._seen:
@@ -580,7 +559,17 @@ async def follow_answer(follower: Follower, prompt_id: str, timeout: float, show
     return answer
 
 
-async def run_tail(room: str, as_json: bool, config: Path | None) -> int:
+def show_tail_event(body: str, marker: dict[str, Any], as_json: bool) -> None:
+    final = marker.get("final") if isinstance(marker.get("final"), dict) else None
+    if as_json:
+        line = {"prompt": marker.get("prompt"), "body": body, "final": final}
+        sys.stdout.write(json.dumps(line, ensure_ascii=False) + "\n")
+    else:  # bodies of one run are its text cut into pieces: end a line only where a run ends
+        sys.stdout.write(body + ("\n" if final is not None and not body.endswith("\n") else ""))
+    sys.stdout.flush()
+
+
+async def run_tail(room: str, as_json: bool, lines: int, config: Path | None) -> int:
     credentials = load_credentials(credentials_path())
     settings = read_settings(config)
     client = connect(credentials)
@@ -589,18 +578,12 @@ async def run_tail(room: str, as_json: bool, config: Path | None) -> int:
         await check_room(client, room_id, room)
         follower = Follower(client, room_id)
         await follower.start()
+        events = await follower.recent(lines)
         while True:
-            for event in await follower.poll(30_000):
-                if (marker := marker_of(event)) is None:
-                    continue
-                body, final = event["content"]["body"], marker.get("final")
-                final = final if isinstance(final, dict) else None
-                if as_json:
-                    line = {"prompt": marker.get("prompt"), "body": body, "final": final}
-                    sys.stdout.write(json.dumps(line, ensure_ascii=False) + "\n")
-                else:  # bodies of one run are its text cut into pieces: end a line only where a run ends
-                    sys.stdout.write(body + ("\n" if final is not None and not body.endswith("\n") else ""))
-                sys.stdout.flush()
+            for event in events:
+                if (marker := marker_of(event)) is not None:
+                    show_tail_event(event["content"]["body"], marker, as_json)
+            events = await follower.poll(30_000)
     finally:
         await client.close()
 
@@ -620,7 +603,7 @@ async def run_login(homeserver: str, user: str, password: str, path: Path) -> Cr
     if not isinstance(response, LoginResponse):
         raise Fail(EXIT_USAGE, f"login as {user} at {homeserver} refused: {response.status_code} {response.message}")
     credentials = Credentials(homeserver, response.user_id, response.device_id, response.access_token)
-    save_credentials(path, credentials)
+    credentials.save(path)
     return credentials
 
 
@@ -757,10 +740,11 @@ def rooms(
 def tail(
     room: Annotated[str, typer.Argument(help="Room id (!...), alias (#...:server) or room name from the settings.")],
     as_json: Annotated[bool, typer.Option("--json", help="One JSON line per event: {prompt, body, final}.")] = False,
+    lines: Annotated[int, typer.Option("--lines", "-n", min=0, help="Bot events shown from before now.")] = 10,
     config: ConfigOption = None,
 ) -> None:
-    """Print the bot's output in ROOM as it arrives, until Ctrl-C."""
-    run(run_tail(room, as_json, config), interrupted=EXIT_OK)
+    """Print the bot's last output in ROOM, then its output as it arrives, until Ctrl-C."""
+    run(run_tail(room, as_json, lines, config), interrupted=EXIT_OK)
 
 
 if __name__ == "__main__":

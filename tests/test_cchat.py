@@ -49,7 +49,7 @@ def home(tmp_path, monkeypatch) -> Path:
     monkeypatch.delenv("AIAGENTCHAT_CONFIG", raising=False)
     monkeypatch.delenv("AIAGENTCHAT_HOPS", raising=False)
     monkeypatch.chdir(tmp_path)
-    cchat.save_credentials(config / "credentials.json", Credentials("http://127.0.0.1:9", ME, "DEV", "tok"))
+    Credentials("http://127.0.0.1:9", ME, "DEV", "tok").save(config / "credentials.json")
     return tmp_path
 
 
@@ -74,7 +74,7 @@ def test_credentials_are_private_and_a_planted_symlink_is_replaced_not_followed(
     path.parent.mkdir()
     path.symlink_to(victim)
 
-    cchat.save_credentials(path, Credentials("https://hs", ME, "DEV", "secret-token"))
+    Credentials("https://hs", ME, "DEV", "secret-token").save(path)
 
     assert victim.read_text() == "do not touch"
     assert not path.is_symlink()
@@ -90,16 +90,15 @@ def test_credentials_are_private_and_a_planted_symlink_is_replaced_not_followed(
 
 
 def test_the_saved_login_has_the_daemons_layout(tmp_path):
-    from aiagentchat.bot import Credentials as DaemonCredentials
-
     path = tmp_path / "credentials.json"
-    cchat.save_credentials(path, Credentials("https://hs", ME, "DEV", "tok"))
-    assert DaemonCredentials.load(path) == DaemonCredentials("https://hs", ME, "DEV", "tok")
+    Credentials("https://hs", ME, "DEV", "tok").save(path)
+    assert json.loads(path.read_text()) == {
+        "homeserver": "https://hs", "user_id": ME, "device_id": "DEV", "access_token": "tok"}
 
 
 def test_a_readable_or_linked_saved_login_is_refused(tmp_path):
     path = tmp_path / "credentials.json"
-    cchat.save_credentials(path, Credentials("https://hs", ME, "DEV", "tok"))
+    Credentials("https://hs", ME, "DEV", "tok").save(path)
     path.chmod(0o644)
     with pytest.raises(Fail, match="others can read it") as caught:
         cchat.load_credentials(path)

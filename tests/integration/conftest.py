@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +51,19 @@ def bot_text(events: list[dict[str, Any]], prompt_id: str) -> str:
 
 
 def run_ended(prompt_id: str):
+    """True once the bot's event that ends the prompt's run (its marker carries `final`) has arrived."""
+
     def ended(events: list[dict[str, Any]]) -> bool:
-        text = bot_text(events, prompt_id)
-        return any(mark in text for mark in ("✅ Done", "❌", "⏹️"))
+        return any(isinstance(e["content"][MARKER].get("final"), dict) for e in bot_events(events, prompt_id))
 
     return ended
+
+
+@dataclass(frozen=True)
+class Bot:
+    user_id: str
+    password: str
+    directory: str  # under the test's tmp_path; "" for the world's own bot
 
 
 class World:
@@ -91,31 +100,46 @@ class World:
         self.others.append(other)
         return other
 
-    def daemon(self, rooms: list[dict[str, Any]], claude: dict[str, Any] | None = None) -> Daemon:
-        home = self.tmp_path / "home"
-        home.mkdir(exist_ok=True)
-        config = self.tmp_path / "settings.toml"
+    async def another_bot(self) -> Bot:
+        """A second bot account, for a second daemon."""
+        name, password = f"bot{secrets.token_hex(4)}", secrets.token_urlsafe(12)
+        return Bot(await self.synapse.register(name, password), password, name)
+
+    def daemon(
+        self,
+        rooms: list[dict[str, Any]],
+        claude: dict[str, Any] | None = None,
+        *,
+        bot: Bot | None = None,
+        env: dict[str, str] | None = None,
+    ) -> Daemon:
+        """A daemon for the world's bot (or `bot`, with its own files under tmp_path/<bot name>)."""
+        bot = bot or Bot(self.bot_id, self.bot_password, "")
+        root = self.tmp_path / bot.directory
+        home = root / "home"
+        home.mkdir(parents=True, exist_ok=True)
+        config = root / "settings.toml"
         write_settings(
             config,
             {
-                "matrix": {"homeserver": self.synapse.base_url, "user_id": self.bot_id},
-                "paths": {"data_dir": str(self.tmp_path / "data")},
+                "matrix": {"homeserver": self.synapse.base_url, "user_id": bot.user_id},
+                "paths": {"data_dir": str(root / "data")},
                 "claude": {"binary": claude_binary(), "timeout_s": 60} | (claude or {}),
                 "output": {"flush_interval_s": 0.5},
             },
             [{"allowed_users": [self.user.user_id]} | room for room in rooms],
         )
-        env = {
+        environment = {
             "PATH": os.environ["PATH"],
             "HOME": str(home),
             "LANG": "C.UTF-8",
-            "AIAGENTCHAT_MATRIX__PASSWORD": self.bot_password,
+            "AIAGENTCHAT_MATRIX__PASSWORD": bot.password,
             "ANTHROPIC_BASE_URL": self.model.base_url,
             "ANTHROPIC_API_KEY": "test-key",
             "DISABLE_TELEMETRY": "1",
             "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
-        }
-        daemon = Daemon(config, env)
+        } | (env or {})
+        daemon = Daemon(config, environment)
         self.daemons.append(daemon)
         return daemon
 

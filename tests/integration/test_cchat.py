@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness.matrix_user import MatrixUser, messages
-from tests.integration.conftest import bot_events
+from tests.integration.conftest import bot_events, run_ended
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 
@@ -234,27 +234,35 @@ async def test_an_agent_calling_cchat_counts_the_hop(world, cli):
     assert prompt["content"]["org.aiagentchat.hops"] == 2
 
 
-async def test_tail_prints_the_bot_output_as_json_lines_until_ctrl_c(world, cli):
+async def test_tail_shows_recent_output_then_follows_as_json_lines_until_ctrl_c(world, cli):
     room = await world.room()
     await world.daemon([{"id": room}]).start()
-    proc = await cli.start("tail", room, "--json")
+    earlier = await world.user.send_text(room, "say earlier words")
+    await world.user.wait_for(run_ended(earlier), timeout=60, room_id=room)
+    proc = await cli.start("tail", room, "--json", "-n", "1")
+
+    async def lines_until_final() -> list[dict]:
+        lines = [json.loads(await proc.stdout.readline())]
+        while lines[-1]["final"] is None:
+            lines.append(json.loads(await proc.stdout.readline()))
+        return lines
+
     try:
-        await asyncio.sleep(2)  # let tail take its sync position
-        prompt_id = await world.user.send_text(room, "say tailed words")
-        lines = []
         async with asyncio.timeout(60):
-            while not lines or lines[-1]["final"] is None:
-                line = json.loads(await proc.stdout.readline())
-                if line["prompt"] == prompt_id:
-                    lines.append(line)
-        assert set(lines[0]) == {"prompt", "body", "final"}
-        assert "tailed words" in "".join(line["body"] for line in lines)
-        assert lines[-1]["final"]["ok"] is True
+            history = await lines_until_final()  # printed after tail took its position: it now follows
+            later = await world.user.send_text(room, "say tailed words")
+            followed = await lines_until_final()
     finally:
         proc.send_signal(signal.SIGINT)
         async with asyncio.timeout(10):
             _, err = await proc.communicate()
     assert proc.returncode == 0 and err == b""
+    assert [line["prompt"] for line in history] == [earlier]
+    assert history[0]["final"]["ok"] is True and "✅ Done" in history[0]["body"]
+    assert {line["prompt"] for line in followed} == {later}
+    assert set(followed[0]) == {"prompt", "body", "final"}
+    assert "tailed words" in "".join(line["body"] for line in followed)
+    assert followed[-1]["final"]["ok"] is True
 
 
 async def test_an_encrypted_room_is_refused_before_anything_is_sent(world, cli):
