@@ -1,21 +1,21 @@
-"""Per-room output coalescing and sending: one ordered stream of events per room, 429s honoured."""
+"""Per-room output shaping: coalesce a room's output into few events, split and fence them, mark them, and
+hand them to the room's outbox (which sends them in order, durably)."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
+import os
 import time
-import uuid
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
-
-import structlog
+from pathlib import Path
+from typing import Any, TextIO
 
 from aiagentchat import render
-
-log = structlog.get_logger(__name__)
+from aiagentchat.outbox import UPLOAD_KEY, Outbox, Stats
+from aiagentchat.store import PromptState
 
 
 @dataclass(frozen=True)
@@ -45,56 +45,96 @@ class Begin:
 @dataclass(frozen=True)
 class EndOfRun:
     """The prompt's run ended: everything of it is flushed now, including a partial last line. `final`
-    (ok, result, cost...) goes into the marker of the run's last event, so clients know the run is over."""
+    (ok, result, cost...) goes into the marker of the run's last event, so clients know the run is over, and
+    `state` is recorded for the prompt together with that event."""
 
     prompt_id: str
     final: dict[str, Any] | None = None
+    state: PromptState = "done"
 
 
 Item = Begin | Text | Block | EndOfRun
+TRANSCRIPT_TYPE = "text/markdown"
 
 
-@dataclass(frozen=True)
-class Sent:
-    event_id: str
+class RunOutput:
+    """What one run has shown in the room so far. Up to `limit` bytes go to the room as they come; past it,
+    the run's whole output goes to a transcript file (the head kept so far, then everything after it) and
+    only its last `tail` bytes are kept in memory, for the room to see at the end with the file."""
+
+    def __init__(self, limit: int, tail: int, transcript: Path) -> None:
+        self.limit = limit
+        self.tail_size = tail
+        self.path = transcript
+        self.shown = 0
+        self._head: list[str] = []
+        self._tail = ""
+        self._file: TextIO | None = None
+        self.left_out = 0
+
+    @property
+    def overflowing(self) -> bool:
+        return self._file is not None
+
+    def take(self, text: str) -> str:
+        """The part of `text` the room sees now."""
+        size = render.utf8_size(text)
+        if self._file is None and self.shown + size <= self.limit:
+            self.shown += size
+            self._head.append(text)
+            return text
+        if self._file is None:
+            shown = _within(text, self.limit - self.shown)
+            self.shown += render.utf8_size(shown)
+            self._open(shown)
+            self._keep(text[len(shown) :])
+            newline = "" if shown.endswith("\n") or not shown else "\n"
+            return (
+                f"{shown}{newline}✂️ This run's output passed {self.limit:,} bytes: the rest stays out of the "
+                "room; its end and the whole transcript come when the run ends.\n"
+            )
+        self._keep(text)
+        return ""
+
+    def close(self) -> str:
+        """End the transcript; the text that closes the run in the room: what was left out, and the tail."""
+        assert self._file is not None
+        self._file.close()
+        tail = self._tail[self._tail.find("\n") + 1 :] if "\n" in self._tail[:-1] else self._tail
+        self.left_out -= render.utf8_size(tail)
+        return f"✂️ {self.left_out:,} bytes left out here; the whole output is in the attached file. It ended with:\n\n{tail}"
+
+    def _open(self, shown: str) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        self._file = os.fdopen(fd, "w", encoding="utf-8")
+        self._file.write("".join(self._head) + shown)
+        self._head = []
+
+    def _keep(self, text: str) -> None:
+        assert self._file is not None
+        self._file.write(text)
+        self.left_out += render.utf8_size(text)
+        self._tail = (self._tail + text)[-self.tail_size :]
 
 
-@dataclass(frozen=True)
-class RateLimited:
-    retry_after_s: float | None  # from Retry-After or retry_after_ms; None if the server gave none
+def _within(text: str, budget: int) -> str:
+    """The longest prefix of `text` within `budget` UTF-8 bytes, cut after a newline where there is one."""
+    prefix = text.encode("utf-8")[: max(budget, 0)].decode("utf-8", "ignore")
+    return prefix[: prefix.rfind("\n") + 1] or prefix
 
 
-@dataclass(frozen=True)
-class SendFailed:
-    reason: str
-    retryable: bool  # network error, timeout, 5xx: True; 403, 404, 413 and the like: False
-
-
-SendOutcome = Sent | RateLimited | SendFailed
-
-
-class Sender(Protocol):
-    async def send(self, room_id: str, content: dict[str, Any], txn_id: str) -> SendOutcome: ...
-
-
-@dataclass
-class Stats:
-    """What a batcher has sent so far, for benchmarks and logs."""
-
-    events_sent: int = 0
-    rate_limited: int = 0
-    send_failures: int = 0
-    bytes_sent: int = 0
-
-
-@dataclass(frozen=True)
-class _Event:
-    """One event as built at flush time; its content and transaction id never change, so retries dedupe."""
-
-    content: dict[str, Any]
-    txn_id: str
-    size: int
-    notice: bool = False  # a notice that stands in for an event the homeserver refused
+def transcript_content(path: Path) -> dict[str, Any]:
+    """An `m.file` event for a run's transcript; the outbox uploads the file before sending it."""
+    size = path.stat().st_size
+    return {
+        "msgtype": "m.file",
+        "body": path.name,
+        "filename": path.name,
+        "info": {"mimetype": TRANSCRIPT_TYPE, "size": size},
+        "m.mentions": {},
+        UPLOAD_KEY: {"path": str(path), "mimetype": TRANSCRIPT_TYPE},
+    }
 
 
 @dataclass(frozen=True)
@@ -103,30 +143,33 @@ class _Close:
 
 
 class Batcher:
-    """Coalesces a room's output into few events and sends them in order, one at a time.
+    """Coalesces a room's output into few events and queues them on the room's outbox, in order.
 
     The first output after a quiet `interval_s` goes out at once, later output at most once per
     `interval_s`; a partial last line waits for its newline for up to one interval, and a code block cut
-    by a flush is closed in one event and re-opened in the next. A rate limit or a
-    retryable failure pauses sending (new output keeps coalescing meanwhile), then the same event is sent
-    again with the same transaction id, so the homeserver can drop a duplicate.
+    by a flush is closed in one event and re-opened in the next. While the outbox is held up (a rate limit,
+    an outage) output keeps coalescing, so the room gets fewer, larger events instead of a backlog.
     """
 
     def __init__(
         self,
         room_id: str,
-        sender: Sender,
+        outbox: Outbox,
         *,
+        transcripts: Path,
         interval_s: float = 2.0,
-        max_backoff_s: float = 60.0,
+        max_run_bytes: int = 200_000,
+        tail_bytes: int = 8_000,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.room_id = room_id
-        self.stats = Stats()
-        self._sender = sender
+        self._outbox = outbox
+        self._transcripts = transcripts
+        self._max_run_bytes = max_run_bytes
+        self._tail_bytes = tail_bytes
+        self._runs: dict[str | None, RunOutput] = {}
         self._interval_s = interval_s
-        self._max_backoff_s = max_backoff_s
         self._clock = clock
         self._sleep = sleep
         self._queue: asyncio.Queue[Item | _Close] = asyncio.Queue()
@@ -140,9 +183,15 @@ class Batcher:
         self._after_block = False
         self._line_since: float | None = None
         self._last_flush = -math.inf
-        self._outbox: deque[_Event] = deque()
-        self._resume_at = -math.inf
-        self._backoff_s = 1.0
+        self._built: list[tuple[list[dict[str, Any]], str | None, PromptState | None]] = []
+
+    @property
+    def stats(self) -> Stats:
+        return self._outbox.stats
+
+    def backlog(self) -> int:
+        """Events not yet delivered (queued in the outbox, or built and about to be)."""
+        return self._outbox.size + sum(len(contents) for contents, _, _ in self._built)
 
     async def put(self, item: Item) -> None:
         if self._closing:
@@ -160,17 +209,20 @@ class Batcher:
         await self._closed.wait()
 
     async def run(self) -> None:
-        """The room's sending task: returns once close() has been called and everything is delivered."""
+        """The room's sending task: first what an earlier run of the daemon left unsent, then new output;
+        returns once close() has been called and everything is delivered."""
+        await self._outbox.load()
         while True:
             while not self._queue.empty():
                 self._accept(self._queue.get_nowait())
+            await self._queue_built()
             now = self._clock()
             deadline: float | None = None
-            if self._outbox:
-                if now >= self._resume_at:
-                    await self._send(self._outbox[0])
+            if (ready_at := self._outbox.ready_at()) is not None:
+                if now >= ready_at:
+                    await self._outbox.send_next()
                     continue
-                deadline = self._resume_at
+                deadline = ready_at
             elif self._draining:
                 break
             elif (due := self._flush_due()) is not None:
@@ -182,6 +234,12 @@ class Batcher:
             if item is not None:
                 self._accept(item)
         self._closed.set()
+
+    async def _queue_built(self) -> None:
+        """Hand the events built since the last call to the outbox, which stores them before sending."""
+        built, self._built = self._built, []
+        for contents, prompt_id, ended in built:
+            await self._outbox.queue(contents, prompt_id, ended)
 
     async def _next_item(self, timeout: float | None) -> Item | _Close | None:
         """The next queued item, or None when `timeout` seconds pass first."""
@@ -223,8 +281,8 @@ class Batcher:
                 self._pending += markdown if markdown.endswith("\n") else markdown + "\n"
                 self._after_block = True
                 self._line_since = None
-            case EndOfRun(final=final):
-                self._flush(self._clock(), everything=True, final=final)
+            case EndOfRun():
+                self._flush(self._clock(), everything=True, end=item)
                 self._markers.pop(item.prompt_id, None)
 
     def _flush_due(self) -> float | None:
@@ -246,7 +304,7 @@ class Batcher:
             return False
         return now >= self._line_since + self._interval_s or self._line_since >= self._last_flush + self._interval_s
 
-    def _flush(self, now: float, *, everything: bool, final: dict[str, Any] | None = None) -> None:
+    def _flush(self, now: float, *, everything: bool, end: EndOfRun | None = None) -> None:
         """Turn pending output into events; mid-run, a partial last line waits up to one interval, and a
         code block still open is closed in this event and re-opened in the next."""
         if everything or self._partial_line_goes(now):
@@ -255,37 +313,42 @@ class Batcher:
             cut = self._pending.rfind("\n") + 1
         text, self._pending = self._pending[:cut], self._pending[cut:]
         text = self._fenced(text, close=not everything) if text.strip() else ""
+        run = self._runs.get(self._prompt_id) or self._runs.setdefault(self._prompt_id, self._run_output())
+        text = run.take(text) if text.strip() else ""
+        attachment = None
+        if end is not None:
+            del self._runs[self._prompt_id]
+            if run.overflowing:
+                text += ("\n" if text else "") + run.close()
+                attachment = render.with_marker(transcript_content(run.path), self._marker())
+        contents = render.message_contents(text, self._marker()) if text.strip() else []
         if text.strip():
-            self._emit(text, now, final)
-        elif final is not None:
-            self._enqueue(render.notice_content("(end of run)", self._marker(final)))
+            self._last_flush = now
+        if attachment is not None:
+            contents.append(attachment)
+        if end is not None and end.final is not None:
+            closing = self._marker(end.final)
+            last = render.with_marker(contents[-1], closing) if contents else None
+            if last is not None and render.content_size(last) <= render.MAX_CONTENT_BYTES:
+                contents[-1] = last
+            else:
+                contents.append(render.notice_content("(end of run)", closing))
+        if contents or end is not None:
+            self._built.append((contents, self._prompt_id, end.state if end is not None else None))
         if everything:
             self._reopen = ""
         if not self._pending:
             self._after_block = False
             self._line_since = None
 
-    def _emit(self, text: str, now: float, final: dict[str, Any] | None = None) -> None:
-        """Build the events for `text` now: their contents and transaction ids are final."""
-        contents = render.message_contents(text, self._marker())
-        if final is not None:
-            closing = self._marker(final)
-            last = render.with_marker(contents[-1], closing)
-            if render.content_size(last) <= render.MAX_CONTENT_BYTES:
-                contents[-1] = last
-            else:
-                contents.append(render.notice_content("(end of run)", closing))
-        for content in contents:
-            self._enqueue(content)
-        self._last_flush = now
+    def _run_output(self) -> RunOutput:
+        name = hashlib.sha256(f"{self.room_id} {self._prompt_id}".encode()).hexdigest()[:16]
+        return RunOutput(self._max_run_bytes, self._tail_bytes, self._transcripts / f"transcript-{name}.md")
 
     def _marker(self, final: dict[str, Any] | None = None) -> dict[str, Any]:
         """The `org.aiagentchat` marker of the current prompt's events; with `final` for its last one."""
         marker = {"prompt": self._prompt_id, **self._markers.get(self._prompt_id or "", {})}
         return marker if final is None else {**marker, "final": render.bounded_final(final)}
-
-    def _enqueue(self, content: dict[str, Any]) -> None:
-        self._outbox.append(_Event(content, uuid.uuid4().hex, render.content_size(content)))
 
     def _fenced(self, text: str, *, close: bool) -> str:
         """`text` as an event of its own: re-open the code block the previous event closed (unless `text`
@@ -301,45 +364,3 @@ class Batcher:
         if fence is not None:
             text += fence[1] if text.endswith("\n") else "\n" + fence[1]
         return text
-
-    async def _send(self, event: _Event) -> None:
-        outcome = await self._sender.send(self.room_id, event.content, event.txn_id)
-        match outcome:
-            case Sent():
-                self._outbox.popleft()
-                self._backoff_s = 1.0
-                self.stats.events_sent += 1
-                self.stats.bytes_sent += event.size
-            case RateLimited(retry_after_s=retry_after_s):
-                self.stats.rate_limited += 1
-                delay = self._back_off(retry_after_s)
-                log.info("rate_limited", room_id=self.room_id, retry_in_s=delay)
-            case SendFailed(reason=reason, retryable=True):
-                self.stats.send_failures += 1
-                delay = self._back_off(None)
-                log.warning("send_retrying", room_id=self.room_id, reason=reason, retry_in_s=delay)
-            case SendFailed(reason=reason):
-                self._outbox.popleft()
-                self._backoff_s = 1.0
-                self.stats.send_failures += 1
-                log.error("send_failed", room_id=self.room_id, reason=reason, bytes=event.size)
-                if not event.notice:
-                    self._outbox.appendleft(self._refusal_notice(event, reason))
-
-    def _refusal_notice(self, event: _Event, reason: str) -> _Event:
-        """What the room sees instead of an event the homeserver refused for good; it keeps the event's
-        marker (and so a run's `final`), so a client waiting for the end of a run still sees it."""
-        body = f"⚠️ {event.size} bytes of output could not be delivered to this room ({reason})."
-        content = render.notice_content(body, event.content.get(render.MARKER_KEY) or {})
-        return _Event(content, uuid.uuid4().hex, render.content_size(content), notice=True)
-
-    def _back_off(self, retry_after_s: float | None) -> float:
-        """Pause sending: the server's delay, else 1 s doubling per failure; both capped at max_backoff_s."""
-        if retry_after_s is None:
-            delay = self._backoff_s
-            self._backoff_s = min(2 * delay, self._max_backoff_s)
-        else:
-            delay = retry_after_s
-        delay = min(max(delay, 0.0), self._max_backoff_s)
-        self._resume_at = self._clock() + delay
-        return delay

@@ -17,6 +17,7 @@ from nio import (
     AsyncClientConfig,
     InviteMemberEvent,
     JoinError,
+    LocalProtocolError,
     LoginResponse,
     MegolmEvent,
     RoomCreateEvent,
@@ -25,16 +26,19 @@ from nio import (
     RoomSendResponse,
     SyncError,
     SyncResponse,
+    UploadResponse,
     WhoamiResponse,
 )
 
-from aiagentchat.batcher import Batcher, RateLimited, Sent, SendFailed, SendOutcome
+from aiagentchat.batcher import Batcher
+from aiagentchat.outbox import Outbox, RateLimited, Sent, SendFailed, SendOutcome
 from aiagentchat.guard import ToolGuard
+from aiagentchat.processes import kill_leftover
 from aiagentchat.private import Credentials, read_private, write_private
 from aiagentchat.render import MARKER_KEY
-from aiagentchat.runner import Prompt, RoomToolPolicy, RoomWorker
+from aiagentchat.runner import RoomToolPolicy, RoomWorker
 from aiagentchat.settings import RoomSettings, Settings
-from aiagentchat.store import Store
+from aiagentchat.store import Prompt, Store
 
 log = structlog.get_logger(__name__)
 
@@ -46,6 +50,17 @@ MAX_SYNC_BACKOFF_S = 30.0
 
 class LoginFailed(Exception):
     """The homeserver refused our credentials; a person must fix the configuration."""
+
+
+class TokenRevoked(Exception):
+    """The homeserver stopped accepting the access token while the daemon ran (M_UNKNOWN_TOKEN)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the homeserver no longer accepts the bot's access token (M_UNKNOWN_TOKEN): the device was logged "
+            "out or the account deactivated. Remove data_dir/credentials.json and start again with "
+            "AIAGENTCHAT_MATRIX__PASSWORD set (or a new AIAGENTCHAT_MATRIX__ACCESS_TOKEN)"
+        )
 
 
 _REPLY_FALLBACK = re.compile(r"\A(?:>[^\n]*\n)+\n?")
@@ -70,26 +85,57 @@ def prompt_text(event: RoomMessageText) -> str | None:
 
 
 class MatrixSender:
-    """Sends one event, classifying the outcome for the batcher; the 429 policy lives in the batcher."""
+    """Sends one event, classifying the outcome for the outbox, which owns the retry and 429 policy. Waits
+    for `ready` (the first sync, which tells nio the rooms) before its first send."""
 
-    def __init__(self, client: AsyncClient) -> None:
+    def __init__(self, client: AsyncClient, ready: asyncio.Event) -> None:
         self._client = client
+        self._ready = ready
 
     async def send(self, room_id: str, content: dict[str, Any], txn_id: str) -> SendOutcome:
+        await self._ready.wait()
         try:
             response = await self._client.room_send(
                 room_id, "m.room.message", content, tx_id=txn_id, ignore_unverified_devices=True
             )
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             return SendFailed(f"{type(exc).__name__}: {exc}", retryable=True)
+        except LocalProtocolError as exc:  # e.g. a room the bot is not in
+            return SendFailed(str(exc), retryable=False)
         if isinstance(response, RoomSendResponse):
             return Sent(response.event_id)
-        transport = getattr(response, "transport_response", None)
-        status = transport.status if transport is not None else None
-        if status == 429 or response.status_code == "M_LIMIT_EXCEEDED":
-            return RateLimited(_retry_after_s(transport, response))
-        retryable = status is None or status >= 500
-        return SendFailed(f"{response.status_code}: {response.message}", retryable=retryable)
+        return _failure(response)
+
+    async def upload(self, room_id: str, path: Path, mimetype: str) -> dict[str, Any] | SendOutcome:
+        await self._ready.wait()
+        room = self._client.rooms.get(room_id)
+        encrypt = bool(room is not None and room.encrypted)
+        try:
+            with path.open("rb") as handle:
+                response, keys = await self._client.upload(
+                    handle, mimetype, path.name, encrypt=encrypt, filesize=path.stat().st_size
+                )
+        except FileNotFoundError:
+            return SendFailed(f"{path.name} is gone", retryable=False)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            return SendFailed(f"{type(exc).__name__}: {exc}", retryable=True)
+        if not isinstance(response, UploadResponse):
+            return _failure(response)
+        if encrypt:
+            return {"file": {**(keys or {}), "url": response.content_uri}}
+        return {"url": response.content_uri}
+
+
+def _failure(response: Any) -> SendOutcome:
+    """What a homeserver's error answer means for the outbox."""
+    if response.status_code == "M_UNKNOWN_TOKEN":
+        raise TokenRevoked()
+    transport = getattr(response, "transport_response", None)
+    status = transport.status if transport is not None else None
+    if status == 429 or response.status_code == "M_LIMIT_EXCEEDED":
+        return RateLimited(_retry_after_s(transport, response))
+    retryable = status is None or status >= 500
+    return SendFailed(f"{response.status_code}: {response.message}", retryable=retryable)
 
 
 def _retry_after_s(transport: Any, response: Any) -> float | None:
@@ -115,6 +161,7 @@ class Bot:
             config=AsyncClientConfig(
                 max_limit_exceeded=0,
                 max_timeouts=0,
+                request_timeout=settings.matrix.request_timeout_s,
                 store_sync_tokens=False,
                 encryption_enabled=True,
                 pickle_key=self._pickle_key(data_dir / "pickle_key"),
@@ -184,11 +231,16 @@ class Bot:
 
     def _make_worker(self, room_id: str, room: RoomSettings) -> RoomWorker:
         claude = self.settings.claude_for(room)
+        sender = MatrixSender(self.client, self.ready)
+        outbox = Outbox(room_id, sender, self.store, max_backoff_s=self.settings.output.max_backoff_s)
+        output = self.settings.output
         batcher = Batcher(
             room_id,
-            MatrixSender(self.client),
-            interval_s=self.settings.output.flush_interval_s,
-            max_backoff_s=self.settings.output.max_backoff_s,
+            outbox,
+            transcripts=self.settings.paths.data_dir / "transcripts",
+            interval_s=output.flush_interval_s,
+            max_run_bytes=output.max_run_bytes,
+            tail_bytes=output.tail_bytes,
         )
         workdir = self.settings.workdir_for(room).resolve()
         guard = ToolGuard(self.settings.paths.data_dir, workdir, room.allow_claude_config_writes)
@@ -198,21 +250,41 @@ class Bot:
         await self.login()
         await self._resolve_rooms()
         self.workers = {room_id: self._make_worker(room_id, room) for room_id, room in self.rooms.items()}
+        for pid, started, room_id in await self.store.take_agents():
+            if kill_leftover(pid, started):
+                log.warning("leftover_agent_killed", pid=pid, room_id=room_id)
+        for worker in self.workers.values():
+            await worker.recover()
         try:
             async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(self._sync_loop())]
-                for worker in self.workers.values():
-                    tasks.append(group.create_task(worker.run()))
-                    group.create_task(worker.batcher.run())
+                sync = group.create_task(self._sync_loop())
+                runs = [group.create_task(worker.run()) for worker in self.workers.values()]
+                sends = [group.create_task(worker.batcher.run()) for worker in self.workers.values()]
                 await self._stopping.wait()
-                log.info("stopping")
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                for worker in self.workers.values():
-                    await worker.batcher.close()
+                await self._shut_down(sync, runs, sends)
         finally:
             await self.client.close()
+
+    async def _shut_down(
+        self, sync: asyncio.Task[None], runs: list[asyncio.Task[None]], sends: list[asyncio.Task[None]]
+    ) -> None:
+        """Stop taking prompts, interrupt the running ones (their rooms are told, their process trees end),
+        deliver what is queued; whatever is not delivered by the deadline stays in the outbox for the next
+        start."""
+        deadline = asyncio.get_running_loop().time() + self.settings.daemon.shutdown_timeout_s
+        log.info("stopping", deadline_s=self.settings.daemon.shutdown_timeout_s)
+        sync.cancel()
+        for task in runs:
+            task.cancel()
+        await asyncio.gather(sync, *runs, return_exceptions=True)
+        try:
+            async with asyncio.timeout_at(deadline):
+                await asyncio.gather(*(worker.batcher.close() for worker in self.workers.values()))
+        except TimeoutError:
+            left = sum(worker.batcher.backlog() for worker in self.workers.values())
+            log.warning("shutdown_deadline", undelivered_events=left)
+            for task in sends:
+                task.cancel()
 
     async def _sync_loop(self) -> None:
         token = await self.store.sync_token()
@@ -226,7 +298,7 @@ class Bot:
                 response = SyncError(f"{type(exc).__name__}: {exc}")
             if isinstance(response, SyncError):
                 if response.status_code == "M_UNKNOWN_TOKEN":
-                    raise LoginFailed("the homeserver no longer accepts our access token (M_UNKNOWN_TOKEN)")
+                    raise TokenRevoked()
                 failures += 1
                 if failures == 1:
                     log.warning("sync_failing", error=response.message)
@@ -314,11 +386,16 @@ class Bot:
         if refusal is not None:
             log.info("prompt_ignored", room_id=room_id, event_id=event.event_id, sender=event.sender, reason=refusal)
             return
-        if not await self.store.claim_event(room_id, event.event_id):
+        prompt = Prompt(room_id, event.event_id, event.sender, prompt_text(event) or "", hops)
+        worker = self.workers[room_id]
+        if (queued := worker.inbox.qsize()) >= room.max_queued:
+            if await self.store.add_prompt(prompt, "refused"):
+                log.warning("prompt_refused_busy", room_id=room_id, event_id=event.event_id, queued=queued)
+                await worker.refuse(prompt, f"busy: {queued} prompts are queued in this room; send it again later")
             return
-        prompt = Prompt(room_id, event.event_id, event.sender, prompt_text(event), hops)
-        log.info("prompt_accepted", room_id=room_id, event_id=event.event_id, sender=event.sender, hops=hops)
-        self.workers[room_id].inbox.put_nowait(prompt)
+        if await self.store.add_prompt(prompt):
+            log.info("prompt_accepted", room_id=room_id, event_id=event.event_id, sender=event.sender, hops=hops)
+            worker.inbox.put_nowait(prompt)
 
     def _refusal(self, room_id: str, room: RoomSettings, event: RoomMessageText) -> str | None:
         """Why this message must not run as a prompt, or None if it may."""

@@ -1,5 +1,5 @@
 """`aiagentchat` / `python -m aiagentchat`: start the daemon. Exit codes: 2 bad settings, 3 Matrix login refused,
-4 the built-in homeserver failed to start."""
+4 the built-in homeserver failed to start, 5 the access token was revoked while running."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import structlog
 import typer
 
 from aiagentchat import logs
-from aiagentchat.bot import Bot, LoginFailed
+from aiagentchat.bot import Bot, LoginFailed, TokenRevoked
 from aiagentchat.localserver import HomeserverError, LocalHomeserver
 from aiagentchat.settings import ConfigError, Settings, check_safety, load_settings
 from aiagentchat.store import Store
@@ -23,6 +23,7 @@ from aiagentchat.store import Store
 EXIT_CONFIG = 2
 EXIT_LOGIN = 3
 EXIT_HOMESERVER = 4
+EXIT_TOKEN_REVOKED = 5
 DEFAULT_CONFIG = Path("settings.toml")
 
 app = typer.Typer(add_completion=False, help="Drive Claude Code from Matrix rooms.")
@@ -68,6 +69,9 @@ def run(
     except* LoginFailed as group:
         log.error("login_failed", reason=str(group.exceptions[0]))
         raise typer.Exit(EXIT_LOGIN) from None
+    except* TokenRevoked as group:
+        log.error("token_revoked", reason=str(group.exceptions[0]))
+        raise typer.Exit(EXIT_TOKEN_REVOKED) from None
     except* ConfigError as group:
         print(f"aiagentchat: {group.exceptions[0]}", file=sys.stderr)
         raise typer.Exit(EXIT_CONFIG) from None

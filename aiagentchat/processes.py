@@ -11,13 +11,37 @@ from pathlib import Path
 PROC = Path("/proc")
 
 
-def _parent_of(pid: int) -> int | None:
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat from field 3 (state) on; None when there is no such process."""
     try:
         stat = (PROC / str(pid) / "stat").read_text()
     except OSError:
         return None
     # The command name (field 2) may hold spaces and parentheses: the fields after the last ')' are fixed.
-    return int(stat.rsplit(")", 1)[1].split()[1])
+    return stat.rsplit(")", 1)[1].split()
+
+
+def _parent_of(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    return int(fields[1]) if fields else None
+
+
+def start_time(pid: int) -> int | None:
+    """When the process started (clock ticks since boot): with the pid, it names one process for good, even
+    after the pid is reused. None when there is no such living process."""
+    fields = _stat_fields(pid)
+    return int(fields[19]) if fields and fields[0] != "Z" else None
+
+
+def kill_leftover(pid: int, started: int) -> bool:
+    """SIGKILL a process that an earlier daemon left running (its group and every descendant), if `pid` is
+    still the process that started at `started`; True if it was."""
+    if start_time(pid) != started:
+        return False
+    _signal_all(pid, descendants(pid), signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signal.SIGKILL)
+    return True
 
 
 def descendants(pid: int) -> list[int]:

@@ -18,10 +18,10 @@ import structlog
 
 from aiagentchat.batcher import Batcher, Begin, Block, EndOfRun
 from aiagentchat.guard import ToolGuard
-from aiagentchat.processes import terminate_tree
+from aiagentchat.processes import start_time, terminate_tree
 from aiagentchat.protocol import OverlongLine, Translator, parse_line, read_lines, run_summary
 from aiagentchat.settings import ClaudeSettings
-from aiagentchat.store import Store
+from aiagentchat.store import Prompt, Store
 
 log = structlog.get_logger(__name__)
 
@@ -29,15 +29,6 @@ STDERR_TAIL_LINES = 20
 KILL_WAIT_S = 3.0
 GUARD_HOOK = "aiagentchat-guard"
 HOPS_VARIABLE = "AIAGENTCHAT_HOPS"
-
-
-@dataclass(frozen=True)
-class Prompt:
-    room_id: str
-    event_id: str
-    sender: str
-    text: str
-    hops: int = 0  # how many agents this prompt has passed through (agent-to-agent chains)
 
 
 @dataclass(frozen=True)
@@ -101,6 +92,14 @@ def cli_arguments(claude: ClaudeSettings, session_id: str | None) -> list[str]:
 
 class AgentExited(Exception):
     """The CLI process ended while a prompt was running."""
+
+
+class AgentStalled(Exception):
+    """The agent wrote nothing for too long (`stall_interrupt`)."""
+
+    def __init__(self, silent_s: float) -> None:
+        super().__init__(f"no output for {silent_s:g} s")
+        self.silent_s = silent_s
 
 
 class AgentProcess:
@@ -231,16 +230,46 @@ class RoomWorker:
         finally:
             await asyncio.shield(self._close_agent("stopping"))
 
+    async def recover(self) -> None:
+        """After a restart: report the prompts that were running as interrupted (never run them again) and
+        queue the ones that were waiting, in order. Call before run()."""
+        for prompt in await self.store.prompts(self.room_id, "running"):
+            delivered = await self.store.output_events(prompt.event_id)
+            log.warning("run_interrupted_by_restart", room_id=self.room_id, run_id=prompt.event_id)
+            await self.batcher.put(Begin(prompt.event_id, {"hops": prompt.hops + 1}))
+            await self.batcher.put(
+                Block(
+                    prompt.event_id,
+                    f"⚠️ Interrupted: the daemon stopped while this prompt ran ({delivered} events of its output "
+                    "reached the room). It is not run again; send it again if you still want it.",
+                )
+            )
+            final = run_summary(None, "interrupted: the daemon stopped while this prompt ran")
+            await self.batcher.put(EndOfRun(prompt.event_id, final, "interrupted"))
+        for prompt in await self.store.prompts(self.room_id, "queued"):
+            self.inbox.put_nowait(prompt)
+        if self.inbox.qsize():
+            log.info("queue_resumed", room_id=self.room_id, prompts=self.inbox.qsize())
+
+    async def refuse(self, prompt: Prompt, reason: str) -> None:
+        """Answer a prompt that will not run (already recorded as refused)."""
+        await self.batcher.put(Begin(prompt.event_id, {"hops": prompt.hops + 1}))
+        await self.batcher.put(Block(prompt.event_id, f"⛔ Not run: {reason}."))
+        await self.batcher.put(EndOfRun(prompt.event_id, run_summary(None, reason), "refused"))
+
     async def handle(self, prompt: Prompt) -> None:
         structlog.contextvars.bind_contextvars(run_id=prompt.event_id)
         log.info("run_started", sender=prompt.sender, chars=len(prompt.text))
+        await self.store.set_prompt_state(prompt.event_id, "running")
         await self.batcher.put(Begin(prompt.event_id, {"hops": prompt.hops + 1}))
         try:
             final = await self._run(prompt)
         except asyncio.CancelledError:
+            queued = self.inbox.qsize()
+            later = f" {queued} queued prompt{'s' * (queued != 1)} will run when it is back." if queued else ""
+            await self.batcher.put(Block(prompt.event_id, f"⚠️ Interrupted: the daemon is shutting down.{later}"))
             reason = "interrupted: the daemon is shutting down"
-            await self.batcher.put(Block(prompt.event_id, "⚠️ Interrupted: the daemon is shutting down."))
-            await self.batcher.put(EndOfRun(prompt.event_id, run_summary(None, reason)))
+            await self.batcher.put(EndOfRun(prompt.event_id, run_summary(None, reason), "interrupted"))
             raise
         except Exception:
             log.exception("run_crashed")
@@ -250,7 +279,7 @@ class RoomWorker:
             final = run_summary(None, "internal error in aiagentchat")
         finally:
             structlog.contextvars.unbind_contextvars("run_id")
-        await self.batcher.put(EndOfRun(prompt.event_id, final))
+        await self.batcher.put(EndOfRun(prompt.event_id, final, "done" if final["ok"] else "failed"))
 
     async def _run(self, prompt: Prompt) -> dict[str, Any]:
         agent = await self._ensure_agent(prompt)
@@ -263,8 +292,13 @@ class RoomWorker:
             async with asyncio.timeout(self.claude.timeout_s):
                 await self._pump(agent, prompt, translator)
         except TimeoutError:
-            await self._stop_at_timeout(agent, prompt, translator)
+            log.warning("run_timeout", timeout_s=self.claude.timeout_s)
             failure = f"timed out after {self.claude.timeout_s:g} s"
+            await self._stop(agent, prompt, translator, f"⏱️ Timed out after {self.claude.timeout_s:g} s")
+        except AgentStalled as stalled:
+            log.warning("run_stalled", silent_s=stalled.silent_s)
+            failure = f"stalled: no output for {stalled.silent_s:g} s"
+            await self._stop(agent, prompt, translator, f"⏳ No output for {stalled.silent_s:g} s")
         except AgentExited:
             return await self._report_exit(agent, prompt)
         if translator.session_id:
@@ -301,17 +335,34 @@ class RoomWorker:
             await self._close_agent("exited")
             await self.batcher.put(Block(prompt.event_id, "❌ The agent exited as soon as it started."))
             return None
-        log.info("agent_started", pid=self.agent.proc.pid, resume=session_id)
+        pid = self.agent.proc.pid
+        if (started := start_time(pid)) is not None:
+            await self.store.agent_started(self.room_id, pid, started)
+        log.info("agent_started", pid=pid, resume=session_id)
         return self.agent
 
     async def _pump(self, agent: AgentProcess, prompt: Prompt, translator: Translator) -> None:
         while translator.result is None:
-            event = await agent.next_event()
+            event = await self._next_event_watched(agent, prompt)
             if event.get("type") == "control_request":
                 await self._answer_control(agent, prompt, translator, event)
                 continue
             for item in translator.feed(event):
                 await self.batcher.put(item)
+
+    async def _next_event_watched(self, agent: AgentProcess, prompt: Prompt) -> dict[str, Any]:
+        """The agent's next event; while it stays silent, tell the room every `stall_notice_s` (and with
+        `stall_interrupt`, give up on it: AgentStalled)."""
+        silent_s = 0.0
+        while True:
+            try:
+                return await asyncio.wait_for(agent.next_event(), self.claude.stall_notice_s)
+            except TimeoutError:
+                silent_s += self.claude.stall_notice_s
+                if self.claude.stall_interrupt:
+                    raise AgentStalled(silent_s) from None
+                log.info("agent_silent", silent_s=silent_s)
+                await self.batcher.put(Block(prompt.event_id, f"⏳ No output from the agent for {silent_s:g} s."))
 
     async def _answer_control(
         self, agent: AgentProcess, prompt: Prompt, translator: Translator, event: dict[str, Any]
@@ -373,11 +424,9 @@ class RoomWorker:
             }
         )
 
-    async def _stop_at_timeout(self, agent: AgentProcess, prompt: Prompt, translator: Translator) -> None:
-        log.warning("run_timeout", timeout_s=self.claude.timeout_s)
-        await self.batcher.put(
-            Block(prompt.event_id, f"⏱️ Timed out after {self.claude.timeout_s:g} s; stopping the agent.")
-        )
+    async def _stop(self, agent: AgentProcess, prompt: Prompt, translator: Translator, why: str) -> None:
+        """Interrupt the turn; if the agent does not end it within the grace period, end the process tree."""
+        await self.batcher.put(Block(prompt.event_id, f"{why}; stopping the agent."))
         with contextlib.suppress(AgentExited, TimeoutError):
             await agent.write(
                 {"type": "control_request", "request_id": uuid.uuid4().hex, "request": {"subtype": "interrupt"}}
@@ -390,8 +439,8 @@ class RoomWorker:
                     elif event.get("type") == "result":
                         translator.feed(event)
         if translator.result is None:
-            await self._close_agent("timeout")
-        await self.batcher.put(Block(prompt.event_id, "⏹️ Stopped at the time limit."))
+            await self._close_agent("stopped")
+        await self.batcher.put(Block(prompt.event_id, "⏹️ Stopped."))
 
     async def _report_exit(self, agent: AgentProcess, prompt: Prompt) -> dict[str, Any]:
         await self._close_agent("exited")
@@ -415,3 +464,4 @@ class RoomWorker:
         if agent is not None:
             log.info("agent_closing", reason=reason, pid=agent.proc.pid)
             await agent.close(wait_s=2.0 if reason == "idle" else 0.0)
+            await self.store.agent_ended(agent.proc.pid)

@@ -33,6 +33,7 @@ class MatrixSettings(_Strict):
     password: SecretStr | None = None
     access_token: SecretStr | None = None
     device_name: str = "aiagentchat"
+    request_timeout_s: float = Field(default=30.0, gt=0)  # a homeserver that accepts and never answers
 
 
 class PathSettings(_Strict):
@@ -50,11 +51,19 @@ class ClaudeSettings(_Strict):
     env_passthrough: list[str] = Field(default_factory=lambda: list(DEFAULT_ENV_PASSTHROUGH))
     idle_close_s: float = Field(default=600.0, gt=0)
     interrupt_grace_s: float = Field(default=5.0, gt=0)
+    stall_notice_s: float = Field(default=120.0, gt=0)
+    stall_interrupt: bool = False
 
 
 class OutputSettings(_Strict):
     flush_interval_s: float = Field(default=2.0, gt=0)
     max_backoff_s: float = Field(default=60.0, gt=0)
+    max_run_bytes: int = Field(default=200_000, ge=1_000)  # past it: head and tail in the room, the rest as a file
+    tail_bytes: int = Field(default=8_000, ge=0)
+
+
+class DaemonSettings(_Strict):
+    shutdown_timeout_s: float = Field(default=10.0, gt=0)
 
 
 class RoomSettings(_Strict):
@@ -65,6 +74,7 @@ class RoomSettings(_Strict):
     allowed_users: list[str] = Field(default_factory=list)
     allowed_bots: list[str] = Field(default_factory=list)
     max_hops: int = Field(default=3, ge=1)
+    max_queued: int = Field(default=10, ge=0)
     min_power_level: int | None = None
     require_verified_device: bool = False
     workdir: Path | None = None
@@ -78,6 +88,8 @@ class RoomSettings(_Strict):
     timeout_s: float | None = Field(default=None, gt=0)
     extra_args: list[str] | None = None
     env_passthrough: list[str] | None = None
+    stall_notice_s: float | None = Field(default=None, gt=0)
+    stall_interrupt: bool | None = None
 
 
 class Settings(BaseSettings):
@@ -89,6 +101,7 @@ class Settings(BaseSettings):
     paths: PathSettings = Field(default_factory=PathSettings)
     claude: ClaudeSettings = Field(default_factory=ClaudeSettings)
     output: OutputSettings = Field(default_factory=OutputSettings)
+    daemon: DaemonSettings = Field(default_factory=DaemonSettings)
     rooms: list[RoomSettings] = Field(default_factory=list)
 
     @classmethod

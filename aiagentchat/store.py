@@ -1,12 +1,36 @@
-"""Durable state in SQLite: sync position, rooms seen, handled events, Claude session per room."""
+"""Durable state in SQLite: sync position, rooms seen, Claude session per room, the inbox of prompts (with
+their state) and the outbox of events not yet delivered (with their transaction ids)."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import aiosqlite
+
+PromptState = Literal["queued", "running", "done", "failed", "interrupted", "refused"]
+
+
+@dataclass(frozen=True)
+class Prompt:
+    room_id: str
+    event_id: str
+    sender: str
+    text: str
+    hops: int = 0  # how many agents this prompt has passed through (agent-to-agent chains)
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    """An event accepted for sending: its transaction id is fixed before the first attempt."""
+
+    txn_id: str
+    content: dict[str, Any]
+    prompt_id: str | None
 
 
 async def _v1(db: aiosqlite.Connection) -> None:
@@ -28,7 +52,43 @@ async def _v1(db: aiosqlite.Connection) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[aiosqlite.Connection], Awaitable[None]]] = [_v1]
+async def _v2(db: aiosqlite.Connection) -> None:
+    await db.executescript(
+        """
+        CREATE TABLE prompts (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            event_id TEXT NOT NULL UNIQUE,
+            room_id TEXT NOT NULL,
+            sender TEXT NOT NULL,
+            body TEXT NOT NULL,
+            hops INTEGER NOT NULL,
+            state TEXT NOT NULL,
+            events_sent INTEGER NOT NULL DEFAULT 0,
+            received_ms INTEGER NOT NULL,
+            updated_ms INTEGER NOT NULL
+        );
+        CREATE INDEX prompts_by_state ON prompts (room_id, state, seq);
+        INSERT INTO prompts (event_id, room_id, sender, body, hops, state, received_ms, updated_ms)
+            SELECT event_id, room_id, '', '', 0, 'done', handled_ms, handled_ms FROM handled_events;
+        DROP TABLE handled_events;
+        CREATE TABLE outbox (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            room_id TEXT NOT NULL,
+            txn_id TEXT NOT NULL UNIQUE,
+            prompt_id TEXT,
+            content TEXT NOT NULL
+        );
+        CREATE INDEX outbox_by_room ON outbox (room_id, seq);
+        CREATE TABLE agents (
+            pid INTEGER PRIMARY KEY,
+            started INTEGER NOT NULL,
+            room_id TEXT NOT NULL
+        );
+        """
+    )
+
+
+MIGRATIONS: list[Callable[[aiosqlite.Connection], Awaitable[None]]] = [_v1, _v2]
 
 
 def _now_ms() -> int:
@@ -86,14 +146,111 @@ class Store:
         await self._db.commit()
         return cursor.rowcount == 1
 
-    async def claim_event(self, room_id: str, event_id: str) -> bool:
-        """Mark an event handled; False if it already was (never handle one twice)."""
+    async def add_prompt(self, prompt: Prompt, state: PromptState = "queued") -> bool:
+        """Record an accepted (or refused) prompt before it is acknowledged; False if its event was already
+        recorded: an event is never handled twice."""
+        now = _now_ms()
         cursor = await self._db.execute(
-            "INSERT OR IGNORE INTO handled_events (event_id, room_id, handled_ms) VALUES (?, ?, ?)",
-            (event_id, room_id, _now_ms()),
+            "INSERT OR IGNORE INTO prompts (event_id, room_id, sender, body, hops, state, received_ms, updated_ms) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (prompt.event_id, prompt.room_id, prompt.sender, prompt.text, prompt.hops, state, now, now),
         )
         await self._db.commit()
         return cursor.rowcount == 1
+
+    async def set_prompt_state(self, event_id: str, state: PromptState) -> None:
+        await self._execute_state(event_id, state)
+        await self._db.commit()
+
+    async def _execute_state(self, event_id: str, state: PromptState) -> None:
+        await self._db.execute(
+            "UPDATE prompts SET state = ?, updated_ms = ? WHERE event_id = ?", (state, _now_ms(), event_id)
+        )
+
+    async def prompts(self, room_id: str, state: PromptState) -> list[Prompt]:
+        """The room's prompts in `state`, oldest first."""
+        async with self._db.execute(
+            "SELECT room_id, event_id, sender, body, hops FROM prompts WHERE room_id = ? AND state = ? ORDER BY seq",
+            (room_id, state),
+        ) as cursor:
+            return [Prompt(*row) for row in await cursor.fetchall()]
+
+    async def prompt_state(self, event_id: str) -> PromptState | None:
+        async with self._db.execute("SELECT state FROM prompts WHERE event_id = ?", (event_id,)) as cursor:
+            row = await cursor.fetchone()
+        return row[0] if row else None
+
+    async def output_events(self, event_id: str) -> int:
+        """How many events of the prompt's output were delivered or are queued for delivery."""
+        async with self._db.execute(
+            "SELECT (SELECT events_sent FROM prompts WHERE event_id = ?) "
+            "+ (SELECT count(*) FROM outbox WHERE prompt_id = ?)",
+            (event_id, event_id),
+        ) as cursor:
+            row = await cursor.fetchone()
+        return int(row[0] or 0)
+
+    async def queue_outbox(
+        self, room_id: str, rows: list[OutboxRow], ended: tuple[str, PromptState] | None = None
+    ) -> None:
+        """Accept events for sending, in order; with `ended` (prompt id, final state) the prompt's state is
+        written in the same transaction, so a finished prompt always has its last events queued."""
+        await self._db.executemany(
+            "INSERT INTO outbox (room_id, txn_id, prompt_id, content) VALUES (?, ?, ?, ?)",
+            [(room_id, row.txn_id, row.prompt_id, json.dumps(row.content)) for row in rows],
+        )
+        if ended is not None:
+            await self._execute_state(*ended)
+        await self._db.commit()
+
+    async def outbox(self, room_id: str) -> list[OutboxRow]:
+        """The room's undelivered events, in the order they were queued."""
+        async with self._db.execute(
+            "SELECT txn_id, content, prompt_id FROM outbox WHERE room_id = ? ORDER BY seq", (room_id,)
+        ) as cursor:
+            return [OutboxRow(txn, json.loads(content), prompt) for txn, content, prompt in await cursor.fetchall()]
+
+    async def delivered(self, row: OutboxRow) -> None:
+        """The event reached the room: forget it, and count it for its prompt."""
+        await self._db.execute("DELETE FROM outbox WHERE txn_id = ?", (row.txn_id,))
+        if row.prompt_id is not None:
+            await self._db.execute(
+                "UPDATE prompts SET events_sent = events_sent + 1 WHERE event_id = ?", (row.prompt_id,)
+            )
+        await self._db.commit()
+
+    async def dropped(self, row: OutboxRow) -> None:
+        """The event can never be delivered: forget it."""
+        await self._db.execute("DELETE FROM outbox WHERE txn_id = ?", (row.txn_id,))
+        await self._db.commit()
+
+    async def replace_outbox(self, old: OutboxRow, new: OutboxRow) -> None:
+        """Put `new` in `old`'s place in the queue (a notice for an event the homeserver refused)."""
+        await self._db.execute(
+            "UPDATE outbox SET txn_id = ?, content = ? WHERE txn_id = ?",
+            (new.txn_id, json.dumps(new.content), old.txn_id),
+        )
+        await self._db.commit()
+
+    async def agent_started(self, room_id: str, pid: int, started: int) -> None:
+        """Remember a live agent process, so a daemon killed before ending it can end it at its next start."""
+        await self._db.execute(
+            "INSERT OR REPLACE INTO agents (pid, started, room_id) VALUES (?, ?, ?)", (pid, started, room_id)
+        )
+        await self._db.commit()
+
+    async def agent_ended(self, pid: int) -> None:
+        await self._db.execute("DELETE FROM agents WHERE pid = ?", (pid,))
+        await self._db.commit()
+
+    async def take_agents(self) -> list[tuple[int, int, str]]:
+        """The agent processes an earlier run of the daemon did not end: (pid, start time, room id);
+        forgotten as they are returned."""
+        async with self._db.execute("SELECT pid, started, room_id FROM agents") as cursor:
+            rows = [tuple(row) for row in await cursor.fetchall()]
+        await self._db.execute("DELETE FROM agents")
+        await self._db.commit()
+        return rows  # type: ignore[return-value]
 
     async def session_id(self, room_id: str) -> str | None:
         async with self._db.execute("SELECT session_id FROM sessions WHERE room_id = ?", (room_id,)) as cursor:

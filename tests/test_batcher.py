@@ -2,26 +2,19 @@
 
 import asyncio
 import re
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
-from aiagentchat.batcher import (
-    Begin,
-    Batcher,
-    Block,
-    EndOfRun,
-    Item,
-    RateLimited,
-    SendFailed,
-    SendOutcome,
-    Sent,
-    Text,
-)
+from aiagentchat.batcher import Batcher, Begin, Block, EndOfRun, Item, Text
+from aiagentchat.outbox import Outbox, RateLimited, SendFailed, SendOutcome, Sent
+from aiagentchat.store import Store
 from aiagentchat.render import MAX_CHUNK_BYTES, MAX_CONTENT_BYTES, content_size
 
 pytestmark = pytest.mark.anyio
@@ -52,6 +45,7 @@ class FakeRoom:
     def __init__(self, *outcomes: SendOutcome) -> None:
         self.now = 0.0
         self.calls: list[Call] = []
+        self.uploads: list[tuple[str, str, str]] = []
         self.outcomes = list(outcomes)
         self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
         self._generation = 0
@@ -72,6 +66,10 @@ class FakeRoom:
         self.calls.append(Call(room_id, content, txn_id, self.now))
         self._progress.set()
         return self.outcomes.pop(0) if self.outcomes else Sent(f"$event{len(self.calls)}")
+
+    async def upload(self, room_id: str, path: Path, mimetype: str) -> dict[str, Any]:
+        self.uploads.append((path.name, mimetype, path.read_text()))
+        return {"url": f"mxc://example.org/{len(self.uploads)}"}
 
     async def put(self, batcher: Batcher, *items: Item) -> None:
         """Hand items to the batcher; a wake-up it asked for before seeing them no longer counts."""
@@ -117,14 +115,27 @@ class FakeRoom:
 
 
 @asynccontextmanager
+async def a_batcher(room: FakeRoom, max_backoff_s: float = 60.0, **options: Any) -> AsyncIterator[Batcher]:
+    """A batcher sending to `room` through a real outbox (SQLite in a temporary folder), without jitter."""
+    with tempfile.TemporaryDirectory() as folder:
+        store = await Store.open(Path(folder) / "db.sqlite")
+        try:
+            outbox = Outbox(ROOM, room, store, max_backoff_s=max_backoff_s, clock=room.clock, jitter=lambda d: d)
+            transcripts = Path(folder) / "transcripts"
+            yield Batcher(ROOM, outbox, transcripts=transcripts, clock=room.clock, sleep=room.sleep, **options)
+        finally:
+            await store.close()
+
+
+@asynccontextmanager
 async def running(room: FakeRoom, **options: Any) -> AsyncIterator[Batcher]:
-    batcher = Batcher(ROOM, room, clock=room.clock, sleep=room.sleep, **options)
-    task = asyncio.create_task(batcher.run())
-    try:
-        yield batcher
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+    async with a_batcher(room, **options) as batcher:
+        task = asyncio.create_task(batcher.run())
+        try:
+            yield batcher
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 async def close(room: FakeRoom, batcher: Batcher) -> None:
@@ -422,7 +433,7 @@ async def test_large_output_is_split_into_events_that_fit() -> None:
     room = FakeRoom()
     text = "".join(f"{i:05} ✓ some output, 漢字 and <tags> & more\n" for i in range(4_500))
     assert len(text.encode()) > 200_000
-    async with running(room) as batcher:
+    async with running(room, max_run_bytes=len(text.encode())) as batcher:
         await room.put(batcher, *(Text("$p", text[i : i + 777]) for i in range(0, len(text), 777)))
         await room.put(batcher, EndOfRun("$p"))
         await close(room, batcher)
@@ -435,8 +446,7 @@ async def test_large_output_is_split_into_events_that_fit() -> None:
 
 async def test_close_delivers_everything_pending_then_ends_run() -> None:
     room = FakeRoom(RateLimited(retry_after_s=3.0))
-    batcher = Batcher(ROOM, room, clock=room.clock, sleep=room.sleep)
-    async with asyncio.TaskGroup() as group:
+    async with a_batcher(room) as batcher, asyncio.TaskGroup() as group:
         run = group.create_task(batcher.run())
         await room.put(batcher, Text("$p", "done\n"))
         await room.until(lambda: len(room.calls) == 1)
@@ -482,3 +492,33 @@ async def test_a_huge_final_result_never_makes_an_event_too_large() -> None:
     assert [i for i, call in enumerate(room.calls) if "final" in call.content["org.aiagentchat"]] == [
         len(room.calls) - 1
     ]
+
+
+async def test_past_the_output_cap_the_room_gets_the_head_the_tail_and_the_whole_transcript() -> None:
+    room = FakeRoom()
+    lines = [f"line {i:02} " + "x" * 30 + "\n" for i in range(50)]  # 39 bytes each: 25 lines fit in 1,000
+    final = {"ok": True, "result": "done"}
+    async with running(room, max_run_bytes=1_000, tail_bytes=100) as batcher:
+        await room.put(batcher, Begin("$p", {"hops": 1}), *(Text("$p", line) for line in lines[:10]))
+        await room.until(lambda: len(room.calls) == 1)
+        await room.put(batcher, *(Text("$p", line) for line in lines[10:]), Block("$p", "✅ Done"))
+        await room.put(batcher, EndOfRun("$p", final))
+        await room.until(lambda: any("final" in call.content["org.aiagentchat"] for call in room.calls))
+        transcripts = list(batcher._transcripts.iterdir())
+    *texts, attachment = room.calls
+    output = "".join(lines) + "\n✅ Done\n"
+    tail = "".join(lines[48:]) + "\n✅ Done\n"
+    left_out = len(output.encode()) - len("".join(lines[:25]).encode()) - len(tail.encode())
+    assert "".join(room.bodies(texts)) == "".join(lines[:25]) + (
+        "✂️ This run's output passed 1,000 bytes: the rest stays out of the room; its end and the whole "
+        "transcript come when the run ends.\n"
+        f"\n✂️ {left_out:,} bytes left out here; the whole output is in the attached file. It ended with:\n\n"
+    ) + tail
+    assert texts[0].body == "".join(lines[:10])
+    assert attachment.content["msgtype"] == "m.file" and attachment.content["url"] == "mxc://example.org/1"
+    assert "org.aiagentchat.upload" not in attachment.content
+    assert attachment.content["org.aiagentchat"] == {"prompt": "$p", "hops": 1, "final": final}
+    ((name, mimetype, text),) = room.uploads
+    assert name == attachment.content["body"] and mimetype == "text/markdown"
+    assert text == output
+    assert transcripts == [], "the transcript file is removed once uploaded"

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from aiagentchat.processes import descendants, terminate_tree
+from aiagentchat.processes import descendants, kill_leftover, start_time, terminate_tree
 
 pytestmark = pytest.mark.anyio
 
@@ -42,3 +42,25 @@ async def test_a_process_that_already_exited_is_fine():
     await proc.wait()
     await terminate_tree(proc, wait_s=1)
     assert proc.returncode == 0
+
+
+async def test_a_leftover_agent_is_killed_only_while_its_pid_names_the_same_process(tmp_path):
+    pids = tmp_path / "pids"
+    proc = await asyncio.create_subprocess_exec(
+        "sh", "-c", f"setsid sleep 300 & echo $! > {pids}; wait", start_new_session=True
+    )
+    async with asyncio.timeout(10):
+        while not pids.exists() or not pids.read_text().strip():
+            await asyncio.sleep(0.02)
+    escaped = int(pids.read_text())
+    started = start_time(proc.pid)
+    assert isinstance(started, int) and started > 0
+
+    assert not kill_leftover(proc.pid, started + 1)  # another process that got the same pid: left alone
+    assert alive(proc.pid) and alive(escaped)
+    assert kill_leftover(proc.pid, started)
+    async with asyncio.timeout(5):
+        await proc.wait()
+        while alive(escaped):
+            await asyncio.sleep(0.02)
+    assert start_time(proc.pid) is None

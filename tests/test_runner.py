@@ -9,9 +9,9 @@ import pytest
 
 from aiagentchat.batcher import Begin, Block, EndOfRun, Text
 from aiagentchat.guard import ToolGuard
-from aiagentchat.runner import Prompt, RoomToolPolicy, RoomWorker, agent_environment
+from aiagentchat.runner import RoomToolPolicy, RoomWorker, agent_environment
 from aiagentchat.settings import ClaudeSettings
-from aiagentchat.store import Store
+from aiagentchat.store import OutboxRow, Prompt, Store
 
 pytestmark = pytest.mark.anyio
 FAKE = Path(__file__).parent / "fakes" / "fake_claude.py"
@@ -24,11 +24,13 @@ class Recorder:
         self.items: list = []
         self.ended: asyncio.Queue[str] = asyncio.Queue()
         self.finals: dict[str, dict] = {}
+        self.states: dict[str, str] = {}
 
     async def put(self, item) -> None:
         self.items.append(item)
         if isinstance(item, EndOfRun):
             self.finals[item.prompt_id] = item.final
+            self.states[item.prompt_id] = item.state
             self.ended.put_nowait(item.prompt_id)
 
     def output(self, prompt_id: str) -> str:
@@ -129,7 +131,7 @@ async def test_hang_is_stopped_at_the_timeout_and_the_room_keeps_working(tmp_pat
     worker, recorder = make_worker(tmp_path, store, fake_claude(tmp_path, timeout_s=1))
     hung, after = await run_prompts(worker, recorder, "hang", "say still here")
     assert "⏱️ Timed out after 1 s" in recorder.output(hung)
-    assert "⏹️ Stopped at the time limit." in recorder.output(hung)
+    assert "⏹️ Stopped." in recorder.output(hung)
     assert recorder.output(after).startswith("still here")
 
 
@@ -222,3 +224,67 @@ async def test_every_run_ends_with_a_summary_for_clients(tmp_path, store):
     assert recorder.finals[crashed]["result"].startswith("the agent stopped unexpectedly (exit code 3")
     begins = [item for item in recorder.items if isinstance(item, Begin)]
     assert [b.marker for b in begins] == [{"hops": 1}] * 3
+
+
+async def test_a_silent_agent_is_reported_at_each_stall_period_until_the_timeout(tmp_path, store):
+    worker, recorder = make_worker(tmp_path, store, fake_claude(tmp_path, timeout_s=1.1, stall_notice_s=0.5))
+    (hung,) = await run_prompts(worker, recorder, "hang")
+    output = recorder.output(hung)
+    assert "⏳ No output from the agent for 0.5 s." in output and "⏳ No output from the agent for 1 s." in output
+    assert "⏱️ Timed out after 1.1 s" in output
+    assert recorder.states[hung] == "failed"
+
+
+async def test_a_stalled_agent_is_stopped_when_the_room_says_so(tmp_path, store):
+    claude = fake_claude(tmp_path, stall_notice_s=0.3, stall_interrupt=True)
+    worker, recorder = make_worker(tmp_path, store, claude)
+    hung, after = await run_prompts(worker, recorder, "hang", "say awake")
+    assert "⏳ No output for 0.3 s; stopping the agent." in recorder.output(hung)
+    assert recorder.finals[hung]["result"] == "stalled: no output for 0.3 s"
+    assert recorder.output(after).startswith("awake")
+
+
+async def test_runs_record_their_state_and_end_with_it(tmp_path, store):
+    worker, recorder = make_worker(tmp_path, store, fake_claude(tmp_path))
+    prompts = [Prompt("!room:x", f"$e{number}", "@u:x", text) for number, text in enumerate(["say ok", "crash"])]
+    for prompt in prompts:
+        await store.add_prompt(prompt)
+    states = []
+    real_put = recorder.put
+
+    async def put(item) -> None:
+        if isinstance(item, Begin):
+            states.append(await store.prompt_state(item.prompt_id))
+        await real_put(item)
+
+    recorder.put = put
+    ok, crashed = await run_prompts(worker, recorder, "say ok", "crash")
+    assert states == ["running", "running"]
+    assert (recorder.states[ok], recorder.states[crashed]) == ("done", "failed")
+
+
+async def test_after_a_restart_a_running_prompt_is_reported_and_queued_ones_run_in_order(tmp_path, store):
+    interrupted, first, second = (Prompt("!room:x", f"${name}", "@u:x", f"say {name}") for name in ("i", "q1", "q2"))
+    for prompt in (interrupted, first, second):
+        await store.add_prompt(prompt)
+    await store.set_prompt_state(interrupted.event_id, "running")
+    await store.queue_outbox("!room:x", [OutboxRow("t1", {"body": "partial"}, interrupted.event_id)])
+    worker, recorder = make_worker(tmp_path, store, fake_claude(tmp_path))
+    await worker.recover()
+    assert recorder.states == {interrupted.event_id: "interrupted"}
+    assert recorder.finals[interrupted.event_id]["result"] == "interrupted: the daemon stopped while this prompt ran"
+    assert "(1 events of its output reached the room). It is not run again" in recorder.output(interrupted.event_id)
+    async with asyncio.TaskGroup() as group:
+        task = group.create_task(worker.run())
+        async with asyncio.timeout(20):
+            assert [await recorder.ended.get() for _ in range(3)] == ["$i", "$q1", "$q2"]
+        task.cancel()
+    assert recorder.output("$q1").startswith("q1") and recorder.output("$q2").startswith("q2")
+
+
+async def test_a_refused_prompt_is_answered_without_running(tmp_path, store):
+    worker, recorder = make_worker(tmp_path, store, fake_claude(tmp_path))
+    await worker.refuse(Prompt("!room:x", "$busy", "@u:x", "say hi"), "busy: 3 prompts are queued")
+    assert recorder.output("$busy") == "\n⛔ Not run: busy: 3 prompts are queued.\n"
+    assert recorder.states["$busy"] == "refused" and recorder.finals["$busy"]["ok"] is False
+    assert worker.agent is None

@@ -1,8 +1,14 @@
+import aiosqlite
 import pytest
 
-from aiagentchat.store import Store
+from aiagentchat.store import MIGRATIONS, OutboxRow, Prompt, Store
 
 pytestmark = pytest.mark.anyio
+ROOM = "!a:x"
+
+
+def prompt(event_id: str, room_id: str = ROOM) -> Prompt:
+    return Prompt(room_id, event_id, "@u:x", f"text of {event_id}", hops=1)
 
 
 async def test_state_survives_reopening(tmp_path):
@@ -11,26 +17,81 @@ async def test_state_survives_reopening(tmp_path):
     assert await store.sync_token() is None
     await store.set_sync_token("s1")
     await store.set_sync_token("s2")
-    await store.set_session_id("!a:x", "sess-a")
-    assert await store.claim_event("!a:x", "$1")
-    assert await store.mark_room_seen("!a:x")
+    await store.set_session_id(ROOM, "sess-a")
+    assert await store.add_prompt(prompt("$1"))
+    assert await store.mark_room_seen(ROOM)
     await store.close()
 
     store = await Store.open(path)
     assert await store.sync_token() == "s2"
-    assert await store.session_id("!a:x") == "sess-a"
+    assert await store.session_id(ROOM) == "sess-a"
     assert await store.session_id("!b:x") is None
-    assert not await store.claim_event("!a:x", "$1")
-    assert await store.claim_event("!a:x", "$2")
-    assert not await store.mark_room_seen("!a:x")
+    assert not await store.add_prompt(prompt("$1"))
+    assert await store.add_prompt(prompt("$2"))
+    assert not await store.mark_room_seen(ROOM)
     await store.close()
 
 
 async def test_session_can_be_forgotten(tmp_path):
     store = await Store.open(tmp_path / "db.sqlite")
-    await store.set_session_id("!a:x", "one")
-    await store.set_session_id("!a:x", "two")
-    assert await store.session_id("!a:x") == "two"
-    await store.set_session_id("!a:x", None)
-    assert await store.session_id("!a:x") is None
+    await store.set_session_id(ROOM, "one")
+    await store.set_session_id(ROOM, "two")
+    assert await store.session_id(ROOM) == "two"
+    await store.set_session_id(ROOM, None)
+    assert await store.session_id(ROOM) is None
+    await store.close()
+
+
+async def test_prompts_keep_their_order_and_state_per_room(tmp_path):
+    store = await Store.open(tmp_path / "db.sqlite")
+    for event_id in ("$1", "$2", "$3"):
+        assert await store.add_prompt(prompt(event_id))
+    assert await store.add_prompt(prompt("$other", "!b:x"))
+    assert await store.add_prompt(prompt("$busy"), "refused")
+    await store.set_prompt_state("$1", "running")
+    assert await store.prompts(ROOM, "queued") == [prompt("$2"), prompt("$3")]
+    assert await store.prompts(ROOM, "running") == [prompt("$1")]
+    assert await store.prompt_state("$busy") == "refused"
+    assert await store.prompt_state("$nothing") is None
+    await store.close()
+
+
+async def test_the_outbox_survives_a_restart_with_its_transaction_ids(tmp_path):
+    path = tmp_path / "db.sqlite"
+    store = await Store.open(path)
+    await store.add_prompt(prompt("$1"))
+    await store.set_prompt_state("$1", "running")
+    first, second, last = (OutboxRow(f"txn{i}", {"body": f"part {i}"}, "$1") for i in range(3))
+    await store.queue_outbox(ROOM, [first, second])
+    await store.queue_outbox(ROOM, [last], ended=("$1", "done"))
+    await store.queue_outbox("!b:x", [OutboxRow("txn-b", {"body": "b"}, None)])
+    assert await store.prompt_state("$1") == "done"
+    await store.delivered(first)
+    await store.close()
+
+    store = await Store.open(path)
+    assert await store.outbox(ROOM) == [second, last]
+    assert await store.output_events("$1") == 3
+    notice = OutboxRow("txn-notice", {"body": "refused"}, "$1")
+    await store.replace_outbox(second, notice)
+    assert await store.outbox(ROOM) == [notice, last]
+    await store.dropped(notice)
+    await store.delivered(last)
+    assert await store.outbox(ROOM) == []
+    assert await store.output_events("$1") == 2
+    assert await store.outbox("!b:x") == [OutboxRow("txn-b", {"body": "b"}, None)]
+    await store.close()
+
+
+async def test_events_handled_before_the_inbox_existed_are_never_run(tmp_path):
+    path = tmp_path / "db.sqlite"
+    async with aiosqlite.connect(path) as db:
+        await MIGRATIONS[0](db)
+        await db.execute("INSERT INTO handled_events VALUES ('$old', ?, 1)", (ROOM,))
+        await db.execute("PRAGMA user_version = 1")
+        await db.commit()
+    store = await Store.open(path)
+    assert not await store.add_prompt(prompt("$old"))
+    assert await store.prompt_state("$old") == "done"
+    assert await store.prompts(ROOM, "queued") == []
     await store.close()

@@ -112,23 +112,24 @@ class World:
         *,
         bot: Bot | None = None,
         env: dict[str, str] | None = None,
+        settings: dict[str, dict[str, Any]] | None = None,
     ) -> Daemon:
-        """A daemon for the world's bot (or `bot`, with its own files under tmp_path/<bot name>)."""
+        """A daemon for the world's bot (or `bot`, with its own files under tmp_path/<bot name>); `settings`
+        adds to (or overrides) the keys of the settings file's sections."""
         bot = bot or Bot(self.bot_id, self.bot_password, "")
         root = self.tmp_path / bot.directory
         home = root / "home"
         home.mkdir(parents=True, exist_ok=True)
         config = root / "settings.toml"
-        write_settings(
-            config,
-            {
-                "matrix": {"homeserver": self.synapse.base_url, "user_id": bot.user_id},
-                "paths": {"data_dir": str(root / "data")},
-                "claude": {"binary": claude_binary(), "timeout_s": 60} | (claude or {}),
-                "output": {"flush_interval_s": 0.5},
-            },
-            [{"allowed_users": [self.user.user_id]} | room for room in rooms],
-        )
+        sections: dict[str, dict[str, Any]] = {
+            "matrix": {"homeserver": self.synapse.base_url, "user_id": bot.user_id},
+            "paths": {"data_dir": str(root / "data")},
+            "claude": {"binary": claude_binary(), "timeout_s": 60} | (claude or {}),
+            "output": {"flush_interval_s": 0.5},
+        }
+        for name, values in (settings or {}).items():
+            sections[name] = sections.get(name, {}) | values
+        write_settings(config, sections, [{"allowed_users": [self.user.user_id]} | room for room in rooms])
         environment = {
             "PATH": os.environ["PATH"],
             "HOME": str(home),

@@ -72,16 +72,20 @@ class Daemon:
         async with self._changed:
             self._changed.notify_all()
 
-    async def wait_for_log(self, event: str, timeout: float = 30, **fields: Any) -> dict[str, Any]:
+    def logged(self, event: str, **fields: Any) -> list[dict[str, Any]]:
+        """The log entries of `event` with these field values, in order."""
+        return [
+            entry
+            for entry in self.logs
+            if entry.get("event") == event and all(entry.get(k) == v for k, v in fields.items())
+        ]
+
+    async def wait_for_log(self, event: str, timeout: float = 30, count: int = 1, **fields: Any) -> dict[str, Any]:
+        """The `count`-th log entry of `event` with these field values, once it is there."""
+
         def match() -> dict[str, Any] | None:
-            return next(
-                (
-                    entry
-                    for entry in self.logs
-                    if entry.get("event") == event and all(entry.get(k) == v for k, v in fields.items())
-                ),
-                None,
-            )
+            found = self.logged(event, **fields)
+            return found[count - 1] if len(found) >= count else None
 
         try:
             async with asyncio.timeout(timeout), self._changed:

@@ -104,7 +104,7 @@ async def test_a_hanging_agent_is_stopped_at_the_timeout(world):
     await world.daemon([{"id": room}], claude={"timeout_s": 3, "interrupt_grace_s": 3}).start()
     answer = await world.ask(room, "hang")
     assert "⏱️ Timed out after 3 s" in answer
-    assert "⏹️ Stopped at the time limit." in answer
+    assert "⏹️ Stopped." in answer
     after = await world.ask(room, "say alive again")
     assert "alive again" in after
 

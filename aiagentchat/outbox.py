@@ -1,0 +1,204 @@
+"""A room's outbox: its events sent in order, one at a time, each with a transaction id fixed before the first
+attempt and kept in SQLite until the homeserver has it, so neither a retry nor a restart posts it twice."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+
+from aiagentchat import render
+from aiagentchat.store import OutboxRow, PromptState, Store
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Sent:
+    event_id: str
+
+
+@dataclass(frozen=True)
+class RateLimited:
+    retry_after_s: float | None  # from Retry-After or retry_after_ms; None if the server gave none
+
+
+@dataclass(frozen=True)
+class SendFailed:
+    reason: str
+    retryable: bool  # network error, timeout, 5xx: True; 403, 404, 413 and the like: False
+
+
+SendOutcome = Sent | RateLimited | SendFailed
+
+
+class Sender(Protocol):
+    async def send(self, room_id: str, content: dict[str, Any], txn_id: str) -> SendOutcome: ...
+
+    async def upload(self, room_id: str, path: Path, mimetype: str) -> dict[str, Any] | SendOutcome:
+        """Put a file in the media repository; the content keys that point to it (`url`, or `file` in an
+        encrypted room), or why it failed."""
+        ...
+
+
+UPLOAD_KEY = "org.aiagentchat.upload"  # {"path", "mimetype"}: a local file to upload before the event is sent
+
+
+@dataclass
+class Stats:
+    """What an outbox has sent so far, for benchmarks and logs."""
+
+    events_sent: int = 0
+    rate_limited: int = 0
+    send_failures: int = 0
+    bytes_sent: int = 0
+
+
+def jittered(delay: float) -> float:
+    """Somewhere in the second half of `delay`, so that rooms backing off together do not retry together."""
+    return delay * random.uniform(0.5, 1.0)
+
+
+class Outbox:
+    """Sends a room's queued events in order. A rate limit or a retryable failure pauses sending (the caller
+    keeps coalescing meanwhile) and the same event is sent again with the same transaction id; an event the
+    homeserver refuses for good is replaced by a short notice that keeps its marker. Logs one line when
+    sending gets into trouble and one when it recovers, never one per attempt."""
+
+    def __init__(
+        self,
+        room_id: str,
+        sender: Sender,
+        store: Store,
+        *,
+        max_backoff_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        jitter: Callable[[float], float] = jittered,
+    ) -> None:
+        self.room_id = room_id
+        self.stats = Stats()
+        self._sender = sender
+        self._store = store
+        self._max_backoff_s = max_backoff_s
+        self._clock = clock
+        self._jitter = jitter
+        self._rows: deque[OutboxRow] = deque()
+        self._resume_at = -math.inf
+        self._backoff_s = 1.0
+        self._trouble: str | None = None
+        self._attempts = 0
+        self._notices: set[str] = set()  # transaction ids of notices standing in for refused events
+
+    async def load(self) -> int:
+        """Take up what an earlier run of the daemon left unsent; how many events that is."""
+        rows = await self._store.outbox(self.room_id)
+        self._rows.extend(rows)
+        if rows:
+            log.info("outbox_resumed", room_id=self.room_id, events=len(rows))
+        return len(rows)
+
+    async def queue(
+        self, contents: list[dict[str, Any]], prompt_id: str | None, ended: PromptState | None = None
+    ) -> None:
+        """Accept events for sending (durably, before any attempt); `ended` records the prompt's final state
+        in the same transaction."""
+        rows = [OutboxRow(uuid.uuid4().hex, content, prompt_id) for content in contents]
+        ending = None if ended is None or prompt_id is None else (prompt_id, ended)
+        await self._store.queue_outbox(self.room_id, rows, ending)
+        self._rows.extend(rows)
+        if ending is not None:
+            log.info("run_ended", room_id=self.room_id, prompt=prompt_id, state=ended, queued=len(self._rows))
+
+    @property
+    def size(self) -> int:
+        return len(self._rows)
+
+    def ready_at(self) -> float | None:
+        """When the next event may be sent; None when there is none."""
+        return self._resume_at if self._rows else None
+
+    async def send_next(self) -> None:
+        row = self._rows[0]
+        if (upload := row.content.get(UPLOAD_KEY)) is not None:
+            uploaded = await self._sender.upload(self.room_id, Path(upload["path"]), upload["mimetype"])
+            if isinstance(uploaded, dict):
+                content = {key: value for key, value in row.content.items() if key != UPLOAD_KEY} | uploaded
+                row = OutboxRow(row.txn_id, content, row.prompt_id)
+                await self._store.replace_outbox(self._rows[0], row)
+                self._rows[0] = row
+                Path(upload["path"]).unlink(missing_ok=True)
+            else:
+                await self._settle(row, uploaded)
+                return
+        await self._settle(row, await self._sender.send(self.room_id, row.content, row.txn_id))
+
+    async def _settle(self, row: OutboxRow, outcome: SendOutcome) -> None:
+        """Act on the outcome of an attempt at the queue's first event."""
+        self._attempts += 1
+        match outcome:
+            case Sent():
+                self.stats.events_sent += 1
+                self.stats.bytes_sent += render.content_size(row.content)
+                self._rows.popleft()
+                self._recovered()
+                await self._store.delivered(row)
+            case RateLimited(retry_after_s=retry_after_s):
+                self.stats.rate_limited += 1
+                self._in_trouble("rate_limited", retry_in_s=self._back_off(retry_after_s))
+            case SendFailed(reason=reason, retryable=True):
+                self.stats.send_failures += 1
+                self._in_trouble("send_failing", reason=reason, retry_in_s=self._back_off(None))
+            case SendFailed(reason=reason):
+                self.stats.send_failures += 1
+                size = render.content_size(row.content)
+                log.error("send_failed", room_id=self.room_id, reason=reason, bytes=size)
+                if row.txn_id in self._notices:
+                    await self._store.dropped(row)
+                    self._rows.popleft()
+                else:
+                    if (upload := row.content.get(UPLOAD_KEY)) is not None:
+                        Path(upload["path"]).unlink(missing_ok=True)
+                    notice = self._refusal_notice(row, size, reason)
+                    await self._store.replace_outbox(row, notice)
+                    self._rows[0] = notice
+                    self._notices.add(notice.txn_id)
+                self._recovered()
+
+    def _refusal_notice(self, row: OutboxRow, size: int, reason: str) -> OutboxRow:
+        """What the room sees instead of an event the homeserver refused for good; it keeps the event's
+        marker (and so a run's `final`), so a client waiting for the end of a run still sees it."""
+        body = f"⚠️ {size} bytes of output could not be delivered to this room ({reason})."
+        content = render.notice_content(body, row.content.get(render.MARKER_KEY) or {})
+        return OutboxRow(uuid.uuid4().hex, content, row.prompt_id)
+
+    def _in_trouble(self, state: str, **details: Any) -> None:
+        if self._trouble != state:
+            self._trouble = state
+            log.warning(state, room_id=self.room_id, **details)
+
+    def _recovered(self) -> None:
+        if self._trouble is not None:
+            log.info("send_recovered", room_id=self.room_id, was=self._trouble, attempts=self._attempts)
+        self._trouble = None
+        self._attempts = 0
+        self._backoff_s = 1.0
+
+    def _back_off(self, retry_after_s: float | None) -> float:
+        """Pause sending: the server's delay, else 1 s doubling per failure with jitter; both capped at
+        max_backoff_s."""
+        if retry_after_s is None:
+            delay = self._jitter(self._backoff_s)
+            self._backoff_s = min(2 * self._backoff_s, self._max_backoff_s)
+        else:
+            delay = retry_after_s
+        delay = min(max(delay, 0.0), self._max_backoff_s)
+        self._resume_at = self._clock() + delay
+        return delay
