@@ -5,11 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import random
 import re
-import secrets
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,10 +30,12 @@ from nio import (
 )
 
 from aiagentchat.batcher import Batcher, RateLimited, Sent, SendFailed, SendOutcome
+from aiagentchat.crypto import Crypto, DeviceLock, crypto_dir, pickle_key
+from aiagentchat.files import read_private, write_private
 from aiagentchat.guard import ToolGuard
 from aiagentchat.render import MARKER_KEY
 from aiagentchat.runner import Prompt, RoomToolPolicy, RoomWorker
-from aiagentchat.settings import ConfigError, RoomSettings, Settings
+from aiagentchat.settings import RoomSettings, Settings
 from aiagentchat.store import Store
 
 log = structlog.get_logger(__name__)
@@ -49,25 +48,6 @@ MAX_SYNC_BACKOFF_S = 30.0
 
 class LoginFailed(Exception):
     """The homeserver refused our credentials; a person must fix the configuration."""
-
-
-def write_private(path: Path, data: str) -> None:
-    """Write a file only its owner can read, never following a link planted at its path."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(data)
-    os.replace(tmp, path)
-
-
-def read_private(path: Path) -> str:
-    """Read a secret file, refusing one that others can read (or a link planted in its place)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    with os.fdopen(fd, encoding="utf-8") as handle:
-        if stat.S_IMODE(os.fstat(handle.fileno()).st_mode) & 0o077:
-            raise ConfigError(f"{path} holds a secret but others can read it; run: chmod 600 {path}")
-        return handle.read()
 
 
 @dataclass(frozen=True)
@@ -133,18 +113,17 @@ class Bot:
         self.store = store
         data_dir = settings.paths.data_dir
         self.credentials_path = data_dir / "credentials.json"
-        crypto_dir = data_dir / "crypto"
-        crypto_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.device_lock = DeviceLock(settings)
         self.client = AsyncClient(
             settings.matrix.homeserver,
             settings.matrix.user_id,
-            store_path=str(crypto_dir),
+            store_path=str(crypto_dir(settings)),
             config=AsyncClientConfig(
                 max_limit_exceeded=0,
                 max_timeouts=0,
                 store_sync_tokens=False,
                 encryption_enabled=True,
-                pickle_key=self._pickle_key(data_dir / "pickle_key"),
+                pickle_key=pickle_key(settings),
             ),
         )
         self.rooms: dict[str, RoomSettings] = {}
@@ -152,12 +131,7 @@ class Bot:
         self.creators: dict[str, set[str]] = {}
         self.ready = asyncio.Event()
         self._stopping = asyncio.Event()
-
-    @staticmethod
-    def _pickle_key(path: Path) -> str:
-        if not path.exists():
-            write_private(path, secrets.token_urlsafe(32))
-        return read_private(path).strip()
+        self.crypto = Crypto(self.client, settings, self.rooms, self._batcher_of, self._consider_event)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -221,13 +195,18 @@ class Bot:
         guard = ToolGuard(self.settings.paths.data_dir, workdir, room.allow_claude_config_writes)
         return RoomWorker(room_id, claude, workdir, self.store, batcher, RoomToolPolicy(claude), guard)
 
+    def _batcher_of(self, room_id: str) -> Batcher | None:
+        worker = self.workers.get(room_id)
+        return worker.batcher if worker is not None else None
+
     async def run(self) -> None:
         await self.login()
+        self.crypto.attach()
         await self._resolve_rooms()
         self.workers = {room_id: self._make_worker(room_id, room) for room_id, room in self.rooms.items()}
         try:
             async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(self._sync_loop())]
+                tasks = [group.create_task(self._sync_loop()), group.create_task(self.crypto.run())]
                 for worker in self.workers.values():
                     tasks.append(group.create_task(worker.run()))
                     group.create_task(worker.batcher.run())
@@ -240,6 +219,7 @@ class Bot:
                     await worker.batcher.close()
         finally:
             await self.client.close()
+            self.device_lock.release()
 
     async def _sync_loop(self) -> None:
         token = await self.store.sync_token()
@@ -264,24 +244,13 @@ class Bot:
                 log.info("sync_recovered", after_failures=failures)
                 failures = 0
             await self._handle_sync(response, history)
-            await self._crypto_upkeep()
+            await self.crypto.upkeep()
             token = response.next_batch
             await self.store.set_sync_token(token)
             history = full_state = False
             if not self.ready.is_set():
                 self.ready.set()
                 log.info("ready", rooms=len(self.rooms), user_id=self.client.user_id)
-
-    async def _crypto_upkeep(self) -> None:
-        if not self.client.olm:
-            return
-        if self.client.should_upload_keys:
-            await self.client.keys_upload()
-        if self.client.should_query_keys:
-            await self.client.keys_query()
-        if self.client.should_claim_keys:
-            await self.client.keys_claim(self.client.get_users_for_key_claiming())
-        await self.client.send_to_device_messages()
 
     async def _handle_sync(self, response: SyncResponse, history: bool) -> None:
         for room_id, info in response.rooms.invite.items():
@@ -330,11 +299,11 @@ class Bot:
 
     async def _consider_event(self, room_id: str, room: RoomSettings, event: Any) -> None:
         if isinstance(event, MegolmEvent):
-            log.warning("undecryptable_event", room_id=room_id, event_id=event.event_id, sender=event.sender)
+            self.crypto.hold(room_id, room, event)
             return
         if not isinstance(event, RoomMessageText) or event.sender == self.client.user_id:
             return
-        refusal = self._refusal(room_id, room, event)
+        refusal = self._refusal(room_id, room, event) or await self.crypto.refusal(room_id, room, event)
         hops = self._hops(event)
         if refusal is None and hops >= room.max_hops:
             refusal = f"hop limit {room.max_hops} reached"

@@ -44,7 +44,7 @@ import aiohttp
 import structlog
 from pydantic import SecretStr
 
-from aiagentchat.bot import write_private
+from aiagentchat.files import write_private
 from aiagentchat.settings import ConfigError, RoomSettings, Settings
 
 log = structlog.get_logger(__name__)

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from tests.harness import claude_binary
+from tests.harness.e2e import E2EUser
 from tests.harness.matrix_user import MatrixUser
 from tests.harness.model_server import model_server
 from tests.harness.synapse import running_synapse
@@ -90,6 +91,13 @@ class World:
         await other.login(self.synapse.base_url, user_id, password)
         self.others.append(other)
         return other
+
+    async def device(self) -> E2EUser:
+        """Another, end-to-end encrypted, device of the world's user (its crypto store under tmp_path)."""
+        device = E2EUser(self.tmp_path / "devices" / secrets.token_hex(4))
+        await device.login(self.synapse.base_url, self.user.user_id, self.user_password)
+        self.others.append(device)
+        return device
 
     def daemon(self, rooms: list[dict[str, Any]], claude: dict[str, Any] | None = None) -> Daemon:
         home = self.tmp_path / "home"
