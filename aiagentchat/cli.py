@@ -39,11 +39,11 @@ async def serve(settings: Settings) -> None:
     if missing := missing_claude_login(os.environ):
         log.warning("no_claude_login", detail=missing)
     store = await Store.open(settings.paths.data_dir / "aiagentchat.db")
-    bot = Bot(settings, store)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, bot.stop)
     try:
+        bot = Bot(settings, store)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, bot.stop)
         await bot.run()
     finally:
         await store.close()

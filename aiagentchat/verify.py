@@ -163,27 +163,37 @@ async def ask(question: str) -> bool:
     return answer.strip().lower() in ("y", "yes")
 
 
-async def verify(settings: Settings, target: Target, timeout_s: float, say: Callable[[str], None] = print) -> int:
+def say_now(text: str) -> None:
+    print(text, flush=True)
+
+
+async def verify(settings: Settings, target: Target, timeout_s: float, say: Callable[[str], None] = say_now) -> int:
     """Run one verification as the bot's device; VERIFIED or NOT_VERIFIED."""
     store = await Store.open(settings.paths.data_dir / "aiagentchat.db")
-    bot = Bot(settings, store)
     try:
-        await bot.login()
-        client = bot.client
-        say(f"Bot {client.user_id}, device {client.device_id}")
-        say(f"  fingerprint (ed25519): {fingerprint(client.olm.account.identity_keys['ed25519'])}")
-        allowed = {user for room in settings.rooms for user in room.allowed_users}
-        session = Verification(client, allowed, target, say)
-        syncing = asyncio.create_task(session.sync())
+        bot = Bot(settings, store)
         try:
-            return await _run(session, target, time.monotonic() + timeout_s, say)
+            return await _verify_as(bot, settings, target, time.monotonic() + timeout_s, say)
         finally:
-            syncing.cancel()
-            await asyncio.gather(syncing, return_exceptions=True)
+            await bot.client.close()
+            bot.device_lock.release()
     finally:
-        await bot.client.close()
-        bot.device_lock.release()
         await store.close()
+
+
+async def _verify_as(bot: Bot, settings: Settings, target: Target, deadline: float, say: Callable[[str], None]) -> int:
+    await bot.login()
+    client = bot.client
+    say(f"Bot {client.user_id}, device {client.device_id}")
+    say(f"  fingerprint (ed25519): {fingerprint(client.olm.account.identity_keys['ed25519'])}")
+    allowed = {user for room in settings.rooms for user in room.allowed_users}
+    session = Verification(client, allowed, target, say)
+    syncing = asyncio.create_task(session.sync())
+    try:
+        return await _run(session, target, deadline, say)
+    finally:
+        syncing.cancel()
+        await asyncio.gather(syncing, return_exceptions=True)
 
 
 async def _run(session: Verification, target: Target, deadline: float, say: Callable[[str], None]) -> int:

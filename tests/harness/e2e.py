@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-from nio import RoomKeyRequest, ToDeviceError, ToDeviceMessage, UnknownToDeviceEvent
+from nio import RoomKeyRequest, ToDeviceError, ToDeviceMessage
 from nio.crypto import OlmDevice, Sas
 
 from tests.harness.matrix_user import MatrixUser
@@ -114,8 +114,8 @@ class E2EUser(MatrixUser):
 
     # --- SAS verification ------------------------------------------------------------------------------------
 
-    async def request_sas(self, device: OlmDevice, timeout: float = 60) -> Sas:
-        """Start verification as Element does: a request, then (after `ready`) a start; returns at the emoji."""
+    async def send_verification_request(self, device: OlmDevice) -> str:
+        """The first step of a verification as Element starts it; its transaction id."""
         client = self._client()
         transaction_id = uuid.uuid4().hex
         request = {
@@ -125,21 +125,28 @@ class E2EUser(MatrixUser):
             "transaction_id": transaction_id,
         }
         await self._send_to_device(ToDeviceMessage("m.key.verification.request", device.user_id, device.id, request))
-        await self.wait_for(lambda _: self._ready(transaction_id), timeout=timeout)
+        return transaction_id
+
+    def verification_events(self, event_type: str, transaction_id: str) -> list[dict[str, Any]]:
+        """The contents of the to-device verification events of one transaction, parsed by nio or not."""
+        return [
+            e.source["content"]
+            for e in self.to_device
+            if e.source.get("type") == event_type and e.source.get("content", {}).get("transaction_id") == transaction_id
+        ]
+
+    async def request_sas(self, device: OlmDevice, timeout: float = 60) -> Sas:
+        """Start verification as Element does: a request, then (after `ready`) a start; returns at the emoji."""
+        client = self._client()
+        transaction_id = await self.send_verification_request(device)
+        ready = "m.key.verification.ready"
+        await self.wait_for(lambda _: self.verification_events(ready, transaction_id) != [], timeout=timeout)
         own_key = client.olm.account.identity_keys["ed25519"]
         sas = Sas(client.user_id, client.device_id, own_key, device, transaction_id)
         client.olm.key_verifications[transaction_id] = sas
         await self._send_to_device(sas.start_verification())
         await self.wait_for(lambda _: sas.established_sas is not None or sas.canceled, timeout=timeout)
         return sas
-
-    def _ready(self, transaction_id: str) -> bool:
-        return any(
-            isinstance(e, UnknownToDeviceEvent)
-            and e.type == "m.key.verification.ready"
-            and e.source.get("content", {}).get("transaction_id") == transaction_id
-            for e in self.to_device
-        )
 
     async def accept_sas(self, device: OlmDevice, timeout: float = 60) -> Sas:
         """Wait for `device` to start a verification, accept it; returns once the emoji can be shown."""

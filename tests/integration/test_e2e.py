@@ -3,7 +3,9 @@ nio devices of the user (tests/harness/e2e.py) that encrypt, withhold keys and v
 
 from __future__ import annotations
 
+import asyncio
 import json
+import sys
 from typing import Any
 
 import pytest
@@ -133,3 +135,135 @@ async def test_a_room_key_that_never_comes_gets_a_could_not_decrypt_notice(world
     assert user.key_requests(withheld.session_id) != []
     _, answer = await ask(user, room, "say the next one is fine")
     assert "the next one is fine" in "".join(e["content"]["body"] for e in answer)
+
+
+class Verify:
+    """`aiagentchat verify` as a subprocess with the daemon's settings and environment."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.out = ""
+
+    @classmethod
+    async def start(cls, daemon: Daemon, *args: str) -> Verify:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "aiagentchat", "verify", *args, "--config", str(daemon.config), env=daemon.env,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        return cls(proc)
+
+    async def read_until(self, text: str, timeout: float = 60) -> str:
+        """Its output so far, once it contains `text`."""
+        async with asyncio.timeout(timeout):
+            while text not in self.out:
+                line = await self.proc.stdout.readline()
+                assert line, f"verify ended before printing {text!r}; it printed:\n{self.out}"
+                self.out += line.decode()
+        return self.out
+
+    async def answer(self, text: str) -> None:
+        self.proc.stdin.write(text.encode() + b"\n")
+        await self.proc.stdin.drain()
+
+    async def finish(self, timeout: float = 60) -> tuple[int, str]:
+        """Its exit code and whole output."""
+        async with asyncio.timeout(timeout):
+            out, err = await self.proc.communicate()
+        self.out += out.decode()
+        return self.proc.returncode, self.out + err.decode()
+
+
+def emoji_names(sas: Any) -> str:
+    return " | ".join(name for _, name in sas.get_emoji())
+
+
+async def test_verify_started_from_the_bot_is_recorded_on_both_sides(world):
+    user = await world.device()
+    room, daemon = await encrypted_room(world, user)
+    bot_device = await user.device_of(world.bot_id)
+    declined = await user.send_verification_request(bot_device)
+    await user.wait_for(lambda _: user.verification_events("m.key.verification.cancel", declined) != [], timeout=30)
+    [cancel] = user.verification_events("m.key.verification.cancel", declined)
+    assert "aiagentchat verify" in cancel["reason"]
+    busy = await Verify.start(daemon, user.user_id, user.client.device_id)
+    code, output = await busy.finish()
+    assert code == 2 and "in use by pid" in output
+    assert await daemon.stop() == 0
+
+    verify = await Verify.start(daemon, user.user_id, user.client.device_id)
+    sas = await user.accept_sas(bot_device)
+    assert emoji_names(sas) in await verify.read_until("numbers:")
+    await verify.answer("y")
+    await user.confirm_sas(sas)
+    code, output = await verify.finish()
+    assert code == 0 and f"✅ Verified {user.user_id}'s device {user.client.device_id}" in output
+    assert sas.verified and user.client.olm.is_device_verified(bot_device)
+
+    strict = world.daemon([{"id": room, "trust": "verified"}])  # the same bot device, now trusting verified ones only
+    await strict.start()
+    _, answer = await ask(user, room, "say only verified devices here")
+    assert "only verified devices here" in "".join(e["content"]["body"] for e in answer)
+
+
+async def test_verify_answers_a_request_from_an_allowed_users_client(world):
+    user = await world.device()
+    room, daemon = await encrypted_room(world, user)
+    bot_device = await user.device_of(world.bot_id)
+    assert await daemon.stop() == 0
+    verify = await Verify.start(daemon)
+    await verify.read_until("Waiting for an allowed user")
+    sas = await user.request_sas(bot_device)
+    assert emoji_names(sas) in await verify.read_until("numbers:")
+    await verify.answer("y")
+    await user.confirm_sas(sas)
+    code, output = await verify.finish()
+    assert code == 0 and "✅ Verified" in output
+    assert user.client.olm.is_device_verified(bot_device)
+    done = "m.key.verification.done"
+    await user.wait_for(lambda _: user.verification_events(done, sas.transaction_id) != [], timeout=30)
+
+
+async def test_emoji_that_do_not_match_record_nothing(world):
+    user = await world.device()
+    room, daemon = await encrypted_room(world, user)
+    bot_device = await user.device_of(world.bot_id)
+    assert await daemon.stop() == 0
+    verify = await Verify.start(daemon, user.user_id, user.client.device_id)
+    sas = await user.accept_sas(bot_device)
+    await verify.read_until("numbers:")
+    await verify.answer("n")
+    code, output = await verify.finish()
+    assert code == 1 and "❌ Not verified" in output
+    cancel = "m.key.verification.cancel"
+    await user.wait_for(lambda _: user.verification_events(cancel, sas.transaction_id) != [], timeout=30)
+    assert [c["code"] for c in user.verification_events(cancel, sas.transaction_id)] == ["m.mismatched_sas"]
+    assert sas.canceled and not user.client.olm.is_device_verified(bot_device)
+
+
+async def test_tofu_keeps_a_device_added_later_out_and_says_so(world):
+    first = await world.device()
+    room, daemon = await encrypted_room(world, first, trust="tofu")
+    await ask(first, room, "say first use")  # the devices the user has now are the ones trusted
+    second = await world.device()
+    await second.sync_once()
+    new_device = second.client.device_id
+
+    prompt, answer = await ask(first, room, "say not for the new device")
+    events = await first.wait_for(lambda evs: any(left_out(e, new_device) for e in evs), timeout=30, room_id=room)
+    [notice] = [e for e in events if left_out(e, new_device)]
+    assert f"aiagentchat verify {first.user_id} {new_device}" in notice["content"]["body"]
+    answer_ids = {e["event_id"] for e in answer}
+    seen = await second.wait_for(lambda evs: answer_ids <= {e["event_id"] for e in evs}, room_id=room)
+    assert {e["type"] for e in seen if e["event_id"] in answer_ids} == {"m.room.encrypted"}  # unreadable there
+
+    refused = await second.send_text(room, "say from the new device")
+    events = await first.wait_for(run_ended_or_refused(refused), timeout=30, room_id=room)
+    [why] = bot_events(events, refused)
+    assert "I did not run" in why["content"]["body"] and new_device in why["content"]["body"]
+    await daemon.wait_for_log("prompt_ignored", event_id=refused)
+    assert "from the new device" not in str([r["latest_user_text"] for r in await world.model.requests()])
+
+
+def left_out(event: dict[str, Any], device_id: str) -> bool:
+    body = event.get("content", {}).get("body") or ""
+    return "cannot read my messages in this room" in body and device_id in body
