@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import hashlib
 import json
 import os
 import secrets
@@ -51,11 +52,26 @@ def pickle_key(settings: Settings) -> str:
     """The secret that encrypts the crypto store: `matrix.pickle_key` (from the environment, say), else
     data_dir/pickle_key, mode 0600, generated on the first run."""
     if settings.matrix.pickle_key is not None:
-        return settings.matrix.pickle_key.get_secret_value()
-    path = settings.paths.data_dir / "pickle_key"
-    if not path.exists():
-        write_private(path, secrets.token_urlsafe(32))
-    return read_private(path).strip()
+        key = settings.matrix.pickle_key.get_secret_value()
+    else:
+        path = settings.paths.data_dir / "pickle_key"
+        if not path.exists():
+            write_private(path, secrets.token_urlsafe(32))
+        key = read_private(path).strip()
+    _check_pickle_key(crypto_dir(settings) / "pickle_key.check", key)
+    return key
+
+
+def _check_pickle_key(check: Path, key: str) -> None:
+    """Refuse a key other than the one the store was made with (nio would fail deep inside login)."""
+    digest = hashlib.sha256(b"aiagentchat pickle key\0" + key.encode()).hexdigest()
+    if not check.exists():
+        write_private(check, digest)
+    elif read_private(check).strip() != digest:
+        raise ConfigError(
+            f"the pickle key (matrix.pickle_key or data_dir/pickle_key) is not the one that encrypted the crypto "
+            f"store in {check.parent}: restore that key, or move the store away to start over as a new device"
+        )
 
 
 class DeviceLock:
@@ -268,7 +284,8 @@ class Crypto:
                 + VERIFY_HINT.format(user=d.user_id, device=d.id)
                 for d in devices
             ]
-            text = f'🔐 These devices cannot read my messages in this room (trust = "{room.trust}"):\n' + "\n".join(lines)
+            heading = f'🔐 These devices cannot read my messages in this room (trust = "{room.trust}"):'
+            text = "\n".join([heading, *lines])
             await self._notice(room_id, f"trust-{secrets.token_hex(4)}", text)
 
     # --- receiving: whose prompts count ---------------------------------------------------------------------

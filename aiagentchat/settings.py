@@ -141,8 +141,9 @@ def check_safety(settings: Settings) -> list[str]:
                 f"room {room.id}: --dangerously-skip-permissions is refused in extra_args; "
                 "set permission_mode = \"bypassPermissions\" on the room instead"
             )
-    for claude in [settings.claude, *map(settings.claude_for, settings.rooms)]:
-        _refuse_secret_passthrough(claude.env_passthrough)
+    _refuse_secret_passthrough("claude", settings.claude.env_passthrough)
+    for room in settings.rooms:
+        _refuse_secret_passthrough(f"room {room.id}", settings.claude_for(room).env_passthrough)
     data_dir = settings.paths.data_dir
     owners: dict[Path, RoomSettings] = {}
     for room in settings.rooms:
@@ -172,11 +173,13 @@ def check_safety(settings: Settings) -> list[str]:
     return warnings
 
 
-def _refuse_secret_passthrough(patterns: list[str]) -> None:
+def _refuse_secret_passthrough(where: str, patterns: list[str]) -> None:
     """The daemon's own secrets may come from the environment; no env_passthrough pattern may hand them on."""
     for name in (f"AIAGENTCHAT_MATRIX__{key.upper()}" for key in SECRET_KEYS):
         if pattern := next((p for p in patterns if fnmatch.fnmatchcase(name, p)), None):
-            raise ConfigError(f"env_passthrough: {pattern!r} would hand the daemon's secret {name} to the agent")
+            raise ConfigError(
+                f"{where}: env_passthrough {pattern!r} would hand the daemon's secret {name} to the agent"
+            )
 
 
 def load_settings(path: Path | None) -> Settings:

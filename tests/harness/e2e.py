@@ -129,11 +129,8 @@ class E2EUser(MatrixUser):
 
     def verification_events(self, event_type: str, transaction_id: str) -> list[dict[str, Any]]:
         """The contents of the to-device verification events of one transaction, parsed by nio or not."""
-        return [
-            e.source["content"]
-            for e in self.to_device
-            if e.source.get("type") == event_type and e.source.get("content", {}).get("transaction_id") == transaction_id
-        ]
+        contents = [e.source.get("content", {}) for e in self.to_device if e.source.get("type") == event_type]
+        return [content for content in contents if content.get("transaction_id") == transaction_id]
 
     async def request_sas(self, device: OlmDevice, timeout: float = 60) -> Sas:
         """Start verification as Element does: a request, then (after `ready`) a start; returns at the emoji."""
