@@ -49,29 +49,32 @@ def crypto_dir(settings: Settings) -> Path:
 
 
 def pickle_key(settings: Settings) -> str:
-    """The secret that encrypts the crypto store: `matrix.pickle_key` (from the environment, say), else
-    data_dir/pickle_key, mode 0600, generated on the first run."""
-    if settings.matrix.pickle_key is not None:
-        key = settings.matrix.pickle_key.get_secret_value()
+    """The secret that encrypts the daemon's crypto store: `matrix.pickle_key` (from the environment, say),
+    else data_dir/pickle_key."""
+    configured = settings.matrix.pickle_key
+    key_file = settings.paths.data_dir / "pickle_key"
+    return store_key(configured.get_secret_value() if configured else None, key_file, crypto_dir(settings))
+
+
+def store_key(configured: str | None, key_file: Path, store: Path) -> str:
+    """A crypto store's pickle key: `configured`, else the 0600 `key_file` (generated on first use). A key
+    other than the one the store was made with is refused (ConfigError); nio would fail deep inside login."""
+    if configured is not None:
+        key = configured
     else:
-        path = settings.paths.data_dir / "pickle_key"
-        if not path.exists():
-            write_private(path, secrets.token_urlsafe(32))
-        key = read_private(path).strip()
-    _check_pickle_key(crypto_dir(settings) / "pickle_key.check", key)
-    return key
-
-
-def _check_pickle_key(check: Path, key: str) -> None:
-    """Refuse a key other than the one the store was made with (nio would fail deep inside login)."""
+        if not key_file.exists():
+            write_private(key_file, secrets.token_urlsafe(32))
+        key = read_private(key_file).strip()
+    check = store / "pickle_key.check"
     digest = hashlib.sha256(b"aiagentchat pickle key\0" + key.encode()).hexdigest()
     if not check.exists():
         write_private(check, digest)
     elif read_private(check).strip() != digest:
         raise ConfigError(
-            f"the pickle key (matrix.pickle_key or data_dir/pickle_key) is not the one that encrypted the crypto "
-            f"store in {check.parent}: restore that key, or move the store away to start over as a new device"
+            f"the pickle key ({key_file} or its environment variable) is not the one that encrypted the crypto "
+            f"store in {store}: restore that key, or move the store away to start over as a new device"
         )
+    return key
 
 
 class DeviceLock:

@@ -147,3 +147,22 @@ async def world(synapse, model, tmp_path):
     await world.setup()
     yield world
     await world.close()
+
+
+ENCRYPTION = {"type": "m.room.encryption", "state_key": "", "content": {"algorithm": "m.megolm.v1.aes-sha2"}}
+
+
+async def encrypted_room(world: World, user: E2EUser, **room: Any) -> tuple[str, Daemon]:
+    """An encrypted room made by `user`, served by a started daemon; returns once the user sees the bot join."""
+    room_id = await user.create_room(invite=[world.bot_id], initial_state=[ENCRYPTION])
+    daemon = world.daemon([{"id": room_id} | room])
+    await daemon.start()
+    await user.wait_for(lambda events: joined(events, world.bot_id), room_id=room_id)
+    return room_id, daemon
+
+
+def joined(events: list[dict[str, Any]], user_id: str) -> bool:
+    return any(
+        e.get("type") == "m.room.member" and e.get("state_key") == user_id and e["content"].get("membership") == "join"
+        for e in events
+    )

@@ -11,29 +11,10 @@ from typing import Any
 import pytest
 
 from tests.harness.e2e import E2EUser
-from tests.integration.conftest import World, bot_events, bot_text, run_ended
+from tests.integration.conftest import World, bot_events, bot_text, encrypted_room, run_ended
 from tests.integration.daemon import Daemon
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
-
-ENCRYPTION = {"type": "m.room.encryption", "state_key": "", "content": {"algorithm": "m.megolm.v1.aes-sha2"}}
-
-
-async def encrypted_room(world: World, user: E2EUser, **room: Any) -> tuple[str, Daemon]:
-    """An encrypted room with the bot in it, served by a started daemon; the user knows the bot's device."""
-    room_id = await user.create_room(invite=[world.bot_id], initial_state=[ENCRYPTION])
-    daemon = world.daemon([{"id": room_id} | room])
-    await daemon.start()
-    await user.wait_for(lambda events: joined(events, world.bot_id), room_id=room_id)
-    return room_id, daemon
-
-
-def joined(events: list[dict[str, Any]], user_id: str) -> bool:
-    return any(
-        e.get("type") == "m.room.member" and e.get("state_key") == user_id and e["content"].get("membership") == "join"
-        for e in events
-    )
-
 
 def bot_device_id(world: World) -> str:
     return json.loads((world.tmp_path / "data" / "credentials.json").read_text())["device_id"]
