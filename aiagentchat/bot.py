@@ -30,7 +30,7 @@ from nio import (
 )
 
 from aiagentchat.batcher import Batcher, RateLimited, Sent, SendFailed, SendOutcome
-from aiagentchat.crypto import Crypto, DeviceLock, crypto_dir, pickle_key
+from aiagentchat.crypto import CRYPTO_ERRORS, Crypto, DeviceLock, crypto_dir, pickle_key
 from aiagentchat.files import read_private, write_private
 from aiagentchat.guard import ToolGuard
 from aiagentchat.render import MARKER_KEY
@@ -89,6 +89,8 @@ class MatrixSender:
             )
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             return SendFailed(f"{type(exc).__name__}: {exc}", retryable=True)
+        except CRYPTO_ERRORS as exc:  # e.g. the room's state or its members' keys not synced yet: try again
+            return SendFailed(f"not encrypted yet: {type(exc).__name__}: {exc}", retryable=True)
         if isinstance(response, RoomSendResponse):
             return Sent(response.event_id)
         transport = getattr(response, "transport_response", None)

@@ -64,19 +64,24 @@ def verify_command(
     ctx: typer.Context,
     user: Annotated[Optional[str], typer.Argument(help="The user whose device to verify.")] = None,  # noqa: UP007
     device: Annotated[Optional[str], typer.Argument(help="That user's device id.")] = None,  # noqa: UP007
+    key: Annotated[
+        Optional[str],  # noqa: UP007
+        typer.Option("--key", help="DEVICE's key as the device shows it (Element: session key): compare, no emoji."),
+    ] = None,
     timeout: Annotated[float, typer.Option("--timeout", help="Give up after S seconds.")] = 300.0,
     config: ConfigOption = None,
 ) -> None:
     """SAS emoji verification of the bot's device with USER's DEVICE, or, without them, with the device of an
-    allowed user who starts it from their client. Runs while the daemon is stopped."""
-    if (user is None) != (device is None):
-        print("aiagentchat verify: give both USER and DEVICE, or neither", file=sys.stderr)
+    allowed user who starts it from their client; with --key, a comparison of DEVICE's key instead. Runs while
+    the daemon is stopped."""
+    if (user is None) != (device is None) or (key is not None and device is None):
+        print("aiagentchat verify: give both USER and DEVICE (--key needs them), or neither", file=sys.stderr)
         raise typer.Exit(EXIT_CONFIG)
     code = 1
 
     async def verifying(settings: Settings) -> None:
         nonlocal code
-        code = await verify(settings, Target(user, device), timeout)
+        code = await verify(settings, Target(user, device, key), timeout)
 
     with_settings(config or ctx.obj, verifying)
     raise typer.Exit(code)

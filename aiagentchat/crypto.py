@@ -26,8 +26,11 @@ from nio import (
     AsyncClient,
     EncryptionError,
     ForwardedRoomKeyEvent,
+    GroupEncryptionError,
     KeyVerificationStart,
+    LocalProtocolError,
     MegolmEvent,
+    OlmTrustError,
     ToDeviceMessage,
     UnknownToDeviceEvent,
 )
@@ -39,6 +42,7 @@ from aiagentchat.settings import ConfigError, RoomSettings, Settings, Trust
 
 log = structlog.get_logger(__name__)
 
+CRYPTO_ERRORS = (LocalProtocolError, EncryptionError, GroupEncryptionError, OlmTrustError)  # room_send may raise
 VERIFY_HINT = "stop the daemon and run `aiagentchat verify {user} {device}` on its machine"
 
 

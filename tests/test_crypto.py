@@ -4,9 +4,11 @@ import stat
 from pathlib import Path
 
 import pytest
-from nio import AsyncClient, AsyncClientConfig, MegolmEvent
+from nio import AsyncClient, AsyncClientConfig, GroupEncryptionError, MegolmEvent
 from nio.crypto import OlmDevice
 
+from aiagentchat.batcher import SendFailed
+from aiagentchat.bot import MatrixSender
 from aiagentchat.crypto import Crypto, DeviceLock, DeviceTrust, Waiting, pickle_key
 from aiagentchat.settings import ConfigError, RoomSettings, Settings
 
@@ -113,3 +115,13 @@ def test_a_waiting_event_survives_a_restart():
     waiting = Waiting(ROOM, MegolmEvent.from_dict(source), 123.0)
     again = Waiting.from_json(waiting.to_json())
     assert (again.room_id, again.deadline, again.event.session_id, again.event.room_id) == (ROOM, 123.0, "s", ROOM)
+
+
+@pytest.mark.anyio
+async def test_a_send_that_cannot_be_encrypted_yet_is_retried_not_lost():
+    class Client:
+        async def room_send(self, *args: object, **kwargs: object) -> None:
+            raise GroupEncryptionError(f"Group session for room {ROOM} not shared.")
+
+    outcome = await MatrixSender(Client()).send(ROOM, {"body": "x"}, "txn")
+    assert isinstance(outcome, SendFailed) and outcome.retryable and "GroupEncryptionError" in outcome.reason

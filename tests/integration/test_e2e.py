@@ -248,3 +248,23 @@ async def test_tofu_keeps_a_device_added_later_out_and_says_so(world):
 def left_out(event: dict[str, Any], device_id: str) -> bool:
     body = event.get("content", {}).get("body") or ""
     return "cannot read my messages in this room" in body and device_id in body
+
+
+async def test_verify_by_key_compares_the_key_the_device_shows(world):
+    user = await world.device()
+    room, daemon = await encrypted_room(world, user, trust="verified")
+    refused = await user.send_text(room, "say not verified yet")
+    entry = await daemon.wait_for_log("prompt_ignored", event_id=refused)
+    assert 'trust = "verified" does not accept' in entry["reason"]
+    assert await daemon.stop() == 0
+    key = user.client.olm.account.identity_keys["ed25519"]
+    wrong = await Verify.start(daemon, user.user_id, user.client.device_id, "--key", "AAAA" + key[4:])
+    code, output = await wrong.finish()
+    assert code == 1 and "❌ Not verified" in output
+    shown = " ".join(key[i : i + 4] for i in range(0, len(key), 4))  # as Element shows a session key
+    right = await Verify.start(daemon, user.user_id, user.client.device_id, "--key", shown)
+    code, output = await right.finish()
+    assert code == 0 and "✅ Verified" in output
+    await daemon.start()
+    _, answer = await ask(user, room, "say verified by its key")
+    assert "verified by its key" in "".join(e["content"]["body"] for e in answer)
