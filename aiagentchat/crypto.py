@@ -9,6 +9,7 @@ which devices are left out (nio's own outbound session keeps them in `users_igno
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -21,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+import aiohttp
 import structlog
 from nio import (
     AsyncClient,
@@ -42,6 +44,7 @@ from aiagentchat.settings import ConfigError, RoomSettings, Settings, Trust
 
 log = structlog.get_logger(__name__)
 
+NETWORK_ERRORS = (aiohttp.ClientError, TimeoutError, OSError)
 CRYPTO_ERRORS = (LocalProtocolError, EncryptionError, GroupEncryptionError, OlmTrustError)  # room_send may raise
 VERIFY_HINT = "stop the daemon and run `aiagentchat verify {user} {device}` on its machine"
 
@@ -127,7 +130,7 @@ def describe(device: OlmDevice) -> str:
 class DeviceTrust:
     """Which devices a room's `trust` accepts, for its room keys and for its prompts.
 
-    - all: every device that is not blacklisted (a verification of it failed).
+    - all: every device (except one blacklisted in nio's store, which no aiagentchat command does).
     - tofu: verified devices, and the devices a user had when the bot first needed to trust one of them
       (pinned with their signing keys in data_dir/crypto/tofu.json); a device added later must be verified.
     - verified: verified devices only.
@@ -148,7 +151,7 @@ class DeviceTrust:
 
     def why_not(self, trust: Trust, device: OlmDevice) -> str:
         if self.client.olm is not None and self.client.olm.is_device_blacklisted(device):
-            return "it is blacklisted (a verification of it failed)"
+            return "it is blacklisted in my crypto store"
         if trust == "tofu":
             return f"it appeared after I first met {device.user_id}'s devices and is not verified"
         return "it is not verified"
@@ -219,7 +222,8 @@ class Crypto:
 
     def attach(self) -> None:
         """After login (the Olm machine exists): filter key sharing by trust, accept a forwarded key from
-        the device that made it, and decline verification while the daemon runs."""
+        the device that made it, decline verification while the daemon runs, and take up the prompts that
+        were waiting for their key when the daemon last stopped."""
         olm = self.client.olm
         if olm is None:
             return
@@ -246,8 +250,12 @@ class Crypto:
                 self._waiting[waiting.event.event_id] = waiting
 
     async def upkeep(self) -> None:
-        """After each sync: nio's key upkeep, then a look at the prompts waiting for a key."""
-        await upkeep(self.client)
+        """After each sync: nio's key upkeep (retried after the next sync if the homeserver is unreachable),
+        then a look at the prompts waiting for a key."""
+        try:
+            await upkeep(self.client)
+        except NETWORK_ERRORS as exc:
+            log.warning("key_upkeep_failed", error=f"{type(exc).__name__}: {exc}")
         self._kicked.set()
 
     async def run(self) -> None:
@@ -285,7 +293,9 @@ class Crypto:
     async def _post_left_out(self) -> None:
         while self._left_out:
             room_id, devices = self._left_out.popitem()
-            room = self.rooms[room_id]
+            room = self.rooms.get(room_id)
+            if room is None:
+                continue
             lines = [
                 f"- {describe(d)}: {self.trust.why_not(room.trust, d)}; to let it read along, "
                 + VERIFY_HINT.format(user=d.user_id, device=d.id)
@@ -302,7 +312,8 @@ class Crypto:
         if room.trust == "all" or not getattr(event, "decrypted", False):
             return None
         if event.sender in self.client.olm.users_for_key_query:
-            await self.client.keys_query()
+            with contextlib.suppress(*NETWORK_ERRORS):  # then judged on the devices known so far
+                await self.client.keys_query()
         device = self._sending_device(room_id, event)
         if device is None:
             reason = "sent from a device whose keys I do not know"

@@ -27,7 +27,7 @@ from nio import (
 from nio.crypto import OlmDevice, Sas
 
 from aiagentchat.bot import Bot
-from aiagentchat.crypto import describe, upkeep
+from aiagentchat.crypto import NETWORK_ERRORS, describe, upkeep
 from aiagentchat.settings import Settings
 from aiagentchat.store import Store
 
@@ -65,11 +65,14 @@ class Verification:
 
     async def sync(self) -> None:
         while True:
-            response = await self.client.sync(timeout=POLL_MS, sync_filter=SYNC_FILTER)
-            if isinstance(response, SyncError):
-                log.warning("sync_failing", error=response.message)
+            try:
+                response = await self.client.sync(timeout=POLL_MS, sync_filter=SYNC_FILTER)
+                if isinstance(response, SyncError):
+                    raise ConnectionError(response.message)
+                await upkeep(self.client)
+            except (*NETWORK_ERRORS, ConnectionError) as exc:
+                log.warning("sync_failing", error=f"{type(exc).__name__}: {exc}")
                 await asyncio.sleep(1)
-            await upkeep(self.client)
             self._synced.set()
 
     async def until(self, done: Callable[[], bool], deadline: float, what: str) -> None:
@@ -118,15 +121,15 @@ class Verification:
         await self.client.start_key_verification(device)
         self.sas = self.client.olm.get_active_sas(device.user_id, device.id)
 
-    async def device(self, user_id: str, device_id: str, deadline: float) -> OlmDevice:
+    async def device(self, user_id: str, device_id: str) -> OlmDevice:
+        """The device as its keys are published now; Cancelled if it has none."""
         self.client.olm.users_for_key_query.add(user_id)
         await self.client.keys_query()
-
-        def known() -> OlmDevice | None:
-            return self.client.olm.device_store[user_id].get(device_id)
-
-        await self.until(lambda: known() is not None, deadline, f"keys for {user_id}'s device {device_id}")
-        return known()
+        devices = {device.id: device for device in self.client.olm.device_store.active_user_devices(user_id)}
+        if device_id not in devices:
+            raise Cancelled(f"{user_id} has no device {device_id} with published keys (they have: "
+                            f"{', '.join(sorted(devices)) or 'none'})")  # fmt: skip
+        return devices[device_id]
 
     async def finish(self, sas: Sas, match: bool, deadline: float) -> None:
         if not match:
@@ -200,7 +203,7 @@ async def _verify_as(bot: Bot, settings: Settings, target: Target, deadline: flo
 async def _run(session: Verification, target: Target, deadline: float, say: Callable[[str], None]) -> int:
     try:
         if target.user_id is not None and target.device_id is not None:
-            device = await session.device(target.user_id, target.device_id, deadline)
+            device = await session.device(target.user_id, target.device_id)
             if target.key is not None:
                 return _compare_key(session.client, device, target.key, say)
             say(f"Starting a verification with {describe(device)}; accept it there.")
