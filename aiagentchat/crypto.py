@@ -276,12 +276,16 @@ class Crypto:
     def _leave_out(self, room_id: str, users: Iterable[str]) -> set[tuple[str, str]]:
         room = self.rooms.get(room_id)
         trust: Trust = room.trust if room is not None else "all"
-        devices = [
+        members = [
             device
             for user_id in users
             for device in self.client.olm.device_store.active_user_devices(user_id)
-            if device.id != self.client.device_id and not self.trust.accepts(trust, device)
+            if device.id != self.client.device_id
         ]
+        devices = [device for device in members if not self.trust.accepts(trust, device)]
+        readers = [d for d in members if d not in devices and room is not None and d.user_id in room.allowed_users]
+        if devices and not readers:
+            log.warning("no_allowed_user_can_read", room_id=room_id, trust=trust, hint=VERIFY_HINT)
         news = [d for d in devices if (room_id, d.user_id, d.id) not in self._told]
         if news:
             self._told.update((room_id, d.user_id, d.id) for d in news)

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 from nio import AsyncClient, AsyncClientConfig, GroupEncryptionError, MegolmEvent
 from nio.crypto import OlmDevice
+from structlog.testing import capture_logs
 
 from aiagentchat.batcher import SendFailed
 from aiagentchat.bot import MatrixSender
@@ -96,11 +97,14 @@ def test_tofu_pins_nothing_before_the_users_devices_are_known(tmp_path):
 def test_room_keys_leave_out_the_devices_the_room_does_not_trust(tmp_path, trust, left_out):
     client = bot_client(tmp_path)
     known(client, device("PHONE"))
-    rooms = {ROOM: RoomSettings(id=ROOM, trust=trust)}
+    rooms = {ROOM: RoomSettings(id=ROOM, trust=trust, allowed_users=[ALICE])}
     crypto = Crypto(client, settings_for(tmp_path), rooms, lambda _: None, None)
     crypto.attach()
-    assert list(client.olm.share_group_session_parallel(ROOM, [ALICE])) == []  # no Olm session: nothing to send
+    with capture_logs() as logs:
+        assert list(client.olm.share_group_session_parallel(ROOM, [ALICE])) == []  # no Olm session: nothing sent
     assert client.olm.outbound_group_sessions[ROOM].users_ignored == left_out
+    unreadable = [entry for entry in logs if entry["event"] == "no_allowed_user_can_read"]
+    assert len(unreadable) == len(left_out)  # alice's only device left out: the operator is warned
 
 
 def test_a_waiting_event_survives_a_restart():
