@@ -263,7 +263,7 @@ async def test_verify_by_key_compares_the_key_the_device_shows(world):
     assert code == 1 and "❌ Not verified" in output and "not the one given" in output
     unknown = await Verify.start(daemon, user.user_id, "NOSUCHDEVICE", "--key", key)
     code, output = await unknown.finish()
-    assert code == 1 and f"has no device NOSUCHDEVICE with published keys (they have: {user.client.device_id})" in output
+    assert code == 1 and f"no device NOSUCHDEVICE with published keys (they have: {user.client.device_id})" in output
     shown = " ".join(key[i : i + 4] for i in range(0, len(key), 4))  # as Element shows a session key
     right = await Verify.start(daemon, user.user_id, user.client.device_id, "--key", shown)
     code, output = await right.finish()
