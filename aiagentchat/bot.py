@@ -6,7 +6,6 @@ import asyncio
 import math
 import random
 import re
-import secrets
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,6 @@ from nio import (
     AsyncClientConfig,
     InviteMemberEvent,
     JoinError,
-    LocalProtocolError,
     LoginResponse,
     MegolmEvent,
     RoomCreateEvent,
@@ -31,10 +29,11 @@ from nio import (
 )
 
 from aiagentchat.batcher import Batcher
+from aiagentchat.crypto import CRYPTO_ERRORS, Crypto, DeviceLock, crypto_dir, pickle_key
 from aiagentchat.outbox import Outbox, RateLimited, Sent, SendFailed, SendOutcome
 from aiagentchat.guard import ToolGuard
 from aiagentchat.processes import kill_leftover
-from aiagentchat.private import Credentials, read_private, write_private
+from aiagentchat.private import Credentials
 from aiagentchat.render import MARKER_KEY
 from aiagentchat.runner import RoomToolPolicy, RoomWorker
 from aiagentchat.settings import RoomSettings, Settings
@@ -94,14 +93,16 @@ class MatrixSender:
 
     async def send(self, room_id: str, content: dict[str, Any], txn_id: str) -> SendOutcome:
         await self._ready.wait()
+        if room_id not in self._client.rooms:
+            return SendFailed("the bot is not in this room", retryable=False)
         try:
             response = await self._client.room_send(
                 room_id, "m.room.message", content, tx_id=txn_id, ignore_unverified_devices=True
             )
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             return SendFailed(f"{type(exc).__name__}: {exc}", retryable=True)
-        except LocalProtocolError as exc:  # e.g. a room the bot is not in
-            return SendFailed(str(exc), retryable=False)
+        except CRYPTO_ERRORS as exc:  # e.g. the room's members or their keys not synced yet: try again
+            return SendFailed(f"not encrypted yet: {type(exc).__name__}: {exc}", retryable=True)
         if isinstance(response, RoomSendResponse):
             return Sent(response.event_id)
         return _failure(response)
@@ -152,19 +153,18 @@ class Bot:
         self.store = store
         data_dir = settings.paths.data_dir
         self.credentials_path = data_dir / "credentials.json"
-        crypto_dir = data_dir / "crypto"
-        crypto_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.device_lock = DeviceLock(settings)
         self.client = AsyncClient(
             settings.matrix.homeserver,
             settings.matrix.user_id,
-            store_path=str(crypto_dir),
+            store_path=str(crypto_dir(settings)),
             config=AsyncClientConfig(
                 max_limit_exceeded=0,
                 max_timeouts=0,
                 request_timeout=settings.matrix.request_timeout_s,
                 store_sync_tokens=False,
                 encryption_enabled=True,
-                pickle_key=self._pickle_key(data_dir / "pickle_key"),
+                pickle_key=pickle_key(settings),
             ),
         )
         self.rooms: dict[str, RoomSettings] = {}
@@ -172,12 +172,7 @@ class Bot:
         self.creators: dict[str, set[str]] = {}
         self.ready = asyncio.Event()
         self._stopping = asyncio.Event()
-
-    @staticmethod
-    def _pickle_key(path: Path) -> str:
-        if not path.exists():
-            write_private(path, secrets.token_urlsafe(32))
-        return read_private(path).strip()
+        self.crypto = Crypto(self.client, settings, self.rooms, self._batcher_of, self._consider_event)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -246,8 +241,13 @@ class Bot:
         guard = ToolGuard(self.settings.paths.data_dir, workdir, room.allow_claude_config_writes)
         return RoomWorker(room_id, claude, workdir, self.store, batcher, RoomToolPolicy(claude), guard)
 
+    def _batcher_of(self, room_id: str) -> Batcher | None:
+        worker = self.workers.get(room_id)
+        return worker.batcher if worker is not None else None
+
     async def run(self) -> None:
         await self.login()
+        self.crypto.attach()
         await self._resolve_rooms()
         self.workers = {room_id: self._make_worker(room_id, room) for room_id, room in self.rooms.items()}
         for pid, started, room_id in await self.store.take_agents():
@@ -257,26 +257,26 @@ class Bot:
             await worker.recover()
         try:
             async with asyncio.TaskGroup() as group:
-                sync = group.create_task(self._sync_loop())
+                intake = [group.create_task(self._sync_loop()), group.create_task(self.crypto.run())]
                 runs = [group.create_task(worker.run()) for worker in self.workers.values()]
                 sends = [group.create_task(worker.batcher.run()) for worker in self.workers.values()]
                 await self._stopping.wait()
-                await self._shut_down(sync, runs, sends)
+                await self._shut_down(intake, runs, sends)
         finally:
             await self.client.close()
+            self.device_lock.release()
 
     async def _shut_down(
-        self, sync: asyncio.Task[None], runs: list[asyncio.Task[None]], sends: list[asyncio.Task[None]]
+        self, intake: list[asyncio.Task[None]], runs: list[asyncio.Task[None]], sends: list[asyncio.Task[None]]
     ) -> None:
         """Stop taking prompts, interrupt the running ones (their rooms are told, their process trees end),
         deliver what is queued; whatever is not delivered by the deadline stays in the outbox for the next
         start."""
         deadline = asyncio.get_running_loop().time() + self.settings.daemon.shutdown_timeout_s
         log.info("stopping", deadline_s=self.settings.daemon.shutdown_timeout_s)
-        sync.cancel()
-        for task in runs:
+        for task in [*intake, *runs]:
             task.cancel()
-        await asyncio.gather(sync, *runs, return_exceptions=True)
+        await asyncio.gather(*intake, *runs, return_exceptions=True)
         try:
             async with asyncio.timeout_at(deadline):
                 await asyncio.gather(*(worker.batcher.close() for worker in self.workers.values()))
@@ -309,24 +309,13 @@ class Bot:
                 log.info("sync_recovered", after_failures=failures)
                 failures = 0
             await self._handle_sync(response, history)
-            await self._crypto_upkeep()
+            await self.crypto.upkeep()
             token = response.next_batch
             await self.store.set_sync_token(token)
             history = full_state = False
             if not self.ready.is_set():
                 self.ready.set()
                 log.info("ready", rooms=len(self.rooms), user_id=self.client.user_id)
-
-    async def _crypto_upkeep(self) -> None:
-        if not self.client.olm:
-            return
-        if self.client.should_upload_keys:
-            await self.client.keys_upload()
-        if self.client.should_query_keys:
-            await self.client.keys_query()
-        if self.client.should_claim_keys:
-            await self.client.keys_claim(self.client.get_users_for_key_claiming())
-        await self.client.send_to_device_messages()
 
     async def _handle_sync(self, response: SyncResponse, history: bool) -> None:
         for room_id, info in response.rooms.invite.items():
@@ -375,11 +364,11 @@ class Bot:
 
     async def _consider_event(self, room_id: str, room: RoomSettings, event: Any) -> None:
         if isinstance(event, MegolmEvent):
-            log.warning("undecryptable_event", room_id=room_id, event_id=event.event_id, sender=event.sender)
+            self.crypto.hold(room_id, room, event)
             return
         if not isinstance(event, RoomMessageText) or event.sender == self.client.user_id:
             return
-        refusal = self._refusal(room_id, room, event)
+        refusal = self._refusal(room_id, room, event) or await self.crypto.refusal(room_id, room, event)
         hops = self._hops(event)
         if refusal is None and hops >= room.max_hops:
             refusal = f"hop limit {room.max_hops} reached"

@@ -11,13 +11,15 @@ ROOM is a room id (`!...`), an alias (`#name:server`) or a room `name` from the 
 whose `org.aiagentchat` marker names this prompt's event id and carries `final`.
 
 Exit codes: 0 answered, 1 the agent reported an error, 2 usage or configuration error (also: homeserver
-unreachable, saved login rejected, encrypted room), 3 timed out, 4 not allowed or not joined, 130 interrupted.
+unreachable, saved login rejected), 3 timed out, 4 not allowed or not joined, 130 interrupted.
 Every error is one line on stderr.
 
 The login (`{homeserver, user_id, device_id, access_token}`, mode 0600) lives in
 `$CCHAT_CONFIG_DIR/credentials.json`, by default `$XDG_CONFIG_HOME/aiagentchat/` (`~/.config/aiagentchat/`).
 
-No end-to-end encryption yet: cchat refuses encrypted rooms (they come with the encryption issue).
+cchat's device is end-to-end encrypted: its crypto store is `$CCHAT_CONFIG_DIR/store/`, sealed with
+`CCHAT_PICKLE_KEY` or the generated `$CCHAT_CONFIG_DIR/pickle_key` (mode 0600). It shares its room keys with
+every device in the room, verified or not, and reads whatever the bot shares with it.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from nio import (
     AsyncClient,
     AsyncClientConfig,
     LoginResponse,
+    MatrixRoom,
     MessageDirection,
     RoomMessagesResponse,
     RoomResolveAliasResponse,
@@ -51,6 +54,7 @@ from nio import (
 )
 from typer.core import TyperGroup
 
+from aiagentchat.crypto import store_key, upkeep
 from aiagentchat.private import Credentials
 from aiagentchat.settings import ConfigError, RoomSettings, Settings, load_settings
 
@@ -164,10 +168,17 @@ async def resolve_alias(client: Any, alias: str, quiet: bool = False) -> str | N
 
 def make_client(homeserver: str, user_id: str, device_id: str = "") -> AsyncClient:
     logging.getLogger("nio").setLevel(logging.CRITICAL)
+    store = config_dir() / "store"
+    store.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        key = store_key(os.environ.get("CCHAT_PICKLE_KEY"), config_dir() / "pickle_key", store)
+    except ConfigError as exc:
+        raise Fail(EXIT_USAGE, str(exc)) from None
     config = AsyncClientConfig(
-        encryption_enabled=False, store_sync_tokens=False, max_limit_exceeded=0, max_timeouts=0, request_timeout=60
-    )
-    return AsyncClient(homeserver, user_id, device_id=device_id, config=config)
+        encryption_enabled=True, pickle_key=key, store_sync_tokens=False, max_limit_exceeded=0, max_timeouts=0,
+        request_timeout=60,
+    )  # fmt: skip
+    return AsyncClient(homeserver, user_id, device_id=device_id, store_path=str(store), config=config)
 
 
 def connect(credentials: Credentials) -> AsyncClient:
@@ -209,19 +220,28 @@ def retry_after_s(response: Any, attempt: int) -> float:
     return min(ms / 1000, 30.0) if ms else min(2.0**attempt, 10.0)
 
 
-async def check_room(client: AsyncClient, room_id: str, room: str) -> None:
-    """Fail (4) unless the user is joined; fail (2) for an encrypted room, which cchat cannot read yet."""
+async def check_room(client: AsyncClient, room_id: str, room: str) -> bool:
+    """Fail (4) unless the user is joined; whether the room is encrypted."""
     response = await call(client.room_get_state_event(room_id, "m.room.encryption"), client)
     # nio 0.26 parses a 403 here as a success whose content is the error: go by the HTTP status and errcode.
     content = getattr(response, "content", None) or {}
     errcode = getattr(response, "status_code", None) or content.get("errcode")
     if status_of(response) == 200 and not errcode:
-        raise Fail(EXIT_USAGE, f"{room} is encrypted; cchat does not support encrypted rooms yet")
+        return True
     if errcode == "M_NOT_FOUND":
-        return
+        return False
     if errcode == "M_FORBIDDEN":
         raise Fail(EXIT_FORBIDDEN, f"{client.user_id} is not joined to {room} ({room_id}); join it first")
     raise failure(response, f"checking {room}")
+
+
+async def prepare_room(client: AsyncClient, room_id: str, encrypted: bool) -> None:
+    """What nio must know before sending to the room without a sync: whether to encrypt (room_send then loads
+    the members and shares a room key with their devices), and this device's keys published."""
+    room = client.rooms.setdefault(room_id, MatrixRoom(room_id, client.user_id))
+    room.encrypted = room.encrypted or encrypted
+    if encrypted:
+        await call(upkeep(client), client)
 
 
 async def send_prompt(client: AsyncClient, room_id: str, content: dict[str, Any]) -> str:
@@ -230,7 +250,9 @@ async def send_prompt(client: AsyncClient, room_id: str, content: dict[str, Any]
     last = ""
     for attempt in range(1, SEND_ATTEMPTS + 1):
         try:
-            response = await client.room_send(room_id, "m.room.message", content, tx_id=txn_id)
+            response = await client.room_send(
+                room_id, "m.room.message", content, tx_id=txn_id, ignore_unverified_devices=True
+            )
         except NETWORK_ERRORS as exc:
             last = f"{type(exc).__name__}: {exc}"
             await asyncio.sleep(min(2.0**attempt, 10.0))
@@ -255,7 +277,7 @@ def sync_filter(room_id: str, limit: int) -> dict[str, Any]:
         "account_data": {"types": []},
         "room": {
             "rooms": [room_id],
-            "timeline": {"limit": limit, "types": ["m.room.message"]},
+            "timeline": {"limit": limit, "types": ["m.room.message", "m.room.encrypted"]},
             "state": {"types": []},
             "ephemeral": {"types": []},
             "account_data": {"types": []},
@@ -273,6 +295,7 @@ class Follower:
         self._seen: set[str] = set()
         self._order: deque[str] = deque()
         self._failures = 0
+        self.undecryptable = 0  # events this device could not decrypt (no room key shared with it)
 
     async def start(self) -> None:
         """Take the current position (before anything is sent), so nothing later can be missed."""
@@ -293,6 +316,7 @@ class Follower:
                 if response.status_code == "M_UNKNOWN_TOKEN" or (status and 400 <= status < 500 and status != 429):
                     raise failure(response, "syncing")
                 return await self._back_off()
+            await upkeep(self.client)  # keys uploaded, queried and claimed, as nio's sync_forever does
             room = response.rooms.join.get(self.room_id)
             events = [dict(event.source) for event in room.timeline.events] if room is not None else []
             if room is not None and room.timeline.limited and self.token is not None:
@@ -306,7 +330,9 @@ class Follower:
         first, self.token = self.token is None, response.next_batch
         if first:  # it only takes the position; what it saw is history (see recent())
             return []
-        return [event for event in events if self._is_new(event.get("event_id"))]
+        new = [event for event in events if self._is_new(event.get("event_id"))]
+        self.undecryptable += sum(event.get("type") == "m.room.encrypted" for event in new)
+        return new
 
     async def _page_forward(self, token: str) -> list[dict[str, Any]] | None:
         """The events a limited sync skipped, paging forward from the previous sync token (None: failed)."""
@@ -520,7 +546,7 @@ async def run_send(request: SendRequest) -> int:
             who = credentials.user_id
             where = f"allowed_users or allowed_bots of {request.room}"
             raise Fail(EXIT_FORBIDDEN, f"{who} is not in {where}; nothing sent")
-        await check_room(client, room_id, request.room)
+        await prepare_room(client, room_id, await check_room(client, room_id, request.room))
         if not request.wait:
             print(await send_prompt(client, room_id, content), flush=True)
             return EXIT_OK
@@ -534,10 +560,21 @@ async def run_send(request: SendRequest) -> int:
         print(json.dumps(result_object(answer.final, answer.bodies), ensure_ascii=False), flush=True)
     code = exit_code(answer.final)
     if code == EXIT_TIMEOUT:
-        error_line(f"no final answer to {prompt_id} within {request.timeout:g} s")
+        error_line(f"no final answer to {prompt_id} within {request.timeout:g} s{unreadable(follower, credentials)}")
     elif code == EXIT_AGENT_ERROR:
         error_line(f"the agent reported an error: {str((answer.final or {}).get('result') or 'no result')[:300]}")
     return code
+
+
+def unreadable(follower: Follower, credentials: Credentials) -> str:
+    """Why an answer may never have shown up: events this device could not decrypt, and what to do."""
+    if not follower.undecryptable:
+        return ""
+    return (
+        f"; {follower.undecryptable} events could not be decrypted on this device ({credentials.device_id}): if the "
+        "room's trust is tofu or verified, verify it on the bot's machine with "
+        f"`aiagentchat verify {credentials.user_id} {credentials.device_id}`"
+    )
 
 
 async def follow_answer(follower: Follower, prompt_id: str, timeout: float, show_bodies: bool) -> Answer:
@@ -598,6 +635,8 @@ async def run_login(homeserver: str, user: str, password: str, path: Path) -> Cr
     client = make_client(homeserver, user, saved.device_id if reuse and saved else "")
     try:
         response = await call(client.login(password, device_name="cchat"), client)
+        if isinstance(response, LoginResponse):
+            await call(upkeep(client), client)  # publish the device's keys, so others share theirs with it
     finally:
         await client.close()
     if not isinstance(response, LoginResponse):

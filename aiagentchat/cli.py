@@ -1,5 +1,7 @@
-"""`aiagentchat` / `python -m aiagentchat`: start the daemon. Exit codes: 2 bad settings, 3 Matrix login refused,
-4 the built-in homeserver failed to start, 5 the access token was revoked while running."""
+"""`aiagentchat` / `python -m aiagentchat`: start the daemon; `aiagentchat verify`: verify the bot's device.
+Exit codes: 2 bad settings (or the bot's device in use by another process), 3 Matrix login refused, 4 the
+built-in homeserver failed to start, 5 the access token was revoked while running; `verify` exits 1 when the
+device was not verified."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -19,6 +21,7 @@ from aiagentchat.bot import Bot, LoginFailed, TokenRevoked
 from aiagentchat.localserver import HomeserverError, LocalHomeserver
 from aiagentchat.settings import ConfigError, Settings, check_safety, load_settings
 from aiagentchat.store import Store
+from aiagentchat.verify import Target, verify
 
 EXIT_CONFIG = 2
 EXIT_LOGIN = 3
@@ -26,31 +29,69 @@ EXIT_HOMESERVER = 4
 EXIT_TOKEN_REVOKED = 5
 DEFAULT_CONFIG = Path("settings.toml")
 
-app = typer.Typer(add_completion=False, help="Drive Claude Code from Matrix rooms.")
+app = typer.Typer(add_completion=False, help="Drive Claude Code from Matrix rooms: with no command, run the daemon.")
+ConfigOption = Annotated[
+    Optional[Path],  # noqa: UP007 - typer needs Optional here
+    typer.Option("--config", envvar="AIAGENTCHAT_CONFIG", help="Settings file (default ./settings.toml)."),
+]
 log = structlog.get_logger(__name__)
 
 
 async def serve(settings: Settings) -> None:
+    if missing := missing_claude_login(os.environ):
+        log.warning("no_claude_login", detail=missing)
     store = await Store.open(settings.paths.data_dir / "aiagentchat.db")
-    bot = Bot(settings, store)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, bot.stop)
     try:
+        bot = Bot(settings, store)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, bot.stop)
         await bot.run()
     finally:
         await store.close()
 
 
-@app.command()
-def run(
-    config: Annotated[
-        Optional[Path],  # noqa: UP007 - typer needs Optional here
-        typer.Option("--config", envvar="AIAGENTCHAT_CONFIG", help="Settings file (default ./settings.toml)."),
-    ] = None,
-) -> None:
-    """Run the daemon until SIGTERM or Ctrl-C."""
+@app.callback(invoke_without_command=True)
+def run(ctx: typer.Context, config: ConfigOption = None) -> None:
+    """Run the daemon until SIGTERM or Ctrl-C (with no command)."""
     logs.configure()
+    ctx.obj = config
+    if ctx.invoked_subcommand is None:
+        with_settings(config, serve)
+        log.info("stopped")
+
+
+@app.command("verify")
+def verify_command(
+    ctx: typer.Context,
+    user: Annotated[Optional[str], typer.Argument(help="The user whose device to verify.")] = None,  # noqa: UP007
+    device: Annotated[Optional[str], typer.Argument(help="That user's device id.")] = None,  # noqa: UP007
+    key: Annotated[
+        Optional[str],  # noqa: UP007
+        typer.Option("--key", help="DEVICE's key as the device shows it (Element: session key): compare, no emoji."),
+    ] = None,
+    timeout: Annotated[float, typer.Option("--timeout", help="Give up after S seconds.")] = 300.0,
+    config: ConfigOption = None,
+) -> None:
+    """SAS emoji verification of the bot's device with USER's DEVICE, or, without them, with the device of an
+    allowed user who starts it from their client; with --key, a comparison of DEVICE's key instead. Runs while
+    the daemon is stopped."""
+    if (user is None) != (device is None) or (key is not None and device is None):
+        print("aiagentchat verify: give both USER and DEVICE (--key needs them), or neither", file=sys.stderr)
+        raise typer.Exit(EXIT_CONFIG)
+    code = 1
+
+    async def verifying(settings: Settings) -> None:
+        nonlocal code
+        code = await verify(settings, Target(user, device, key), timeout)
+
+    with_settings(config or ctx.obj, verifying)
+    raise typer.Exit(code)
+
+
+def with_settings(config: Path | None, main: Callable[[Settings], Awaitable[None]]) -> None:
+    """Load the settings and run `main` with them (inside the built-in homeserver when none is configured);
+    a problem becomes its exit code."""
     path = config if config is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
     try:
         settings = load_settings(path)
@@ -62,10 +103,8 @@ def run(
         raise typer.Exit(EXIT_CONFIG) from None
     for warning in warnings:
         log.warning("unsafe_setting", detail=warning)
-    if missing := missing_claude_login(os.environ):
-        log.warning("no_claude_login", detail=missing)
     try:
-        asyncio.run(serve(settings) if local is None else local.run(settings, serve))
+        asyncio.run(main(settings) if local is None else local.run(settings, main))
     except* LoginFailed as group:
         log.error("login_failed", reason=str(group.exceptions[0]))
         raise typer.Exit(EXIT_LOGIN) from None
@@ -78,7 +117,6 @@ def run(
     except* HomeserverError as group:
         print(f"aiagentchat: the built-in homeserver failed: {group.exceptions[0]}", file=sys.stderr)
         raise typer.Exit(EXIT_HOMESERVER) from None
-    log.info("stopped")
 
 
 def missing_claude_login(env: Mapping[str, str]) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import os
 import re
@@ -14,9 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 PermissionMode = Literal["default", "acceptEdits", "plan", "bypassPermissions", "dontAsk"]
+Trust = Literal["all", "tofu", "verified"]
 
 DEFAULT_ENV_PASSTHROUGH = ["PATH", "HOME", "LANG", "ANTHROPIC_*", "CLAUDE_CODE_*", "DISABLE_*"]
-SECRET_KEYS = ("password", "access_token")
+SECRET_KEYS = ("password", "access_token", "pickle_key")
 
 
 class ConfigError(Exception):
@@ -32,6 +34,7 @@ class MatrixSettings(_Strict):
     user_id: str = ""
     password: SecretStr | None = None
     access_token: SecretStr | None = None
+    pickle_key: SecretStr | None = None  # unset: data_dir/pickle_key, generated on the first run
     device_name: str = "aiagentchat"
     request_timeout_s: float = Field(default=30.0, gt=0)  # a homeserver that accepts and never answers
 
@@ -77,6 +80,8 @@ class RoomSettings(_Strict):
     max_queued: int = Field(default=10, ge=0)
     min_power_level: int | None = None
     require_verified_device: bool = False
+    trust: Trust = "all"
+    key_wait_s: float = Field(default=60.0, gt=0)
     workdir: Path | None = None
     shared_workdir: bool = False
     allow_claude_config_writes: bool = False
@@ -149,6 +154,9 @@ def check_safety(settings: Settings) -> list[str]:
                 f"room {room.id}: --dangerously-skip-permissions is refused in extra_args; "
                 "set permission_mode = \"bypassPermissions\" on the room instead"
             )
+    _refuse_secret_passthrough("claude", settings.claude.env_passthrough)
+    for room in settings.rooms:
+        _refuse_secret_passthrough(f"room {room.id}", settings.claude_for(room).env_passthrough)
     data_dir = settings.paths.data_dir
     owners: dict[Path, RoomSettings] = {}
     for room in settings.rooms:
@@ -176,6 +184,15 @@ def check_safety(settings: Settings) -> list[str]:
         if not room.allowed_users and not room.allowed_bots:
             warnings.append(f"room {room.id} has no allowed_users: no prompt will run there")
     return warnings
+
+
+def _refuse_secret_passthrough(where: str, patterns: list[str]) -> None:
+    """The daemon's own secrets may come from the environment; no env_passthrough pattern may hand them on."""
+    for name in (f"AIAGENTCHAT_MATRIX__{key.upper()}" for key in SECRET_KEYS):
+        if pattern := next((p for p in patterns if fnmatch.fnmatchcase(name, p)), None):
+            raise ConfigError(
+                f"{where}: env_passthrough {pattern!r} would hand the daemon's secret {name} to the agent"
+            )
 
 
 def load_settings(path: Path | None) -> Settings:

@@ -134,6 +134,7 @@ def test_login_needs_a_full_user_id_and_a_password(home, monkeypatch):
 
 class FakeClient:
     homeserver = "http://fake"
+    olm = None  # no encryption: nothing to upkeep
 
     def __init__(self, aliases: dict[str, str]) -> None:
         self.aliases = aliases
@@ -305,6 +306,7 @@ class FakeSyncClient:
     """Serves scripted /sync answers for one room, and /messages pages from a full history."""
 
     homeserver = "http://fake"
+    olm = None  # no encryption: nothing to upkeep
 
     def __init__(self, history: list[dict[str, Any]]) -> None:
         self.history = history  # every event of the room, oldest first; tokens are positions in it

@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -139,3 +140,20 @@ def test_workdir_rules(tmp_path):
     around = f'[paths]\ndata_dir = "{tmp_path}/data"\n[[rooms]]\nid = "!a:x"\nworkdir = "{tmp_path}"\n'
     with pytest.raises(ConfigError, match="contains the data directory"):
         check_safety(load_settings(write(tmp_path, around)))
+
+
+def test_encryption_settings(tmp_path):
+    settings = load_settings(write(tmp_path, GOOD))
+    assert [(r.trust, r.key_wait_s) for r in settings.rooms] == [("all", 60.0), ("all", 60.0)]
+    with pytest.raises(ConfigError, match=r"settings.toml:3: rooms.0.trust: Input should be 'all', 'tofu' or"):
+        load_settings(write(tmp_path, '[[rooms]]\nid = "!a:x"\ntrust = "everyone"\n'))
+    with pytest.raises(ConfigError, match="matrix.pickle_key is a secret"):
+        load_settings(write(tmp_path, '[matrix]\npickle_key = "k"\n'))
+
+
+@pytest.mark.parametrize("pattern", ["AIAGENTCHAT_*", "*", "AIAGENTCHAT_MATRIX__PICKLE_KEY"])
+def test_env_passthrough_may_not_hand_the_daemon_secrets_to_the_agent(tmp_path, pattern):
+    text = GOOD.replace('timeout_s = 30\n', f'timeout_s = 30\nenv_passthrough = ["{pattern}"]\n')
+    expected = f"room !b:localhost: env_passthrough '{pattern}' would hand the daemon's secret AIAGENTCHAT_MATRIX__"
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        check_safety(load_settings(write(tmp_path, text)))

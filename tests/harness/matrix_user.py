@@ -1,4 +1,5 @@
-"""A real Matrix client (matrix-nio, no encryption) acting as the human user in integration tests.
+"""A real Matrix client (matrix-nio) acting as the human user in integration tests; with a `store_dir` it is
+an end-to-end encrypted device (keys uploaded, queried and claimed after each sync, like nio's sync_forever).
 
     user = MatrixUser()
     await user.login(synapse.base_url, "@alice:localhost", "pw")
@@ -9,8 +10,9 @@
     await user.close()
 
 Syncing happens only inside `wait_for` / `sync_once`, with short long-polls. Every timeline event seen is kept
-(raw `event.source` dicts, de-duplicated by event_id, in arrival order, with `room_id` filled in), so a
-predicate never misses an event that arrived in the same sync batch as an earlier one.
+(`event.source` dicts, decrypted when the device could, de-duplicated by event_id, in arrival order, with
+`room_id` filled in), so a predicate never misses an event that arrived in the same sync batch as an earlier
+one. To-device events seen are kept in `to_device` (nio objects).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import asyncio
 import json
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -31,7 +34,10 @@ from nio import (
     RoomMessagesError,
     RoomSendError,
     SyncError,
+    ToDeviceEvent,
 )
+
+from aiagentchat.crypto import upkeep
 
 Event = dict[str, Any]
 Predicate = Callable[[list[Event]], bool]
@@ -73,9 +79,11 @@ class SyncFailed(AssertionError):
 
 
 class MatrixUser:
-    def __init__(self) -> None:
+    def __init__(self, store_dir: Path | None = None) -> None:
         self.client: AsyncClient | None = None
+        self.store_dir = store_dir  # set: an encrypted device whose crypto store lives there
         self.user_id = ""
+        self.to_device: list[ToDeviceEvent] = []
         self.events: list[Event] = []  # every timeline event seen, all rooms, in arrival order
         self.invites: set[str] = set()  # rooms this user is invited to (and has not joined)
         self._event_ids: set[str] = set()
@@ -87,13 +95,17 @@ class MatrixUser:
         self, base_url: str, mxid: str, password: str, device_id: str | None = None
     ) -> None:
         config = AsyncClientConfig(
-            encryption_enabled=False,
+            encryption_enabled=self.store_dir is not None,
             store_sync_tokens=False,
             max_limit_exceeded=20,
             max_timeouts=2,
             request_timeout=15,
         )
-        self.client = AsyncClient(base_url, mxid, device_id=device_id or "", config=config)
+        store_path = ""
+        if self.store_dir is not None:
+            self.store_dir.mkdir(parents=True, exist_ok=True)
+            store_path = str(self.store_dir)
+        self.client = AsyncClient(base_url, mxid, device_id=device_id or "", store_path=store_path, config=config)
         response = await self.client.login(password, device_name="aiagentchat test user")
         if isinstance(response, LoginError):
             await self.client.close()
@@ -133,7 +145,9 @@ class MatrixUser:
 
     async def send(self, room_id: str, event_type: str, content: dict[str, Any], tx_id: str | None = None) -> str:
         """Send any room event; returns its event_id."""
-        response = await self._client().room_send(room_id, event_type, content, tx_id=tx_id)
+        response = await self._client().room_send(
+            room_id, event_type, content, tx_id=tx_id, ignore_unverified_devices=True
+        )
         if isinstance(response, RoomSendError):
             raise AssertionError(
                 f"{self.user_id} could not send {event_type} to {room_id}: {response.status_code} {response.message}"
@@ -157,6 +171,8 @@ class MatrixUser:
             transient = status is None or str(status).startswith("5") or status == "M_LIMIT_EXCEEDED"
             raise SyncFailed(f"sync of {self.user_id} failed: {status} {response.message}", transient)
         self._next_batch = response.next_batch
+        self.to_device.extend(response.to_device_events)
+        await upkeep(client)
         new: list[Event] = []
         for room_id in response.rooms.invite:
             self.invites.add(room_id)

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from tests.harness import claude_binary
+from tests.harness.e2e import E2EUser
 from tests.harness.matrix_user import MatrixUser
 from tests.harness.model_server import model_server
 from tests.harness.synapse import running_synapse
@@ -100,6 +101,13 @@ class World:
         self.others.append(other)
         return other
 
+    async def device(self) -> E2EUser:
+        """Another, end-to-end encrypted, device of the world's user (its crypto store under tmp_path)."""
+        device = E2EUser(self.tmp_path / "devices" / secrets.token_hex(4))
+        await device.login(self.synapse.base_url, self.user.user_id, self.user_password)
+        self.others.append(device)
+        return device
+
     async def another_bot(self) -> Bot:
         """A second bot account, for a second daemon."""
         name, password = f"bot{secrets.token_hex(4)}", secrets.token_urlsafe(12)
@@ -164,3 +172,22 @@ async def world(synapse, model, tmp_path):
     await world.setup()
     yield world
     await world.close()
+
+
+ENCRYPTION = {"type": "m.room.encryption", "state_key": "", "content": {"algorithm": "m.megolm.v1.aes-sha2"}}
+
+
+async def encrypted_room(world: World, user: E2EUser, **room: Any) -> tuple[str, Daemon]:
+    """An encrypted room made by `user`, served by a started daemon; returns once the user sees the bot join."""
+    room_id = await user.create_room(invite=[world.bot_id], initial_state=[ENCRYPTION])
+    daemon = world.daemon([{"id": room_id} | room])
+    await daemon.start()
+    await user.wait_for(lambda events: joined(events, world.bot_id), room_id=room_id)
+    return room_id, daemon
+
+
+def joined(events: list[dict[str, Any]], user_id: str) -> bool:
+    return any(
+        e.get("type") == "m.room.member" and e.get("state_key") == user_id and e["content"].get("membership") == "join"
+        for e in events
+    )

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.matrix_user import MatrixUser, messages
-from tests.integration.conftest import bot_events, run_ended
+from tests.harness.matrix_user import MatrixUser, body, messages
+from tests.integration.conftest import bot_events, encrypted_room, run_ended
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 
@@ -265,14 +265,18 @@ async def test_tail_shows_recent_output_then_follows_as_json_lines_until_ctrl_c(
     assert followed[-1]["final"]["ok"] is True
 
 
-async def test_an_encrypted_room_is_refused_before_anything_is_sent(world, cli):
-    encryption = {"type": "m.room.encryption", "state_key": "", "content": {"algorithm": "m.megolm.v1.aes-sha2"}}
-    room = await world.user.create_room(initial_state=[encryption])
-    ran = await cli("send", room, "say in the clear")
-    assert ran.code == 2 and one_line(ran.stderr) and "encrypted" in ran.stderr
-    sentinel = await world.user.send_text(room, "sentinel")
-    events = await world.user.wait_for(lambda evs: any(e.get("event_id") == sentinel for e in evs), room_id=room)
-    assert [e["event_id"] for e in messages(events, sender=world.user.user_id)] == [sentinel]
+async def test_an_encrypted_room_works_as_a_plain_one(world, cli):
+    user = await world.device()  # another device of the same person, to look at what cchat sent
+    room, _ = await encrypted_room(world, user)
+    ran = await cli("send", room, "say sealed both ways", "--wait", "--json")
+    assert ran.code == 0, ran.stderr
+    result = json.loads(ran.stdout)
+    assert result["ok"] is True and "sealed both ways" in "".join(result["events"])
+    events = await user.wait_for(lambda evs: any(body(e) == "say sealed both ways" for e in evs), room_id=room)
+    [prompt] = [e["event_id"] for e in events if body(e) == "say sealed both ways"]
+    assert (await user.raw_event(room, prompt))["type"] == "m.room.encrypted"
+    stored = cli.root / "config" / "store"
+    assert stat.S_IMODE((cli.root / "config" / "pickle_key").stat().st_mode) == 0o600 and any(stored.iterdir())
 
 
 async def test_a_long_answer_is_followed_complete_and_in_order(world, cli):

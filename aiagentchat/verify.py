@@ -1,0 +1,237 @@
+"""`aiagentchat verify`: SAS emoji verification between the bot's device and a person's device, from a terminal.
+
+It runs while the daemon is stopped (they share the device and its crypto store; `DeviceLock` refuses the
+second one). With USER and DEVICE it starts the verification; without, it waits for one that a room's
+allowed user starts from their client, whether with a request first (as Element does) or with a start. The
+emoji are shown here, the owner says whether they match, and a match is recorded in the crypto store, where
+the daemon finds it on its next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from nio import (
+    AsyncClient,
+    KeyVerificationCancel,
+    KeyVerificationStart,
+    SyncError,
+    ToDeviceMessage,
+    UnknownToDeviceEvent,
+)
+from nio.crypto import OlmDevice, Sas
+
+from aiagentchat.bot import Bot
+from aiagentchat.crypto import NETWORK_ERRORS, describe, upkeep
+from aiagentchat.settings import Settings
+from aiagentchat.store import Store
+
+log = structlog.get_logger(__name__)
+
+VERIFIED, NOT_VERIFIED = 0, 1
+SYNC_FILTER = {"room": {"rooms": [], "timeline": {"limit": 0}}, "presence": {"types": []}}
+POLL_MS = 1_000
+
+
+@dataclass(frozen=True)
+class Target:
+    user_id: str | None  # None: wait for any allowed user
+    device_id: str | None
+    key: str | None = None  # the device's ed25519 key, read from the device itself: compare instead of SAS
+
+
+def fingerprint(key: str) -> str:
+    return " ".join(key[i : i + 4] for i in range(0, len(key), 4))
+
+
+class Verification:
+    """The bot's device, synced just for to-device events, running one SAS verification."""
+
+    def __init__(self, client: AsyncClient, allowed: set[str], target: Target, say: Callable[[str], None]) -> None:
+        self.client = client
+        self.allowed = allowed
+        self.target = target
+        self.say = say
+        self.sas: Sas | None = None
+        self.cancelled = ""
+        self._synced = asyncio.Event()
+        client.add_to_device_callback(self._on_event, (UnknownToDeviceEvent, KeyVerificationStart))
+        client.add_to_device_callback(self._on_cancel, (KeyVerificationCancel,))
+
+    async def sync(self) -> None:
+        while True:
+            try:
+                response = await self.client.sync(timeout=POLL_MS, sync_filter=SYNC_FILTER)
+                if isinstance(response, SyncError):
+                    raise ConnectionError(response.message)
+                await upkeep(self.client)
+            except (*NETWORK_ERRORS, ConnectionError) as exc:
+                log.warning("sync_failing", error=f"{type(exc).__name__}: {exc}")
+                await asyncio.sleep(1)
+            self._synced.set()
+
+    async def until(self, done: Callable[[], bool], deadline: float, what: str) -> None:
+        """Wait, sync after sync, until `done()`; Cancelled when the other side cancels or time runs out."""
+        while not done():
+            if self.cancelled:
+                raise Cancelled(self.cancelled)
+            if self.sas is not None and self.sas.canceled:
+                raise Cancelled(f"the verification was cancelled: {self.sas.cancel_reason}")
+            self._synced.clear()
+            try:
+                async with asyncio.timeout(max(deadline - time.monotonic(), 0)):
+                    await self._synced.wait()
+            except TimeoutError:
+                raise Cancelled(f"no {what} before the time limit") from None
+
+    def _expected(self, user_id: str, device_id: str) -> bool:
+        if self.target.user_id is None:
+            return user_id in self.allowed
+        return user_id == self.target.user_id and self.target.device_id in (None, device_id)
+
+    async def _on_event(self, event: Any) -> None:
+        content = event.source.get("content", {})
+        device_id = content.get("from_device")
+        if self.sas is not None or not isinstance(device_id, str) or not self._expected(event.sender, device_id):
+            return
+        if isinstance(event, KeyVerificationStart):
+            sas = self.client.key_verifications.get(event.transaction_id)
+            if sas is not None and not sas.canceled:
+                self.sas = sas
+                self.say(f"{event.sender}'s device {device_id} started a verification; accepting it.")
+                await self.client.accept_key_verification(event.transaction_id)
+        elif event.type == "m.key.verification.request" and "m.sas.v1" in content.get("methods", []):
+            self.say(f"{event.sender}'s device {device_id} asks for a verification; answering it.")
+            self.client.olm.users_for_key_query.add(event.sender)
+            await self.client.keys_query()
+            ready = {"from_device": self.client.device_id, "methods": ["m.sas.v1"],
+                     "transaction_id": content.get("transaction_id")}  # fmt: skip
+            await self.client.to_device(ToDeviceMessage("m.key.verification.ready", event.sender, device_id, ready))
+
+    async def _on_cancel(self, event: KeyVerificationCancel) -> None:
+        if self.sas is not None and event.transaction_id == self.sas.transaction_id:
+            self.cancelled = f"the other device cancelled: {event.reason} ({event.code})"
+
+    async def start(self, device: OlmDevice) -> None:
+        await self.client.start_key_verification(device)
+        self.sas = self.client.olm.get_active_sas(device.user_id, device.id)
+
+    async def device(self, user_id: str, device_id: str) -> OlmDevice:
+        """The device as its keys are published now; Cancelled if it has none."""
+        self.client.olm.users_for_key_query.add(user_id)
+        await self.client.keys_query()
+        devices = {device.id: device for device in self.client.olm.device_store.active_user_devices(user_id)}
+        if device_id not in devices:
+            raise Cancelled(f"{user_id} has no device {device_id} with published keys (they have: "
+                            f"{', '.join(sorted(devices)) or 'none'})")  # fmt: skip
+        return devices[device_id]
+
+    async def finish(self, sas: Sas, match: bool, deadline: float) -> None:
+        if not match:
+            await self.client.cancel_key_verification(sas.transaction_id, reject=True)
+            raise Cancelled("you said the emoji do not match; nothing was recorded")
+        await self.client.confirm_short_auth_string(sas.transaction_id)
+        await self.until(lambda: sas.verified, deadline, "confirmation from the other device")
+        done = {"transaction_id": sas.transaction_id}
+        other = sas.other_olm_device
+        await self.client.to_device(ToDeviceMessage("m.key.verification.done", other.user_id, other.id, done))
+
+
+class Cancelled(Exception):
+    """The verification ended without a match."""
+
+
+def show(sas: Sas) -> str:
+    emoji = sas.get_emoji()
+    return "\n".join(
+        [
+            "Compare these with the other device:",
+            "  " + "   ".join(symbol for symbol, _ in emoji),
+            "  " + " | ".join(name for _, name in emoji),
+            "  numbers: " + " ".join(str(number) for number in sas.get_decimals()),
+        ]
+    )
+
+
+async def ask(question: str) -> bool:
+    """A yes or no from the terminal, without stalling the sync running meanwhile."""
+    try:
+        answer = await asyncio.to_thread(input, question)
+    except EOFError:
+        return False
+    return answer.strip().lower() in ("y", "yes")
+
+
+def say_now(text: str) -> None:
+    print(text, flush=True)
+
+
+async def verify(settings: Settings, target: Target, timeout_s: float, say: Callable[[str], None] = say_now) -> int:
+    """Run one verification as the bot's device; VERIFIED or NOT_VERIFIED."""
+    store = await Store.open(settings.paths.data_dir / "aiagentchat.db")
+    try:
+        bot = Bot(settings, store)
+        try:
+            return await _verify_as(bot, settings, target, time.monotonic() + timeout_s, say)
+        finally:
+            await bot.client.close()
+            bot.device_lock.release()
+    finally:
+        await store.close()
+
+
+async def _verify_as(bot: Bot, settings: Settings, target: Target, deadline: float, say: Callable[[str], None]) -> int:
+    await bot.login()
+    client = bot.client
+    say(f"Bot {client.user_id}, device {client.device_id}")
+    say(f"  fingerprint (ed25519): {fingerprint(client.olm.account.identity_keys['ed25519'])}")
+    allowed = {user for room in settings.rooms for user in room.allowed_users}
+    session = Verification(client, allowed, target, say)
+    syncing = asyncio.create_task(session.sync())
+    try:
+        return await _run(session, target, deadline, say)
+    finally:
+        syncing.cancel()
+        await asyncio.gather(syncing, return_exceptions=True)
+
+
+async def _run(session: Verification, target: Target, deadline: float, say: Callable[[str], None]) -> int:
+    try:
+        if target.user_id is not None and target.device_id is not None:
+            device = await session.device(target.user_id, target.device_id)
+            if target.key is not None:
+                return _compare_key(session.client, device, target.key, say)
+            say(f"Starting a verification with {describe(device)}; accept it there.")
+            await session.start(device)
+        else:
+            say("Waiting for an allowed user to start a verification of this device from their client...")
+        await session.until(lambda: session.sas is not None, deadline, "verification")
+        sas = session.sas
+        await session.until(lambda: sas.established_sas is not None, deadline, "keys from the other device")
+        say(show(sas))
+        match = await ask("Do they match? [y/N] ")
+        await session.finish(sas, match, deadline)
+    except Cancelled as exc:
+        say(f"❌ Not verified: {exc}")
+        return NOT_VERIFIED
+    return _verified(sas.other_olm_device, say)
+
+
+def _compare_key(client: AsyncClient, device: OlmDevice, key: str, say: Callable[[str], None]) -> int:
+    """Verification by comparing the key the device shows (Element: its session key) with the one the
+    homeserver published for it."""
+    if "".join(key.split()) != device.ed25519:
+        say(f"❌ Not verified: {describe(device)} has the key {fingerprint(device.ed25519)}, not the one given.")
+        return NOT_VERIFIED
+    client.verify_device(device)
+    return _verified(device, say)
+
+
+def _verified(device: OlmDevice, say: Callable[[str], None]) -> int:
+    say(f"✅ Verified {describe(device)}. The daemon trusts it from its next start.")
+    return VERIFIED

@@ -1,0 +1,150 @@
+"""The daemon's encryption helpers against a real nio Olm machine and crypto store (no homeserver needed)."""
+
+import asyncio
+import stat
+from pathlib import Path
+
+import pytest
+from nio import AsyncClient, AsyncClientConfig, GroupEncryptionError, MegolmEvent
+from nio.crypto import OlmDevice
+from structlog.testing import capture_logs
+
+from aiagentchat.outbox import SendFailed
+from aiagentchat.bot import MatrixSender
+from aiagentchat.crypto import Crypto, DeviceLock, DeviceTrust, Waiting, pickle_key
+from aiagentchat.settings import ConfigError, RoomSettings, Settings
+
+ALICE = "@alice:localhost"
+ROOM = "!room:localhost"
+
+
+def settings_for(tmp_path: Path, **matrix: str) -> Settings:
+    return Settings(paths={"data_dir": tmp_path / "data"}, matrix=matrix)
+
+
+def bot_client(tmp_path: Path) -> AsyncClient:
+    store = tmp_path / "store"
+    store.mkdir(exist_ok=True)
+    config = AsyncClientConfig(encryption_enabled=True, pickle_key="test")
+    client = AsyncClient("http://127.0.0.1:9", "@bot:localhost", store_path=str(store), config=config)
+    client.restore_login("@bot:localhost", "BOTDEVICE", "token")
+    return client
+
+
+def device(device_id: str, key: str | None = None) -> OlmDevice:
+    return OlmDevice(ALICE, device_id, {"ed25519": key or f"ed-{device_id}", "curve25519": f"cu-{device_id}"})
+
+
+def known(client: AsyncClient, *devices: OlmDevice) -> None:
+    """As after a keys query: the devices are in the store and their user's list is up to date."""
+    for each in devices:
+        client.olm.device_store.add(each)
+    client.olm.tracked_users.add(ALICE)
+    client.olm.users_for_key_query.discard(ALICE)
+
+
+def test_pickle_key_is_generated_once_private_and_the_environment_wins(tmp_path):
+    settings = settings_for(tmp_path)
+    first = pickle_key(settings)
+    assert first == pickle_key(settings) and len(first) >= 32
+    assert stat.S_IMODE((tmp_path / "data" / "pickle_key").stat().st_mode) == 0o600
+    with pytest.raises(ConfigError, match="not the one that encrypted the crypto store"):
+        pickle_key(settings_for(tmp_path, pickle_key="from-the-environment"))
+    other = tmp_path / "other"
+    assert pickle_key(settings_for(other, pickle_key="from-the-environment")) == "from-the-environment"
+    assert not (other / "data" / "pickle_key").exists()
+
+
+def test_one_process_at_a_time_holds_the_device(tmp_path):
+    settings = settings_for(tmp_path)
+    lock = DeviceLock(settings)
+    with pytest.raises(ConfigError, match=r"in use by pid \d+"):
+        DeviceLock(settings)
+    lock.release()
+    DeviceLock(settings).release()
+
+
+def test_trust_policies(tmp_path):
+    client = bot_client(tmp_path)
+    phone, laptop = device("PHONE"), device("LAPTOP")
+    known(client, phone)
+    trust = DeviceTrust(client, tmp_path / "tofu.json")
+    assert trust.accepts("tofu", phone)  # first use: the devices alice has now are pinned
+    known(client, laptop)
+    assert trust.accepts("all", laptop) and not trust.accepts("tofu", laptop) and not trust.accepts("verified", laptop)
+    assert "appeared after" in trust.why_not("tofu", laptop)
+    client.verify_device(laptop)
+    assert trust.accepts("tofu", laptop) and trust.accepts("verified", laptop)
+    assert not trust.accepts("verified", phone)
+    impostor = device("PHONE", key="another-signing-key")
+    assert not DeviceTrust(client, tmp_path / "tofu.json").accepts("tofu", impostor)  # pins survive a restart
+    client.blacklist_device(phone)
+    assert not trust.accepts("all", phone)
+    assert "blacklisted" in trust.why_not("all", phone)
+
+
+def test_tofu_pins_nothing_before_the_users_devices_are_known(tmp_path):
+    client = bot_client(tmp_path)
+    phone = device("PHONE")
+    client.olm.device_store.add(phone)
+    client.olm.users_for_key_query.add(ALICE)
+    trust = DeviceTrust(client, tmp_path / "tofu.json")
+    assert not trust.accepts("tofu", phone)
+    known(client)
+    assert trust.accepts("tofu", phone)
+
+
+@pytest.mark.parametrize(("trust", "left_out"), [("all", set()), ("verified", {(ALICE, "PHONE")})])
+def test_room_keys_leave_out_the_devices_the_room_does_not_trust(tmp_path, trust, left_out):
+    client = bot_client(tmp_path)
+    known(client, device("PHONE"))
+    rooms = {ROOM: RoomSettings(id=ROOM, trust=trust, allowed_users=[ALICE])}
+    crypto = Crypto(client, settings_for(tmp_path), rooms, lambda _: None, None)
+    crypto.attach()
+    with capture_logs() as logs:
+        assert list(client.olm.share_group_session_parallel(ROOM, [ALICE])) == []  # no Olm session: nothing sent
+    assert client.olm.outbound_group_sessions[ROOM].users_ignored == left_out
+    unreadable = [entry for entry in logs if entry["event"] == "no_allowed_user_can_read"]
+    assert len(unreadable) == len(left_out)  # alice's only device left out: the operator is warned
+
+
+def test_a_waiting_event_survives_a_restart():
+    source = {
+        "type": "m.room.encrypted",
+        "event_id": "$e",
+        "sender": ALICE,
+        "origin_server_ts": 1,
+        "content": {"algorithm": "m.megolm.v1.aes-sha2", "sender_key": "k", "ciphertext": "c", "session_id": "s",
+                    "device_id": "PHONE"},
+    }  # fmt: skip
+    waiting = Waiting(ROOM, MegolmEvent.from_dict(source), 123.0)
+    again = Waiting.from_json(waiting.to_json())
+    assert (again.room_id, again.deadline, again.event.session_id, again.event.room_id) == (ROOM, 123.0, "s", ROOM)
+
+
+@pytest.mark.anyio
+async def test_a_send_that_cannot_be_encrypted_yet_is_retried_not_lost():
+    class Client:
+        rooms = {ROOM: object()}
+
+        async def room_send(self, *args: object, **kwargs: object) -> None:
+            raise GroupEncryptionError(f"Group session for room {ROOM} not shared.")
+
+    ready = asyncio.Event()
+    ready.set()
+    outcome = await MatrixSender(Client(), ready).send(ROOM, {"body": "x"}, "txn")
+    assert isinstance(outcome, SendFailed) and outcome.retryable and "GroupEncryptionError" in outcome.reason
+
+
+@pytest.mark.anyio
+async def test_a_send_to_a_room_the_bot_is_not_in_fails_for_good():
+    class Client:
+        rooms: dict[str, object] = {}
+
+        async def room_send(self, *args: object, **kwargs: object) -> None:
+            raise AssertionError("nothing is sent to a room the bot is not in")
+
+    ready = asyncio.Event()
+    ready.set()
+    outcome = await MatrixSender(Client(), ready).send(ROOM, {"body": "x"}, "txn")
+    assert outcome == SendFailed("the bot is not in this room", retryable=False)
