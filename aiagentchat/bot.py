@@ -10,6 +10,7 @@ import random
 import re
 import secrets
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -284,6 +285,7 @@ class Bot:
         await self.client.send_to_device_messages()
 
     async def _handle_sync(self, response: SyncResponse, history: bool) -> None:
+        synced_at = time.time()  # when this batch arrived: the start of every prompt's dispatch in it
         for room_id, info in response.rooms.invite.items():
             await self._consider_invite(room_id, info.invite_state)
         for room_id, info in response.rooms.join.items():
@@ -295,7 +297,7 @@ class Bot:
             if history or first_sight:
                 continue
             for event in info.timeline.events:
-                await self._consider_event(room_id, room, event)
+                await self._consider_event(room_id, room, event, synced_at)
 
     def _note_creators(self, room_id: str, events: list[Any]) -> None:
         for event in events:
@@ -328,7 +330,7 @@ class Bot:
         joined = await self.client.join(room_id)
         log.info("invite_accepted", room_id=room_id, inviter=inviter, ok=not isinstance(joined, JoinError))
 
-    async def _consider_event(self, room_id: str, room: RoomSettings, event: Any) -> None:
+    async def _consider_event(self, room_id: str, room: RoomSettings, event: Any, synced_at: float) -> None:
         if isinstance(event, MegolmEvent):
             log.warning("undecryptable_event", room_id=room_id, event_id=event.event_id, sender=event.sender)
             return
@@ -344,7 +346,14 @@ class Bot:
         if not await self.store.claim_event(room_id, event.event_id):
             return
         prompt = Prompt(room_id, event.event_id, event.sender, strip_reply_fallback(event.body), hops)
-        log.info("prompt_accepted", room_id=room_id, event_id=event.event_id, sender=event.sender, hops=hops)
+        log.info(
+            "prompt_accepted",
+            room_id=room_id,
+            event_id=event.event_id,
+            sender=event.sender,
+            hops=hops,
+            synced_at=round(synced_at, 6),
+        )
         self.workers[room_id].inbox.put_nowait(prompt)
 
     def _refusal(self, room_id: str, room: RoomSettings, event: RoomMessageText) -> str | None:
