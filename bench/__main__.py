@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from bench import first_output, floor, machine, ratelimit, scale, throughput
+from bench.profile import Profiler
 from bench.report import Results, render
 from tests.harness.model_server import model_server
 from bench.world import cli_environment, homeserver
@@ -38,12 +39,13 @@ def _counts(text: str) -> list[int]:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--matrix-runs", type=int, default=40, help="floor: Matrix round trips")
-    parser.add_argument("--cli-cold", type=int, default=8, help="floor: cold CLI processes")
+    parser.add_argument("--cli-cold", type=int, default=10, help="floor: cold CLI processes")
     parser.add_argument("--cli-warm", type=int, default=20, help="floor: warm CLI turns")
-    parser.add_argument("--first-cold", type=int, default=8, help="first output: cold runs (one room each)")
+    parser.add_argument("--first-cold", type=int, default=10, help="first output: cold runs (one room each)")
     parser.add_argument("--first-warm", type=int, default=20, help="first output: warm runs")
     parser.add_argument("--pipeline-mb", type=_sizes, default=[5.0, 50.0], help="in-process floods, MB")
-    parser.add_argument("--e2e-mb", type=_sizes, default=[5.0, 50.0], help="end-to-end floods, MB")
+    parser.add_argument("--pipeline-runs", type=int, default=3, help="in-process runs per flood size")
+    parser.add_argument("--e2e-mb", type=_sizes, default=[2.0, 10.0, 20.0], help="end-to-end floods, MB")
     parser.add_argument("--drip-seconds", type=float, default=120.0, help="rate-limited run length")
     parser.add_argument("--scale", type=_counts, default=[1, 10, 50, 100], help="active rooms per round")
     parser.add_argument("--scale-lines", type=int, default=40, help="lines each active room streams")
@@ -51,11 +53,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--startup-runs", type=int, default=10, help="restarts with 100 joined rooms")
     parser.add_argument("--quick", action="store_true", help="a smoke run with small counts")
     parser.add_argument("--render-only", action="store_true", help="rewrite results.md from the last run")
+    parser.add_argument("--profile", action="store_true",
+                        help="py-spy the largest in-process flood, the largest scale round and one start-up")
     args = parser.parse_args(argv)
     if args.quick:
         args.matrix_runs, args.cli_cold, args.cli_warm, args.first_cold, args.first_warm = 5, 2, 3, 2, 3
-        args.pipeline_mb, args.e2e_mb, args.drip_seconds, args.scale = [1.0, 5.0], [1.0, 5.0], 20.0, [1, 10]
-        args.scale_lines, args.startup_runs = 10, 3
+        args.pipeline_mb, args.e2e_mb, args.drip_seconds, args.scale = [1.0, 5.0], [1.0, 2.0], 20.0, [1, 10]
+        args.scale_lines, args.startup_runs, args.pipeline_runs = 10, 3, 2
     return args
 
 
@@ -66,11 +70,14 @@ def progress(message: str) -> None:
 async def measure(args: argparse.Namespace, scratch: Path, command: str) -> Results:
     started = time.monotonic()
     described = machine.describe()
+    profiler = Profiler(scratch) if args.profile else None
     async with model_server() as model:
         cli_environment(model, scratch / "cli-home")
         floods = {size: throughput.flood(scratch, size) for size in {*args.pipeline_mb, *args.e2e_mb}}
         progress("(3) parser + batcher in process")
-        pipeline = [await throughput.in_process(floods[size]) for size in args.pipeline_mb]
+        largest = max(args.pipeline_mb)
+        pipeline = [await throughput.in_process(floods[size], profiler if (size, run) == (largest, 0) else None)
+                    for size in args.pipeline_mb for run in range(args.pipeline_runs)]
         async with homeserver(model, scratch) as server:
             progress("(1) floor")
             floor_result = await floor.measure(server, scratch / "floor", args.matrix_runs, args.cli_cold,
@@ -81,12 +88,12 @@ async def measure(args: argparse.Namespace, scratch: Path, command: str) -> Resu
             end_to_end = await throughput.end_to_end(server, [floods[size] for size in args.e2e_mb])
             progress("(5) scale and (6) start-up")
             scaled = await scale.measure(server, args.scale, args.scale_lines, args.scale_interval_ms,
-                                         args.startup_runs)
+                                         args.startup_runs, profiler)
         async with homeserver(model, scratch, default_rc_message=True) as server:
             progress("(4) rate-limited delivery")
             limited = await ratelimit.measure(server, args.drip_seconds)
     return Results(command, described, machine.load_average(), time.monotonic() - started, floor_result, first,
-                   pipeline, end_to_end, limited, scaled)
+                   pipeline, end_to_end, limited, scaled, profiler.profiles if profiler else [])
 
 
 def main(argv: list[str]) -> None:

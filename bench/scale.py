@@ -15,11 +15,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from bench.procstat import Usage, rss_mib, watch
+from bench.profile import Profiler, maybe
 from bench.world import FAKE_CLAUDE, Homeserver, log_entry, log_time, run_final
 from tests.harness.matrix_user import Event, MatrixUser
 from tests.integration.daemon import Daemon
 
 IDLE_CLOSE_S = 2.0
+PHASES = ["synced", "prompt_accepted", "run_started", "agent_started"]
 ROUND_TIMEOUT_S = 600.0
 
 
@@ -30,6 +32,7 @@ class ScaleRound:
     dispatch_s: list[float]
     sync_lag_s: list[float]
     wall_s: float
+    phases_s: dict[str, list[float]]  # dispatch split at the daemon's log lines
 
 
 @dataclass(frozen=True)
@@ -51,19 +54,33 @@ def _all_final(prompt_ids: list[str]) -> Callable[[list[Event]], bool]:
     return lambda events: all(check(events) for check in checks)
 
 
-async def _round(user: MatrixUser, daemon: Daemon, rooms: list[str], prompt: str) -> ScaleRound:
+async def _round(
+    user: MatrixUser, daemon: Daemon, rooms: list[str], prompt: str, profiler: Profiler | None
+) -> ScaleRound:
     assert daemon.proc is not None
     start = time.monotonic()
-    async with watch(daemon.proc.pid) as usage:
+    async with maybe(profiler, daemon.proc.pid, f"daemon, {len(rooms)} active rooms"), watch(daemon.proc.pid) as usage:
         prompt_ids = await asyncio.gather(*(user.send_text(room, prompt) for room in rooms))
         await user.wait_for(_all_final(list(prompt_ids)), timeout=ROUND_TIMEOUT_S)
     sent_at = {event["event_id"]: event["origin_server_ts"] / 1000 for event in user.events}
-    dispatch, lag = [], []
-    for prompt_id in prompt_ids:
-        synced_at = log_entry(daemon, "prompt_accepted", event_id=prompt_id)["synced_at"]
-        dispatch.append(log_time(log_entry(daemon, "agent_started", run_id=prompt_id)) - synced_at)
-        lag.append(synced_at - sent_at[prompt_id])
-    return ScaleRound(len(rooms), usage, dispatch, lag, time.monotonic() - start)
+    marks = [_marks(daemon, prompt_id) for prompt_id in prompt_ids]
+    phases = {
+        f"{PHASES[n]} → {PHASES[n + 1]}": [mark[n + 1] - mark[n] for mark in marks] for n in range(len(PHASES) - 1)
+    }
+    dispatch = [mark[-1] - mark[0] for mark in marks]
+    lag = [mark[0] - sent_at[prompt_id] for mark, prompt_id in zip(marks, prompt_ids)]
+    return ScaleRound(len(rooms), usage, dispatch, lag, time.monotonic() - start, phases)
+
+
+def _marks(daemon: Daemon, prompt_id: str) -> list[float]:
+    """When the prompt reached each of PHASES (Unix times)."""
+    accepted = log_entry(daemon, "prompt_accepted", event_id=prompt_id)
+    return [
+        accepted["synced_at"],
+        log_time(accepted),
+        log_time(log_entry(daemon, "run_started", run_id=prompt_id)),
+        log_time(log_entry(daemon, "agent_started", run_id=prompt_id)),
+    ]
 
 
 async def _startups(daemon: Daemon, runs: int, rooms: int) -> StartUp:
@@ -77,7 +94,18 @@ async def _startups(daemon: Daemon, runs: int, rooms: int) -> StartUp:
     return StartUp(rooms, ready, logged_in)
 
 
-async def measure(server: Homeserver, sizes: list[int], lines: int, interval_ms: int, startup_runs: int) -> Scale:
+async def _profiled_startup(daemon: Daemon, rooms: int, profiler: Profiler) -> None:
+    """One more start, not measured: py-spy attaches as soon as the process exists."""
+    await daemon.stop()
+    await daemon.launch()
+    assert daemon.proc is not None
+    async with profiler.recording(daemon.proc.pid, f"daemon start-up, {rooms} rooms", wall=True):
+        await daemon.wait_for_log("ready", timeout=60)
+
+
+async def measure(
+    server: Homeserver, sizes: list[int], lines: int, interval_ms: int, startup_runs: int, profiler: Profiler | None
+) -> Scale:
     user = await server.person()
     bot = await server.account("bot")
     rooms = [await user.create_room(invite=[bot[0]]) for _ in range(max(sizes))]
@@ -89,8 +117,11 @@ async def measure(server: Homeserver, sizes: list[int], lines: int, interval_ms:
     idle = rss_mib(daemon.proc.pid)
     rounds = []
     for size in sizes:
-        rounds.append(await _round(user, daemon, rooms[:size], f"drip {lines} {interval_ms}"))
+        profiled = profiler if size == max(sizes) else None
+        rounds.append(await _round(user, daemon, rooms[:size], f"drip {lines} {interval_ms}", profiled))
         await asyncio.sleep(IDLE_CLOSE_S + 2.0)  # every agent closed: the next round starts them afresh
     startup = await _startups(daemon, startup_runs, len(rooms))
+    if profiler is not None:
+        await _profiled_startup(daemon, len(rooms), profiler)
     await daemon.stop()
     return Scale(idle, rounds, startup)

@@ -17,11 +17,12 @@ from pathlib import Path
 
 from bench.pipeline import PipelineRun
 from bench.procstat import Usage, rss_mib, watch
+from bench.profile import Profiler, maybe
 from bench.streamgen import Verifier, write_flood
 from bench.world import FAKE_CLAUDE, Homeserver, final_marker, run_final
 from tests.integration.conftest import bot_events
 
-E2E_TIMEOUT_S = 900.0
+E2E_TIMEOUT_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -39,12 +40,13 @@ def flood(scratch: Path, megabytes: float) -> Flood:
     return Flood(path, write_flood(path, megabytes))
 
 
-async def in_process(source: Flood) -> PipelineRun:
+async def in_process(source: Flood, profiler: Profiler | None = None) -> PipelineRun:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench.pipeline", str(source.path), str(source.numbers),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
     )
-    out, _ = await proc.communicate()
+    async with maybe(profiler, proc.pid, f"parser + batcher in process, {source.megabytes:.0f} MB"):
+        out, _ = await proc.communicate()
     if proc.returncode != 0:
         raise RuntimeError(f"bench.pipeline failed with exit code {proc.returncode}")
     return PipelineRun(**json.loads(out.decode().strip().splitlines()[-1]))
