@@ -22,15 +22,13 @@ PROJECT = "aiagentchat/"
 @dataclass(frozen=True)
 class Profile:
     name: str
-    wall: bool  # idle samples included: where the wall time went, waits too
     samples: int
     modules: list[tuple[str, int]]  # samples by the module of the frame on top
     top_lines: list[tuple[str, int]]  # samples by the frame on top, with its line
     functions: list[tuple[str, int]]  # samples with the project's function anywhere on the stack
 
     def lines(self) -> list[str]:
-        kind = "all threads, idle included" if self.wall else "active threads only"
-        rows = [f"### Profile: {self.name} ({self.samples} samples at {RATE_HZ} Hz, {kind})", "",
+        rows = [f"### Profile: {self.name} ({self.samples} samples at {RATE_HZ} Hz, active threads only)", "",
                 "| on top of the stack (module) | share |", "|---|---|"]
         rows += [f"| `{module}` | {100 * count / self.samples:.0f}% |" for module, count in self.modules]
         rows += ["", "| hottest lines (frame on top) | share |", "|---|---|"]
@@ -54,7 +52,7 @@ def _without_line(frame: str) -> str:
     return frame.rpartition(":")[0] + ")" if frame.endswith(")") and ":" in frame else frame
 
 
-def summarise(name: str, collapsed: Path, wall: bool) -> Profile:
+def summarise(name: str, collapsed: Path) -> Profile:
     """Read py-spy's raw (collapsed) output: `frame;frame;... count` per distinct stack."""
     modules: Counter[str] = Counter()
     tops: Counter[str] = Counter()
@@ -68,7 +66,7 @@ def summarise(name: str, collapsed: Path, wall: bool) -> Profile:
         tops[frames[-1]] += count
         for function in {_without_line(frame) for frame in frames if PROJECT in frame}:
             functions[function] += count
-    return Profile(name, wall, total, modules.most_common(TOP), tops.most_common(TOP // 2), functions.most_common(TOP))
+    return Profile(name, total, modules.most_common(TOP), tops.most_common(TOP // 2), functions.most_common(TOP))
 
 
 class Profiler:
@@ -79,11 +77,11 @@ class Profiler:
         self.profiles: list[Profile] = []
 
     @contextlib.asynccontextmanager
-    async def recording(self, pid: int, name: str, wall: bool = False) -> AsyncIterator[None]:
+    async def recording(self, pid: int, name: str) -> AsyncIterator[None]:
         output = self.directory / f"{name}.collapsed"
         proc = await asyncio.create_subprocess_exec(
             str(PY_SPY), "record", "--pid", str(pid), "--format", "raw", "--output", str(output),
-            "--rate", str(RATE_HZ), "--nonblocking", *(["--idle"] if wall else []),
+            "--rate", str(RATE_HZ), "--nonblocking",
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
         )
         await asyncio.sleep(ATTACH_S)
@@ -94,7 +92,7 @@ class Profiler:
                 proc.send_signal(signal.SIGINT)
             await proc.wait()
             if output.exists():
-                self.profiles.append(summarise(name, output, wall))
+                self.profiles.append(summarise(name, output))
 
 
 @contextlib.asynccontextmanager

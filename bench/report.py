@@ -237,6 +237,10 @@ def _startup(results: Results) -> list[str]:
     rows = [
         ["process start → logged in", ms(startup.logged_in_s).cell()],
         ["process start → ready (first sync handled)", ms(startup.ready_s).cell()],
+        [f"for comparison, a plain nio client: {startup.rooms} joins of rooms it is in, one after another",
+         ms(startup.joins_s).cell()],
+        [f"for comparison, a plain nio client: one full-state sync since a token ({startup.rooms} rooms)",
+         ms(startup.full_sync_s).cell()],
     ]
     return [f"## 6. Start-up ({startup.rooms} joined rooms, persisted sync token)", "", *_table(["", ""], rows)]
 

@@ -40,6 +40,8 @@ class StartUp:
     rooms: int
     ready_s: list[float]
     logged_in_s: list[float]
+    joins_s: list[float]  # a plain nio client joining every room again, one after another (all joined already)
+    full_sync_s: list[float]  # a plain nio client's full-state sync since a token, in the same rooms
 
 
 @dataclass(frozen=True)
@@ -83,15 +85,31 @@ def _marks(daemon: Daemon, prompt_id: str) -> list[float]:
     ]
 
 
-async def _startups(daemon: Daemon, runs: int, rooms: int) -> StartUp:
-    ready, logged_in = [], []
+async def _startups(daemon: Daemon, runs: int, user: MatrixUser, rooms: list[str]) -> StartUp:
+    ready, logged_in, joins, syncs = [], [], [], []
     for _ in range(runs):
         await daemon.stop()
         start_wall, start = time.time(), time.monotonic()
         await daemon.start()
         ready.append(time.monotonic() - start)
         logged_in.append(log_time(log_entry(daemon, "logged_in")) - start_wall)
-    return StartUp(rooms, ready, logged_in)
+        join, sync = await _client_costs(user, rooms)
+        joins.append(join)
+        syncs.append(sync)
+    return StartUp(len(rooms), ready, logged_in, joins, syncs)
+
+
+async def _client_costs(user: MatrixUser, rooms: list[str]) -> tuple[float, float]:
+    """What a plain nio client pays for the two things the daemon does between login and ready: joining
+    every configured room (all joined already) and one full-state sync since a token."""
+    client = user.client
+    assert client is not None
+    start = time.monotonic()
+    for room in rooms:
+        await client.join(room)
+    joined = time.monotonic()
+    await client.sync(timeout=0, since=client.next_batch, full_state=True)
+    return joined - start, time.monotonic() - joined
 
 
 async def _profiled_startup(daemon: Daemon, rooms: int, profiler: Profiler) -> None:
@@ -99,7 +117,7 @@ async def _profiled_startup(daemon: Daemon, rooms: int, profiler: Profiler) -> N
     await daemon.stop()
     await daemon.launch()
     assert daemon.proc is not None
-    async with profiler.recording(daemon.proc.pid, f"daemon start-up, {rooms} rooms", wall=True):
+    async with profiler.recording(daemon.proc.pid, f"daemon start-up, {rooms} rooms"):
         await daemon.wait_for_log("ready", timeout=60)
 
 
@@ -120,7 +138,7 @@ async def measure(
         profiled = profiler if size == max(sizes) else None
         rounds.append(await _round(user, daemon, rooms[:size], f"drip {lines} {interval_ms}", profiled))
         await asyncio.sleep(IDLE_CLOSE_S + 2.0)  # every agent closed: the next round starts them afresh
-    startup = await _startups(daemon, startup_runs, len(rooms))
+    startup = await _startups(daemon, startup_runs, user, rooms)
     if profiler is not None:
         await _profiled_startup(daemon, len(rooms), profiler)
     await daemon.stop()
