@@ -20,8 +20,8 @@ from pathlib import Path
 from bench import first_output, floor, machine, ratelimit, scale, throughput
 from bench.profile import Profiler
 from bench.report import Results, render
-from tests.harness.model_server import model_server
 from bench.world import cli_environment, homeserver
+from tests.harness.model_server import model_server
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results.md"

@@ -18,15 +18,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from aiagentchat.batcher import Batcher, Sent, SendOutcome
+from aiagentchat.batcher import Batcher, SendOutcome, Sent
 from aiagentchat.guard import ToolGuard
 from aiagentchat.runner import Prompt, RoomToolPolicy, RoomWorker
 from aiagentchat.settings import ClaudeSettings
 from aiagentchat.store import Store
+from bench import FAKE_CLAUDE
 from bench.procstat import watch
 from bench.streamgen import Verifier
 
-FAKE_CLAUDE = Path(__file__).resolve().parents[1] / "tests" / "fakes" / "fake_claude.py"
 ROOM = "!bench:localhost"
 
 

@@ -14,9 +14,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from bench import FAKE_CLAUDE
 from bench.procstat import Usage, rss_mib, watch
 from bench.profile import Profiler, maybe
-from bench.world import FAKE_CLAUDE, Homeserver, log_entry, log_time, run_final
+from bench.world import Homeserver, log_entry, log_time, run_final
 from tests.harness.matrix_user import Event, MatrixUser
 from tests.integration.daemon import Daemon
 

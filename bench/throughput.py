@@ -15,11 +15,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench import FAKE_CLAUDE
 from bench.pipeline import PipelineRun
 from bench.procstat import Usage, rss_mib, watch
 from bench.profile import Profiler, maybe
 from bench.streamgen import Verifier, write_flood
-from bench.world import FAKE_CLAUDE, Homeserver, final_marker, run_final
+from bench.world import Homeserver, final_marker, run_final
 from tests.integration.conftest import bot_events
 
 E2E_TIMEOUT_S = 300.0

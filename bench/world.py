@@ -22,8 +22,6 @@ from tests.harness.synapse import Synapse, running_synapse
 from tests.integration.conftest import MARKER, bot_events
 from tests.integration.daemon import Daemon, write_settings
 
-FAKE_CLAUDE = Path(__file__).resolve().parents[1] / "tests" / "fakes" / "fake_claude.py"
-
 
 def log_time(entry: dict[str, Any]) -> float:
     """The Unix time of one of the daemon's JSON log lines."""
