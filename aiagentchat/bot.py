@@ -6,6 +6,7 @@ import asyncio
 import math
 import random
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -318,6 +319,7 @@ class Bot:
                 log.info("ready", rooms=len(self.rooms), user_id=self.client.user_id)
 
     async def _handle_sync(self, response: SyncResponse, history: bool) -> None:
+        synced_at = time.time()  # when this batch arrived: the start of every prompt's dispatch in it
         for room_id, info in response.rooms.invite.items():
             await self._consider_invite(room_id, info.invite_state)
         for room_id, info in response.rooms.join.items():
@@ -329,7 +331,7 @@ class Bot:
             if history or first_sight:
                 continue
             for event in info.timeline.events:
-                await self._consider_event(room_id, room, event)
+                await self._consider_event(room_id, room, event, synced_at)
 
     def _note_creators(self, room_id: str, events: list[Any]) -> None:
         for event in events:
@@ -362,7 +364,11 @@ class Bot:
         joined = await self.client.join(room_id)
         log.info("invite_accepted", room_id=room_id, inviter=inviter, ok=not isinstance(joined, JoinError))
 
-    async def _consider_event(self, room_id: str, room: RoomSettings, event: Any) -> None:
+    async def _consider_event(
+        self, room_id: str, room: RoomSettings, event: Any, synced_at: float | None = None
+    ) -> None:
+        """Turn a room event into a prompt, or say why not. `synced_at`: when its sync batch arrived (a held
+        encrypted event comes back here when its key arrives, later)."""
         if isinstance(event, MegolmEvent):
             self.crypto.hold(room_id, room, event)
             return
@@ -383,7 +389,14 @@ class Bot:
                 await worker.refuse(prompt, f"busy: {queued} prompts are queued in this room; send it again later")
             return
         if await self.store.add_prompt(prompt):
-            log.info("prompt_accepted", room_id=room_id, event_id=event.event_id, sender=event.sender, hops=hops)
+            log.info(
+                "prompt_accepted",
+                room_id=room_id,
+                event_id=event.event_id,
+                sender=event.sender,
+                hops=hops,
+                synced_at=round(synced_at or time.time(), 6),
+            )
             worker.inbox.put_nowait(prompt)
 
     def _refusal(self, room_id: str, room: RoomSettings, event: RoomMessageText) -> str | None:

@@ -4,12 +4,16 @@
 The prompt decides what it does: `say WORDS` streams WORDS; `env` answers with the sorted names of its
 environment; `argv` answers with its arguments as JSON; `tool NAME` asks permission for tool NAME and
 answers with the decision it got; `hang` never answers; `crash` exits with code 3; `bigline N` writes
-one non-JSON line of N bytes, then answers `survived`. `--resume bad` fails like the real CLI.
+one non-JSON line of N bytes, then answers `survived`; `drip N MS` streams N lines `line 000001 xxx...` (100
+characters each), one every MS milliseconds; `flood PATH` copies the stream-json lines in PATH to stdout as fast
+as it can, then ends the turn. `--resume bad` fails like the real CLI.
 """
 
 import json
 import os
+import shutil
 import sys
+import time
 import uuid
 
 session = str(uuid.uuid4())
@@ -26,11 +30,17 @@ def emit(event):
     sys.stdout.flush()
 
 
-def answer(text, turns=1):
+def answer(text, turns=1, chunks=None, delay_s=0.0):
     emit({"type": "stream_event", "event": {"type": "message_start", "message": {"id": "m1"}}, "session_id": session})
-    for word in text.split(" "):
-        emit({"type": "stream_event", "event": {"type": "content_block_delta", "delta": {"type": "text_delta", "text": word + " "}}})
+    for n, chunk in enumerate(chunks if chunks is not None else [word + " " for word in text.split(" ")]):
+        if n and delay_s:
+            time.sleep(delay_s)
+        emit({"type": "stream_event", "event": {"type": "content_block_delta", "delta": {"type": "text_delta", "text": chunk}}})
     emit({"type": "assistant", "message": {"id": "m1", "content": [{"type": "text", "text": text}]}, "session_id": session})
+    finish(text, turns)
+
+
+def finish(text, turns=1):
     emit({"type": "result", "subtype": "success", "is_error": False, "result": text, "session_id": session,
           "duration_ms": 1234, "num_turns": turns, "total_cost_usd": 0.0012})
 
@@ -74,6 +84,14 @@ while True:
     elif prompt == "crash":
         print("boom: something broke", file=sys.stderr)
         sys.exit(3)
+    elif prompt.startswith("drip "):
+        count, ms = (int(part) for part in prompt.split()[1:3])
+        lines = [f"line {i:06d} ".ljust(99, "x") + "\n" for i in range(1, count + 1)]
+        answer("".join(lines), chunks=lines, delay_s=ms / 1000)
+    elif prompt.startswith("flood "):
+        with open(prompt[6:], "rb") as stream:
+            shutil.copyfileobj(stream, sys.stdout.buffer, 1024 * 1024)
+        finish("flooded")
     elif prompt.startswith("bigline "):
         sys.stdout.write("x" * int(prompt[8:]) + "\n")
         answer("survived")

@@ -21,6 +21,7 @@ holds only tool_result blocks continues the script of the turn that started it.
 - `hang`            -> sends nothing (not even headers) and holds the request until the client disconnects.
 - `fail400`         -> HTTP 400 with an Anthropic-style error JSON.
 - `big <n>`         -> n lines `line 000001 xxxx...` of 100 characters each (99 + newline).
+- `drip <n> <ms>`   -> the same n lines, one line per delta every `ms` milliseconds (a steady stream).
 - anything else     -> text `ok`.
 
 Requests without a `tools` list are the CLI's side queries (titles, Bash command-prefix detection, ...): they
@@ -195,6 +196,11 @@ def side_answer(body: dict[str, Any]) -> Answer:
     return text_answer("ok")
 
 
+def numbered_lines(n: int) -> list[str]:
+    """`line 000001 xxxx...`: n lines of 100 characters each (99 + newline), as `big` and `drip` send them."""
+    return [f"line {i:06d} ".ljust(99, "x") + "\n" for i in range(1, n + 1)]
+
+
 def script_answer(parsed: Parsed) -> Answer:
     text = parsed.latest_user_text
     word, _, rest = text.partition(" ")
@@ -222,8 +228,11 @@ def script_answer(parsed: Parsed) -> Answer:
         return Answer([], error_status=400)
     if word == "big":
         n = int(rest) if rest.isdigit() else 100
-        lines = [f"line {i:06d} ".ljust(99, "x") + "\n" for i in range(1, n + 1)]
+        lines = numbered_lines(n)
         return Answer([Text(["".join(lines[i : i + 50]) for i in range(0, len(lines), 50)])])
+    if word == "drip" and len(rest.split()) == 2 and rest.replace(" ", "").isdigit():
+        n, ms = (int(part) for part in rest.split())
+        return Answer([Text(numbered_lines(n), delay=ms / 1000)])
     return text_answer("ok")
 
 
