@@ -55,6 +55,51 @@ class EndOfRun:
 
 Item = Begin | Text | Block | EndOfRun
 TRANSCRIPT_TYPE = "text/markdown"
+ITEMS_BUFFERED = 1024  # a full queue makes the room's runner wait: back-pressure, and the event loop stays fair
+
+
+class PendingText:
+    """Output waiting for its flush: its complete lines and its partial last line, kept in pieces, so that
+    adding text costs its own length however much is waiting (a room held up by a rate limit or an outage
+    can gather megabytes)."""
+
+    def __init__(self) -> None:
+        self._lines: list[str] = []  # pieces that together end with a newline
+        self._partial: list[str] = []  # pieces of the last line, no newline in them
+        self.lines_have_text = False  # anything but whitespace in the complete lines
+        self.partial_has_text = False
+        self._end = ""  # the last two characters
+
+    def __bool__(self) -> bool:
+        return bool(self._lines or self._partial)
+
+    def endswith(self, suffix: str) -> bool:
+        return self._end.endswith(suffix)
+
+    def add(self, text: str) -> None:
+        if not text:
+            return
+        cut = text.rfind("\n")
+        if cut == -1:
+            self._partial.append(text)
+            self.partial_has_text = self.partial_has_text or not text.isspace()
+        else:
+            head, rest = text[: cut + 1], text[cut + 1 :]
+            self.lines_have_text = self.lines_have_text or self.partial_has_text or not head.isspace()
+            self._lines += [*self._partial, head]
+            self._partial = [rest] if rest else []
+            self.partial_has_text = bool(rest) and not rest.isspace()
+        self._end = (self._end + text)[-2:]
+
+    def take(self, *, everything: bool) -> str:
+        """The complete lines (and with `everything`, the partial last line too), removed from here."""
+        text = "".join(self._lines)
+        self._lines, self.lines_have_text = [], False
+        if everything:
+            text += "".join(self._partial)
+            self._partial, self.partial_has_text = [], False
+        self._end = "".join(self._partial)[-2:]
+        return text
 
 
 class RunOutput:
@@ -172,13 +217,13 @@ class Batcher:
         self._interval_s = interval_s
         self._clock = clock
         self._sleep = sleep
-        self._queue: asyncio.Queue[Item | _Close] = asyncio.Queue()
+        self._queue: asyncio.Queue[Item | _Close] = asyncio.Queue(maxsize=ITEMS_BUFFERED)
         self._closing = False
         self._draining = False
         self._closed = asyncio.Event()
         self._prompt_id: str | None = None
         self._markers: dict[str, dict[str, Any]] = {}
-        self._pending = ""
+        self._pending = PendingText()
         self._reopen = ""
         self._after_block = False
         self._line_since: float | None = None
@@ -269,7 +314,7 @@ class Batcher:
             case Text(text=text):
                 if self._after_block and not text.startswith("\n"):
                     text = "\n" + text
-                self._pending += text
+                self._pending.add(text)
                 self._after_block = False
                 if self._pending.endswith("\n"):
                     self._line_since = None
@@ -277,8 +322,8 @@ class Batcher:
                     self._line_since = self._clock()
             case Block(markdown=markdown):
                 if self._pending and not self._pending.endswith("\n\n"):
-                    self._pending += "\n" if self._pending.endswith("\n") else "\n\n"
-                self._pending += markdown if markdown.endswith("\n") else markdown + "\n"
+                    self._pending.add("\n" if self._pending.endswith("\n") else "\n\n")
+                self._pending.add(markdown if markdown.endswith("\n") else markdown + "\n")
                 self._after_block = True
                 self._line_since = None
             case EndOfRun():
@@ -287,11 +332,10 @@ class Batcher:
 
     def _flush_due(self) -> float | None:
         """When pending output is next due to be flushed; None while there is nothing worth an event."""
-        line_start = self._pending.rfind("\n") + 1
         due = self._last_flush + self._interval_s
-        if self._pending[:line_start].strip():
+        if self._pending.lines_have_text:
             return due
-        if self._line_since is None or not self._pending[line_start:].strip():
+        if self._line_since is None or not self._pending.partial_has_text:
             return None
         if self._line_since >= due:
             return self._line_since
@@ -307,11 +351,7 @@ class Batcher:
     def _flush(self, now: float, *, everything: bool, end: EndOfRun | None = None) -> None:
         """Turn pending output into events; mid-run, a partial last line waits up to one interval, and a
         code block still open is closed in this event and re-opened in the next."""
-        if everything or self._partial_line_goes(now):
-            cut = len(self._pending)
-        else:
-            cut = self._pending.rfind("\n") + 1
-        text, self._pending = self._pending[:cut], self._pending[cut:]
+        text = self._pending.take(everything=everything or self._partial_line_goes(now))
         text = self._fenced(text, close=not everything) if text.strip() else ""
         run = self._runs.get(self._prompt_id) or self._runs.setdefault(self._prompt_id, self._run_output())
         text = run.take(text) if text.strip() else ""

@@ -26,6 +26,7 @@ from aiagentchat.store import Prompt, Store
 log = structlog.get_logger(__name__)
 
 STDERR_TAIL_LINES = 20
+EVENTS_BUFFERED = 256
 KILL_WAIT_S = 3.0
 GUARD_HOOK = "aiagentchat-guard"
 HOPS_VARIABLE = "AIAGENTCHAT_HOPS"
@@ -109,7 +110,8 @@ class AgentProcess:
         self.proc = proc
         self.resumed = resumed
         self.hops = hops
-        self.events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        # bounded: when the room's output falls behind, reading stops and the agent's pipe pushes back
+        self.events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=EVENTS_BUFFERED)
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         self.saw_output = False
         self._tasks = [asyncio.create_task(self._read_stdout()), asyncio.create_task(self._read_stderr())]
@@ -170,9 +172,15 @@ class AgentProcess:
             raise AgentExited("the agent's input closed") from exc
 
     async def next_event(self) -> dict[str, Any]:
-        event = await self.events.get()
+        return self._checked(await self.events.get())
+
+    def ready_event(self) -> dict[str, Any] | None:
+        """The next event if one is already waiting (no timer, no task: the hot path of a busy agent)."""
+        return None if self.events.empty() else self._checked(self.events.get_nowait())
+
+    def _checked(self, event: dict[str, Any] | None) -> dict[str, Any]:
         if event is None:
-            await self.events.put(None)
+            self.events.put_nowait(None)
             raise AgentExited("the agent exited")
         return event
 
@@ -353,6 +361,8 @@ class RoomWorker:
     async def _next_event_watched(self, agent: AgentProcess, prompt: Prompt) -> dict[str, Any]:
         """The agent's next event; while it stays silent, tell the room every `stall_notice_s` (and with
         `stall_interrupt`, give up on it: AgentStalled)."""
+        if (event := agent.ready_event()) is not None:
+            return event
         silent_s = 0.0
         while True:
             try:

@@ -1,6 +1,7 @@
 """The batcher against a fake sender and fake time: coalescing, timing, 429 back-off, ordering, closing."""
 
 import asyncio
+import random
 import re
 import tempfile
 from collections.abc import AsyncIterator, Callable
@@ -12,7 +13,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from aiagentchat.batcher import Batcher, Begin, Block, EndOfRun, Item, Text
+from aiagentchat.batcher import Batcher, Begin, Block, EndOfRun, Item, PendingText, Text
 from aiagentchat.outbox import Outbox, RateLimited, SendFailed, SendOutcome, Sent
 from aiagentchat.store import Store
 from aiagentchat.render import MAX_CHUNK_BYTES, MAX_CONTENT_BYTES, content_size
@@ -522,3 +523,26 @@ async def test_past_the_output_cap_the_room_gets_the_head_the_tail_and_the_whole
     assert name == attachment.content["body"] and mimetype == "text/markdown"
     assert text == output
     assert transcripts == [], "the transcript file is removed once uploaded"
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_pending_text_agrees_with_a_plain_string(seed: int) -> None:
+    """PendingText keeps pieces instead of one growing string; what it reports must be what the string says."""
+    rng = random.Random(seed)
+    pending, plain = PendingText(), ""
+    for _ in range(200):
+        if rng.random() < 0.8:
+            text = "".join(rng.choice(["a", " ", "\n", "\n\n", "word", "  \n"]) for _ in range(rng.randrange(6)))
+            pending.add(text)
+            plain += text
+        else:
+            everything = rng.random() < 0.3
+            cut = len(plain) if everything else plain.rfind("\n") + 1
+            assert pending.take(everything=everything) == plain[:cut]
+            plain = plain[cut:]
+        line_start = plain.rfind("\n") + 1
+        assert bool(pending) == bool(plain)
+        assert pending.lines_have_text == bool(plain[:line_start].strip())
+        assert pending.partial_has_text == bool(plain[line_start:].strip())
+        for suffix in ("\n", "\n\n"):
+            assert pending.endswith(suffix) == plain.endswith(suffix)

@@ -263,7 +263,7 @@ async def test_venv_is_installed_once_from_the_shared_pin(tmp_path: Path) -> Non
     assert commands == expected and not (venv / "stale").exists()
 
     assert "matrix-synapse==" in REQUIREMENTS.read_text()
-    assert "aiagentchat/synapse-requirements.txt" in (REPO_ROOT / "scripts" / "test").read_text()
+    assert "aiagentchat/synapse-requirements.txt" in (REPO_ROOT / "scripts" / "prepare").read_text()
 
 
 async def test_a_failed_start_says_why_and_leaves_no_process(tmp_path: Path) -> None:
