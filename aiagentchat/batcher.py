@@ -8,13 +8,14 @@ import hashlib
 import math
 import os
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 from aiagentchat import render
-from aiagentchat.outbox import UPLOAD_KEY, Outbox, Stats
+from aiagentchat.outbox import UPLOAD_KEY, Outbox, Stats, reaction_content, redaction_content
 from aiagentchat.store import PromptState
 
 
@@ -36,10 +37,34 @@ class Block:
 
 @dataclass(frozen=True)
 class Begin:
-    """A prompt's run starts: `marker` fields go into the `org.aiagentchat` key of each of its events."""
+    """A prompt's run starts: `marker` fields go into the `org.aiagentchat` key of each of its events; with
+    `react`, the prompt gets 👀 (when the room has reactions on)."""
 
     prompt_id: str
     marker: dict[str, Any]
+    react: bool = True
+
+
+@dataclass(frozen=True)
+class React:
+    """Put `key` on the prompt as its status reaction, taking back the one it had (when the room has
+    reactions on)."""
+
+    prompt_id: str
+    key: str
+
+
+@dataclass(frozen=True)
+class Notice:
+    """An answer that goes out on its own, at once, outside any run: a command's reply, a saved upload; with
+    `file`, a file to upload and send after it (a private copy, deleted once uploaded)."""
+
+    reply_to: str
+    markdown: str
+    marker: dict[str, Any]
+    file: Path | None = None
+    file_name: str = ""
+    mimetype: str = "application/octet-stream"
 
 
 @dataclass(frozen=True)
@@ -53,7 +78,8 @@ class EndOfRun:
     state: PromptState = "done"
 
 
-Item = Begin | Text | Block | EndOfRun
+Item = Begin | Text | Block | EndOfRun | React | Notice
+DONE, FAILED, WORKING, QUEUED = "✅", "❌", "👀", "⏳"
 TRANSCRIPT_TYPE = "text/markdown"
 ITEMS_BUFFERED = 1024  # a full queue makes the room's runner wait: back-pressure, and the event loop stays fair
 
@@ -169,17 +195,30 @@ def _within(text: str, budget: int) -> str:
     return prefix[: prefix.rfind("\n") + 1] or prefix
 
 
-def transcript_content(path: Path) -> dict[str, Any]:
-    """An `m.file` event for a run's transcript; the outbox uploads the file before sending it."""
-    size = path.stat().st_size
+def file_content(path: Path, mimetype: str = TRANSCRIPT_TYPE, name: str | None = None) -> dict[str, Any]:
+    """An `m.file` event for a local file (a run's transcript by default), called `name` in the room; the
+    outbox uploads the file before sending the event, then deletes it."""
     return {
         "msgtype": "m.file",
-        "body": path.name,
-        "filename": path.name,
-        "info": {"mimetype": TRANSCRIPT_TYPE, "size": size},
+        "body": name or path.name,
+        "filename": name or path.name,
+        "info": {"mimetype": mimetype, "size": path.stat().st_size},
         "m.mentions": {},
-        UPLOAD_KEY: {"path": str(path), "mimetype": TRANSCRIPT_TYPE},
+        UPLOAD_KEY: {"path": str(path), "mimetype": mimetype},
     }
+
+
+def _notice_contents(notice: Notice) -> list[dict[str, Any]]:
+    """A notice's events: its text as `m.notice` replies to the event it answers, then its file if any."""
+    reply = {"m.in_reply_to": {"event_id": notice.reply_to}}
+    contents = [
+        content | {"msgtype": "m.notice", "m.relates_to": reply}
+        for content in render.message_contents(notice.markdown, notice.marker)
+    ]
+    if notice.file is not None:
+        file = render.with_marker(file_content(notice.file, notice.mimetype, notice.file_name), notice.marker)
+        contents.append(file | {"m.relates_to": reply})
+    return contents
 
 
 @dataclass(frozen=True)
@@ -205,6 +244,7 @@ class Batcher:
         interval_s: float = 2.0,
         max_run_bytes: int = 200_000,
         tail_bytes: int = 8_000,
+        reactions: bool = False,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
@@ -213,6 +253,8 @@ class Batcher:
         self._transcripts = transcripts
         self._max_run_bytes = max_run_bytes
         self._tail_bytes = tail_bytes
+        self._reactions = reactions
+        self._reacted: dict[str, str] = {}  # prompt id → the ref of its status reaction
         self._runs: dict[str | None, RunOutput] = {}
         self._interval_s = interval_s
         self._clock = clock
@@ -305,12 +347,21 @@ class Batcher:
             self._flush(self._clock(), everything=True)
             self._draining = True
             return
+        match item:
+            case React(prompt_id=prompt_id, key=key):
+                self._react(prompt_id, key)
+                return
+            case Notice():
+                self._built.append((_notice_contents(item), None, None))
+                return
         if item.prompt_id != self._prompt_id:
             self._flush(self._clock(), everything=True)
             self._prompt_id = item.prompt_id
         match item:
-            case Begin(marker=marker):
+            case Begin(marker=marker, react=react):
                 self._markers[item.prompt_id] = marker
+                if react:
+                    self._react(item.prompt_id, WORKING)
             case Text(text=text):
                 if self._after_block and not text.startswith("\n"):
                     text = "\n" + text
@@ -326,9 +377,22 @@ class Batcher:
                 self._pending.add(markdown if markdown.endswith("\n") else markdown + "\n")
                 self._after_block = True
                 self._line_since = None
-            case EndOfRun():
+            case EndOfRun(state=state):
                 self._flush(self._clock(), everything=True, end=item)
                 self._markers.pop(item.prompt_id, None)
+                self._react(item.prompt_id, DONE if state == "done" else FAILED, final=True)
+
+    def _react(self, prompt_id: str, key: str, *, final: bool = False) -> None:
+        """Give the prompt its new status reaction and take back the earlier one; a final one stays."""
+        if not self._reactions:
+            return
+        ref = None if final else uuid.uuid4().hex
+        contents = [reaction_content(prompt_id, key, ref)]
+        if (earlier := self._reacted.pop(prompt_id, None)) is not None:
+            contents.append(redaction_content(earlier))
+        if ref is not None:
+            self._reacted[prompt_id] = ref
+        self._built.append((contents, None, None))
 
     def _flush_due(self) -> float | None:
         """When pending output is next due to be flushed; None while there is nothing worth an event."""
@@ -360,7 +424,7 @@ class Batcher:
             del self._runs[self._prompt_id]
             if run.overflowing:
                 text += ("\n" if text else "") + run.close()
-                attachment = render.with_marker(transcript_content(run.path), self._marker())
+                attachment = render.with_marker(file_content(run.path), self._marker())
         contents = render.message_contents(text, self._marker()) if text.strip() else []
         if text.strip():
             self._last_flush = now

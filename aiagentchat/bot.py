@@ -19,7 +19,14 @@ from nio import (
     JoinError,
     LoginResponse,
     MegolmEvent,
+    MemoryDownloadResponse,
+    ReactionEvent,
     RoomCreateEvent,
+    RoomEncryptedFile,
+    RoomEncryptedImage,
+    RoomMessageFile,
+    RoomMessageImage,
+    RoomRedactResponse,
     RoomMessageText,
     RoomResolveAliasResponse,
     RoomSendResponse,
@@ -28,8 +35,12 @@ from nio import (
     UploadResponse,
     WhoamiResponse,
 )
+from nio.crypto import decrypt_attachment
+from nio.exceptions import EncryptionError
 
-from aiagentchat.batcher import Batcher
+from aiagentchat import commands
+from aiagentchat.batcher import QUEUED, Batcher, Notice, React
+from aiagentchat.commands import Commands
 from aiagentchat.crypto import CRYPTO_ERRORS, Crypto, DeviceLock, crypto_dir, pickle_key
 from aiagentchat.outbox import Outbox, RateLimited, Sent, SendFailed, SendOutcome
 from aiagentchat.guard import ToolGuard
@@ -39,12 +50,15 @@ from aiagentchat.render import MARKER_KEY
 from aiagentchat.runner import RoomToolPolicy, RoomWorker
 from aiagentchat.settings import RoomSettings, Settings
 from aiagentchat.store import Prompt, Store
+from aiagentchat.uploads import FileRefused, save_upload
 
 log = structlog.get_logger(__name__)
 
 HOPS_KEY = "org.aiagentchat.hops"
 LEGACY_ROOM_VERSIONS = {str(version) for version in range(1, 12)}
 SYNC_TIMEOUT_MS = 30_000
+STOP_REACTION = "🛑"
+UPLOAD_EVENTS = (RoomMessageFile, RoomMessageImage, RoomEncryptedFile, RoomEncryptedImage)
 MAX_SYNC_BACKOFF_S = 30.0
 
 
@@ -92,19 +106,31 @@ class MatrixSender:
         self._client = client
         self._ready = ready
 
-    async def send(self, room_id: str, content: dict[str, Any], txn_id: str) -> SendOutcome:
+    async def send(
+        self, room_id: str, content: dict[str, Any], txn_id: str, event_type: str = "m.room.message"
+    ) -> SendOutcome:
         await self._ready.wait()
         if room_id not in self._client.rooms:
             return SendFailed("the bot is not in this room", retryable=False)
         try:
             response = await self._client.room_send(
-                room_id, "m.room.message", content, tx_id=txn_id, ignore_unverified_devices=True
+                room_id, event_type, content, tx_id=txn_id, ignore_unverified_devices=True
             )
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             return SendFailed(f"{type(exc).__name__}: {exc}", retryable=True)
         except CRYPTO_ERRORS as exc:  # e.g. the room's members or their keys not synced yet: try again
             return SendFailed(f"not encrypted yet: {type(exc).__name__}: {exc}", retryable=True)
         if isinstance(response, RoomSendResponse):
+            return Sent(response.event_id)
+        return _failure(response)
+
+    async def redact(self, room_id: str, event_id: str, txn_id: str) -> SendOutcome:
+        await self._ready.wait()
+        try:
+            response = await self._client.room_redact(room_id, event_id, tx_id=txn_id)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            return SendFailed(f"{type(exc).__name__}: {exc}", retryable=True)
+        if isinstance(response, RoomRedactResponse):
             return Sent(response.event_id)
         return _failure(response)
 
@@ -126,6 +152,12 @@ class MatrixSender:
         if encrypt:
             return {"file": {**(keys or {}), "url": response.content_uri}}
         return {"url": response.content_uri}
+
+
+def _uploads_note(saved: list[str]) -> str:
+    """What the agent is told, with the next prompt, of the files uploaded since the last one."""
+    listing = "\n".join(f"- {entry}" for entry in saved)
+    return f"Files the user uploaded into the working directory for this prompt:\n{listing}"
 
 
 def _failure(response: Any) -> SendOutcome:
@@ -171,6 +203,8 @@ class Bot:
         self.rooms: dict[str, RoomSettings] = {}
         self.workers: dict[str, RoomWorker] = {}
         self.creators: dict[str, set[str]] = {}
+        self.uploads: dict[str, list[str]] = {}  # room id → files saved since its last prompt, to tell the agent
+        self.commands = Commands(store, data_dir / "outgoing")
         self.ready = asyncio.Event()
         self._stopping = asyncio.Event()
         self.crypto = Crypto(self.client, settings, self.rooms, self._batcher_of, self._consider_event)
@@ -237,6 +271,7 @@ class Bot:
             interval_s=output.flush_interval_s,
             max_run_bytes=output.max_run_bytes,
             tail_bytes=output.tail_bytes,
+            reactions=room.reactions,
         )
         workdir = self.settings.workdir_for(room).resolve()
         guard = ToolGuard(self.settings.paths.data_dir, workdir, room.allow_claude_config_writes)
@@ -254,7 +289,9 @@ class Bot:
         for pid, started, room_id in await self.store.take_agents():
             if kill_leftover(pid, started):
                 log.warning("leftover_agent_killed", pid=pid, room_id=room_id)
-        for worker in self.workers.values():
+        for room_id, worker in self.workers.items():
+            if (model := await self.store.room_model(room_id)) in self.rooms[room_id].allowed_models:
+                worker.model = model
             await worker.recover()
         try:
             async with asyncio.TaskGroup() as group:
@@ -372,7 +409,9 @@ class Bot:
         if isinstance(event, MegolmEvent):
             self.crypto.hold(room_id, room, event)
             return
-        if not isinstance(event, RoomMessageText) or event.sender == self.client.user_id:
+        if not isinstance(event, (RoomMessageText, ReactionEvent, *UPLOAD_EVENTS)):
+            return
+        if event.sender == self.client.user_id:
             return
         refusal = self._refusal(room_id, room, event) or await self.crypto.refusal(room_id, room, event)
         hops = self._hops(event)
@@ -381,12 +420,30 @@ class Bot:
         if refusal is not None:
             log.info("prompt_ignored", room_id=room_id, event_id=event.event_id, sender=event.sender, reason=refusal)
             return
-        prompt = Prompt(room_id, event.event_id, event.sender, prompt_text(event) or "", hops)
         worker = self.workers[room_id]
+        if isinstance(event, ReactionEvent):
+            await self._consider_reaction(room_id, worker, event)
+            return
+        if isinstance(event, UPLOAD_EVENTS):
+            await self._save_upload(room_id, room, worker, event)
+            return
+        text = prompt_text(event) or ""
+        command = None if MARKER_KEY in event.source.get("content", {}) else commands.parse(text, room.command_prefix)
+        if command is not None and (alias := room.aliases.get(command.word)) is not None:
+            text, command = f"{alias} {command.argument}".strip(), None
+        prompt = Prompt(room_id, event.event_id, event.sender, text, hops)
+        if command is not None:
+            if await self.store.add_prompt(prompt, "done"):  # recorded: a command is never run twice either
+                await self.commands.run(room_id, room, worker, event.event_id, event.sender, command)
+            return
+        if (saved := self.uploads.pop(room_id, None)) is not None:
+            prompt = Prompt(room_id, event.event_id, event.sender, text, hops, _uploads_note(saved))
         if (queued := worker.inbox.qsize()) >= room.max_queued:
-            if await self.store.add_prompt(prompt, "refused"):
-                log.warning("prompt_refused_busy", room_id=room_id, event_id=event.event_id, queued=queued)
-                await worker.refuse(prompt, f"busy: {queued} prompts are queued in this room; send it again later")
+            busy = f"busy: {queued} prompts are queued in this room; send it again later"
+            await self._refuse(worker, prompt, busy, "prompt_refused_busy", queued=queued)
+            return
+        if (spent := await commands.over_budget(self.store, room_id, room)) is not None:
+            await self._refuse(worker, prompt, spent, "prompt_refused_budget")
             return
         if await self.store.add_prompt(prompt):
             log.info(
@@ -397,15 +454,69 @@ class Bot:
                 hops=hops,
                 synced_at=round(synced_at or time.time(), 6),
             )
+            if worker.current is not None or worker.inbox.qsize():
+                await worker.batcher.put(React(prompt.event_id, QUEUED))
             worker.inbox.put_nowait(prompt)
 
-    def _refusal(self, room_id: str, room: RoomSettings, event: RoomMessageText) -> str | None:
-        """Why this message must not run as a prompt, or None if it may."""
+    async def _refuse(self, worker: RoomWorker, prompt: Prompt, reason: str, why: str, **details: Any) -> None:
+        if await self.store.add_prompt(prompt, "refused"):
+            log.warning(why, room_id=prompt.room_id, event_id=prompt.event_id, **details)
+            await worker.refuse(prompt, reason)
+
+    async def _consider_reaction(self, room_id: str, worker: RoomWorker, event: ReactionEvent) -> None:
+        """🛑 from an allowed user on a prompt: stop it if it runs, drop it if it waits."""
+        if not event.key.startswith(STOP_REACTION):
+            return
+        running = worker.current
+        if running is not None and running.event_id == event.reacts_to:
+            worker.stop(event.sender)
+            outcome = "stopping"
+        else:
+            outcome = "dropped" if await worker.drop(event.reacts_to, event.sender) else "not running or queued"
+        log.info("stop_reaction", room_id=room_id, prompt=event.reacts_to, sender=event.sender, outcome=outcome)
+
+    async def _save_upload(self, room_id: str, room: RoomSettings, worker: RoomWorker, event: Any) -> None:
+        """Save an allowed user's file into the room's working directory; the room's next prompt is told."""
+        if not await self.store.add_prompt(Prompt(room_id, event.event_id, event.sender, "", 0), "done"):
+            return
+        info = event.source.get("content", {}).get("info") or {}
+        marker = {"upload": event.event_id}
+        size = info.get("size") if isinstance(info.get("size"), int) else 0
+        try:
+            if size > room.max_upload_bytes:
+                raise FileRefused(f"the file is {size:,} bytes; the limit is {room.max_upload_bytes:,}")
+            data = await self._download(event)
+            if len(data) > room.max_upload_bytes:
+                raise FileRefused(f"the file is {len(data):,} bytes; the limit is {room.max_upload_bytes:,}")
+            worker.workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            path = save_upload(worker.workdir, event.body, data)
+        except (FileRefused, OSError) as exc:
+            log.warning("upload_refused", room_id=room_id, event_id=event.event_id, reason=str(exc))
+            await worker.batcher.put(Notice(event.event_id, f"⛔ File not saved: {exc}.", marker))
+            return
+        log.info("upload_saved", room_id=room_id, event_id=event.event_id, path=path, bytes=len(data))
+        self.uploads.setdefault(room_id, []).append(f"{path} ({len(data):,} bytes)")
+        notice = f"📎 Saved as `{path}` ({len(data):,} bytes); the next prompt tells the agent where it is."
+        await worker.batcher.put(Notice(event.event_id, notice, marker))
+
+    async def _download(self, event: Any) -> bytes:
+        response = await self.client.download(mxc=event.url)
+        if not isinstance(response, MemoryDownloadResponse):
+            raise FileRefused(f"the homeserver did not hand it over ({getattr(response, 'message', response)})")
+        if isinstance(event, (RoomEncryptedFile, RoomEncryptedImage)):
+            try:
+                return decrypt_attachment(response.body, event.key["k"], event.hashes["sha256"], event.iv)
+            except (KeyError, EncryptionError) as exc:
+                raise FileRefused(f"it could not be decrypted ({exc})") from exc
+        return response.body
+
+    def _refusal(self, room_id: str, room: RoomSettings, event: Any) -> str | None:
+        """Why this event (a message, a reaction, a file) must not act on the agent, or None if it may."""
         content = event.source.get("content", {})
         if MARKER_KEY in content:
             if event.sender not in room.allowed_bots:
                 return "output of an agent that is not in allowed_bots"
-            if prompt_text(event) is None:
+            if not isinstance(event, RoomMessageText) or prompt_text(event) is None:
                 return "not the successful final answer of an agent's run"
         elif event.sender not in room.allowed_users:
             return "sender not in allowed_users"
@@ -423,7 +534,7 @@ class Bot:
         return None
 
     @staticmethod
-    def _hops(event: RoomMessageText) -> int:
+    def _hops(event: Any) -> int:
         """How many agents this prompt has already passed through."""
         content = event.source.get("content", {})
         marker = content.get(MARKER_KEY)

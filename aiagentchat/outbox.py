@@ -41,7 +41,11 @@ SendOutcome = Sent | RateLimited | SendFailed
 
 
 class Sender(Protocol):
-    async def send(self, room_id: str, content: dict[str, Any], txn_id: str) -> SendOutcome: ...
+    async def send(
+        self, room_id: str, content: dict[str, Any], txn_id: str, event_type: str = "m.room.message"
+    ) -> SendOutcome: ...
+
+    async def redact(self, room_id: str, event_id: str, txn_id: str) -> SendOutcome: ...
 
     async def upload(self, room_id: str, path: Path, mimetype: str) -> dict[str, Any] | SendOutcome:
         """Put a file in the media repository; the content keys that point to it (`url`, or `file` in an
@@ -50,6 +54,21 @@ class Sender(Protocol):
 
 
 UPLOAD_KEY = "org.aiagentchat.upload"  # {"path", "mimetype"}: a local file to upload before the event is sent
+TYPE_KEY = "org.aiagentchat.type"  # the event's type when it is not m.room.message (a reaction, a redaction)
+REF_KEY = "org.aiagentchat.ref"  # a name for the event, so a later redaction can point at it
+REDACTS_KEY = "org.aiagentchat.redacts"  # a redaction: the `ref` of the event it removes
+REDACTION = "m.room.redaction"
+_LOCAL_KEYS = (TYPE_KEY, REF_KEY, REDACTS_KEY)
+
+
+def reaction_content(event_id: str, key: str, ref: str | None = None) -> dict[str, Any]:
+    """A reaction to `event_id`; with `ref`, a later `redaction_content(ref)` takes it back."""
+    content = {TYPE_KEY: "m.reaction", "m.relates_to": {"rel_type": "m.annotation", "event_id": event_id, "key": key}}
+    return content | ({REF_KEY: ref} if ref is not None else {})
+
+
+def redaction_content(ref: str) -> dict[str, Any]:
+    return {TYPE_KEY: REDACTION, REDACTS_KEY: ref}
 
 
 @dataclass
@@ -96,6 +115,7 @@ class Outbox:
         self._trouble: str | None = None
         self._attempts = 0
         self._notices: set[str] = set()  # transaction ids of notices standing in for refused events
+        self._refs: dict[str, str] = {}  # the event ids of sent events that carry a ref, until redacted
 
     async def load(self) -> int:
         """Take up what an earlier run of the daemon left unsent; how many events that is."""
@@ -138,7 +158,22 @@ class Outbox:
             else:
                 await self._settle(row, uploaded)
                 return
-        await self._settle(row, await self._sender.send(self.room_id, row.content, row.txn_id))
+        event_type = row.content.get(TYPE_KEY, "m.room.message")
+        if event_type == REDACTION:
+            target = self._refs.get(row.content[REDACTS_KEY])
+            if target is None:  # its event was sent before a restart, or never: nothing to take back
+                await self._store.dropped(row)
+                self._rows.popleft()
+                return
+            outcome = await self._sender.redact(self.room_id, target, row.txn_id)
+            if isinstance(outcome, Sent):
+                del self._refs[row.content[REDACTS_KEY]]
+        else:
+            content = {key: value for key, value in row.content.items() if key not in _LOCAL_KEYS}
+            outcome = await self._sender.send(self.room_id, content, row.txn_id, event_type)
+            if isinstance(outcome, Sent) and (ref := row.content.get(REF_KEY)) is not None:
+                self._refs[ref] = outcome.event_id
+        await self._settle(row, outcome)
 
     async def _settle(self, row: OutboxRow, outcome: SendOutcome) -> None:
         """Act on the outcome of an attempt at the queue's first event."""
@@ -160,7 +195,7 @@ class Outbox:
                 self.stats.send_failures += 1
                 size = render.content_size(row.content)
                 log.error("send_failed", room_id=self.room_id, reason=reason, bytes=size)
-                if row.txn_id in self._notices:
+                if row.txn_id in self._notices or TYPE_KEY in row.content:
                     await self._store.dropped(row)
                     self._rows.popleft()
                 else:

@@ -175,6 +175,7 @@ class Translator:
     """Turns the CLI's events for one prompt into room output items."""
 
     prompt_id: str
+    process_cost_before: float = 0.0  # what the CLI process had cost before this run (its earlier turns)
     session_id: str | None = None
     result: RunResult | None = None
     _message_id: str | None = None
@@ -259,7 +260,13 @@ class Translator:
             session_id=event.get("session_id") or self.session_id,
             duration_ms=event.get("duration_ms"),
             num_turns=event.get("num_turns"),
-            cost_usd=event.get("total_cost_usd"),
+            cost_usd=self._run_cost(event.get("total_cost_usd")),
             subtype=str(event.get("subtype") or ""),
         )
         return [Block(self.prompt_id, footer(self.result))]
+
+    def _run_cost(self, total: Any) -> float | None:
+        """This run's cost: the CLI reports what its process has cost so far, over all its turns."""
+        if not isinstance(total, (int, float)):
+            return None
+        return max(total - self.process_cost_before, 0.0)

@@ -8,6 +8,7 @@ import contextlib
 import fnmatch
 import json
 import os
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -106,10 +107,12 @@ class AgentStalled(Exception):
 class AgentProcess:
     """A live CLI process in bidirectional stream-json mode."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, resumed: bool, hops: int) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, resumed: bool, hops: int, model: str | None) -> None:
         self.proc = proc
         self.resumed = resumed
         self.hops = hops
+        self.model = model
+        self.cost_usd = 0.0  # what its turns have cost so far
         # bounded: when the room's output falls behind, reading stops and the agent's pipe pushes back
         self.events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=EVENTS_BUFFERED)
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
@@ -130,7 +133,7 @@ class AgentProcess:
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,
         )
-        agent = cls(proc, resumed=session_id is not None, hops=hops)
+        agent = cls(proc, resumed=session_id is not None, hops=hops, model=claude.model)
         hooks = {"PreToolUse": [{"matcher": None, "hookCallbackIds": [GUARD_HOOK]}]}
         await agent.write(
             {
@@ -224,6 +227,13 @@ class RoomWorker:
         self.guard = guard
         self.inbox: asyncio.Queue[Prompt] = asyncio.Queue()
         self.agent: AgentProcess | None = None
+        self.model = claude.model  # `!model` changes it for the next agent process
+        self.current: Prompt | None = None
+        self.current_since = 0.0  # time.time() when the current prompt started
+        self.fresh = False  # `!new`: the next prompt starts a new conversation
+        self._deadline: asyncio.Timeout | None = None
+        self._stopped_by: str | None = None
+        self._dropped: dict[str, str] = {}  # queued prompts to answer as dropped → who dropped them
 
     async def run(self) -> None:
         structlog.contextvars.bind_contextvars(room_id=self.room_id)
@@ -233,6 +243,9 @@ class RoomWorker:
                     prompt = await asyncio.wait_for(self.inbox.get(), self.claude.idle_close_s)
                 except TimeoutError:
                     await self._close_agent("idle")
+                    continue
+                if (by := self._dropped.pop(prompt.event_id, None)) is not None:
+                    await self._report_dropped(prompt, by)
                     continue
                 await self.handle(prompt)
         finally:
@@ -261,13 +274,36 @@ class RoomWorker:
 
     async def refuse(self, prompt: Prompt, reason: str) -> None:
         """Answer a prompt that will not run (already recorded as refused)."""
-        await self.batcher.put(Begin(prompt.event_id, {"hops": prompt.hops + 1}))
+        await self.batcher.put(Begin(prompt.event_id, {"hops": prompt.hops + 1}, react=False))
         await self.batcher.put(Block(prompt.event_id, f"⛔ Not run: {reason}."))
         await self.batcher.put(EndOfRun(prompt.event_id, run_summary(None, reason), "refused"))
+
+    def stop(self, by: str) -> bool:
+        """Interrupt the running prompt (`!stop`, 🛑); False if none runs."""
+        if self.current is None:
+            return False
+        self._stopped_by = by
+        if self._deadline is not None and not self._deadline.expired():
+            self._deadline.reschedule(asyncio.get_running_loop().time())
+        return True
+
+    async def drop(self, event_id: str, by: str) -> bool:
+        """Answer a queued prompt as dropped instead of running it (🛑 on it); False if it is not queued."""
+        if event_id in self._dropped or await self.store.prompt_state(event_id) != "queued":
+            return False
+        self._dropped[event_id] = by
+        return True
+
+    async def _report_dropped(self, prompt: Prompt, by: str) -> None:
+        log.info("prompt_dropped", room_id=self.room_id, run_id=prompt.event_id, by=by)
+        await self.batcher.put(Begin(prompt.event_id, {"hops": prompt.hops + 1}, react=False))
+        await self.batcher.put(Block(prompt.event_id, f"🛑 Dropped by {by} before it ran."))
+        await self.batcher.put(EndOfRun(prompt.event_id, run_summary(None, f"dropped by {by}"), "dropped"))
 
     async def handle(self, prompt: Prompt) -> None:
         structlog.contextvars.bind_contextvars(run_id=prompt.event_id)
         log.info("run_started", sender=prompt.sender, chars=len(prompt.text))
+        self.current, self.current_since, self._stopped_by = prompt, time.time(), None
         await self.store.set_prompt_state(prompt.event_id, "running")
         await self.batcher.put(Begin(prompt.event_id, {"hops": prompt.hops + 1}))
         try:
@@ -286,6 +322,7 @@ class RoomWorker:
             )
             final = run_summary(None, "internal error in aiagentchat")
         finally:
+            self.current = None
             structlog.contextvars.unbind_contextvars("run_id")
         await self.batcher.put(EndOfRun(prompt.event_id, final, "done" if final["ok"] else "failed"))
 
@@ -293,25 +330,41 @@ class RoomWorker:
         agent = await self._ensure_agent(prompt)
         if agent is None:
             return run_summary(None, "the agent could not be started")
-        translator = Translator(prompt.event_id)
-        await agent.write({"type": "user", "message": {"role": "user", "content": prompt.text}})
+        translator = Translator(prompt.event_id, agent.cost_usd)
+        if self._stopped_by is not None:
+            await self.batcher.put(Block(prompt.event_id, f"🛑 Stopped by {self._stopped_by} before it began."))
+            return run_summary(None, f"stopped by {self._stopped_by}")
+        content: str | list[dict[str, str]] = prompt.text
+        if prompt.note:
+            content = [{"type": "text", "text": prompt.note}, {"type": "text", "text": prompt.text}]
+        await agent.write({"type": "user", "message": {"role": "user", "content": content}})
         failure = None
         try:
-            async with asyncio.timeout(self.claude.timeout_s):
+            async with asyncio.timeout(self.claude.timeout_s) as self._deadline:
                 await self._pump(agent, prompt, translator)
         except TimeoutError:
-            log.warning("run_timeout", timeout_s=self.claude.timeout_s)
-            failure = f"timed out after {self.claude.timeout_s:g} s"
-            await self._stop(agent, prompt, translator, f"⏱️ Timed out after {self.claude.timeout_s:g} s")
+            if (by := self._stopped_by) is not None:
+                log.info("run_stopped", by=by)
+                failure = f"stopped by {by}"
+                await self._stop(agent, prompt, translator, f"🛑 Stopped by {by}")
+            else:
+                log.warning("run_timeout", timeout_s=self.claude.timeout_s)
+                failure = f"timed out after {self.claude.timeout_s:g} s"
+                await self._stop(agent, prompt, translator, f"⏱️ Timed out after {self.claude.timeout_s:g} s")
         except AgentStalled as stalled:
             log.warning("run_stalled", silent_s=stalled.silent_s)
             failure = f"stalled: no output for {stalled.silent_s:g} s"
             await self._stop(agent, prompt, translator, f"⏳ No output for {stalled.silent_s:g} s")
         except AgentExited:
             return await self._report_exit(agent, prompt)
-        if translator.session_id:
+        finally:
+            self._deadline = None
+        if translator.session_id and not self.fresh:
             await self.store.set_session_id(self.room_id, translator.session_id)
         result = translator.result
+        if result is not None and result.cost_usd:
+            agent.cost_usd += result.cost_usd
+            await self.store.add_cost(self.room_id, prompt.event_id, result.cost_usd)
         log.info(
             "run_finished",
             ok=bool(result and not result.is_error),
@@ -321,14 +374,20 @@ class RoomWorker:
         return run_summary(result, failure)
 
     async def _ensure_agent(self, prompt: Prompt) -> AgentProcess | None:
-        if self.agent is not None and self.agent.alive and self.agent.hops == prompt.hops:
-            return self.agent
-        if self.agent is not None:
-            await self._close_agent("exited" if not self.agent.alive else "hops changed")
+        if self.fresh:
+            self.fresh = False
+            await self._close_agent("new conversation")
+            await self.store.set_session_id(self.room_id, None)
+        agent = self.agent
+        if agent is not None and agent.alive and agent.hops == prompt.hops and agent.model == self.model:
+            return agent
+        if agent is not None:
+            await self._close_agent("exited" if not agent.alive else "hops or model changed")
         self.workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
         session_id = await self.store.session_id(self.room_id)
+        claude = self.claude.model_copy(update={"model": self.model})
         try:
-            self.agent = await AgentProcess.start(self.claude, self.workdir, session_id, prompt.hops)
+            self.agent = await AgentProcess.start(claude, self.workdir, session_id, prompt.hops)
         except (FileNotFoundError, PermissionError) as exc:
             log.error("agent_start_failed", binary=self.claude.binary, error=str(exc))
             await self.batcher.put(

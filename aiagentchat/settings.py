@@ -85,6 +85,12 @@ class RoomSettings(_Strict):
     workdir: Path | None = None
     shared_workdir: bool = False
     allow_claude_config_writes: bool = False
+    command_prefix: str = Field(default="!", min_length=1, max_length=3, pattern=r"^\S+$")
+    aliases: dict[str, str] = Field(default_factory=dict)  # `!t` → "run the tests": the word without prefix
+    allowed_models: list[str] = Field(default_factory=list)  # what `!model NAME` may choose
+    budget_usd_per_day: float | None = Field(default=None, ge=0)  # per UTC day; then prompts are refused
+    reactions: bool = True  # 👀 / ⏳ / ✅ / ❌ on each prompt
+    max_upload_bytes: int = Field(default=20_000_000, ge=0)  # files users upload, and files `!get` sends
     binary: str | None = None
     permission_mode: PermissionMode | None = None
     allowed_tools: list[str] | None = None

@@ -3,6 +3,7 @@ their state) and the outbox of events not yet delivered (with their transaction 
 
 from __future__ import annotations
 
+import datetime
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -12,7 +13,7 @@ from typing import Any, Literal
 
 import aiosqlite
 
-PromptState = Literal["queued", "running", "done", "failed", "interrupted", "refused"]
+PromptState = Literal["queued", "running", "done", "failed", "interrupted", "refused", "dropped"]
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class Prompt:
     sender: str
     text: str
     hops: int = 0  # how many agents this prompt has passed through (agent-to-agent chains)
+    note: str = ""  # what the agent is told along with the prompt (where the files uploaded before it are)
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,22 @@ async def _v2(db: aiosqlite.Connection) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[aiosqlite.Connection], Awaitable[None]]] = [_v1, _v2]
+async def _v3(db: aiosqlite.Connection) -> None:
+    await db.executescript(
+        """
+        CREATE TABLE costs (
+            prompt_id TEXT PRIMARY KEY,
+            room_id TEXT NOT NULL,
+            usd REAL NOT NULL,
+            at_ms INTEGER NOT NULL
+        );
+        CREATE INDEX costs_by_room ON costs (room_id, at_ms);
+        ALTER TABLE prompts ADD COLUMN note TEXT NOT NULL DEFAULT '';
+        """
+    )
+
+
+MIGRATIONS: list[Callable[[aiosqlite.Connection], Awaitable[None]]] = [_v1, _v2, _v3]
 
 
 def _now_ms() -> int:
@@ -151,9 +168,9 @@ class Store:
         recorded: an event is never handled twice."""
         now = _now_ms()
         cursor = await self._db.execute(
-            "INSERT OR IGNORE INTO prompts (event_id, room_id, sender, body, hops, state, received_ms, updated_ms) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (prompt.event_id, prompt.room_id, prompt.sender, prompt.text, prompt.hops, state, now, now),
+            "INSERT OR IGNORE INTO prompts (event_id, room_id, sender, body, hops, note, state, received_ms, "
+            "updated_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (prompt.event_id, prompt.room_id, prompt.sender, prompt.text, prompt.hops, prompt.note, state, now, now),
         )
         await self._db.commit()
         return cursor.rowcount == 1
@@ -170,7 +187,8 @@ class Store:
     async def prompts(self, room_id: str, state: PromptState) -> list[Prompt]:
         """The room's prompts in `state`, oldest first."""
         async with self._db.execute(
-            "SELECT room_id, event_id, sender, body, hops FROM prompts WHERE room_id = ? AND state = ? ORDER BY seq",
+            "SELECT room_id, event_id, sender, body, hops, note FROM prompts WHERE room_id = ? AND state = ? "
+            "ORDER BY seq",
             (room_id, state),
         ) as cursor:
             return [Prompt(*row) for row in await cursor.fetchall()]
@@ -251,6 +269,30 @@ class Store:
         await self._db.execute("DELETE FROM agents")
         await self._db.commit()
         return rows  # type: ignore[return-value]
+
+    async def add_cost(self, room_id: str, prompt_id: str, usd: float) -> None:
+        """What a run cost, as the CLI reported it."""
+        await self._db.execute(
+            "INSERT OR REPLACE INTO costs (prompt_id, room_id, usd, at_ms) VALUES (?, ?, ?, ?)",
+            (prompt_id, room_id, usd, _now_ms()),
+        )
+        await self._db.commit()
+
+    async def cost(self, room_id: str, since: datetime.datetime | None = None) -> float:
+        """What the room's runs cost in US dollars, all together or since `since`."""
+        since_ms = 0 if since is None else int(since.timestamp() * 1000)
+        async with self._db.execute(
+            "SELECT coalesce(sum(usd), 0) FROM costs WHERE room_id = ? AND at_ms >= ?", (room_id, since_ms)
+        ) as cursor:
+            (usd,) = await cursor.fetchone()
+        return float(usd)
+
+    async def room_model(self, room_id: str) -> str | None:
+        """The model chosen for the room with `!model`, if any."""
+        return await self._get(f"model:{room_id}")
+
+    async def set_room_model(self, room_id: str, model: str) -> None:
+        await self._put(f"model:{room_id}", model)
 
     async def session_id(self, room_id: str) -> str | None:
         async with self._db.execute("SELECT session_id FROM sessions WHERE room_id = ?", (room_id,)) as cursor:

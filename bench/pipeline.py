@@ -39,11 +39,16 @@ class CheckingSender:
         self.verifier = verifier
         self.events = 0
 
-    async def send(self, room_id: str, content: dict[str, Any], txn_id: str) -> SendOutcome:
+    async def send(
+        self, room_id: str, content: dict[str, Any], txn_id: str, event_type: str = "m.room.message"
+    ) -> SendOutcome:
         self.events += 1
         if content.get("msgtype") == "m.text":
             self.verifier.feed(content["body"])
         return Sent(f"$event{self.events}")
+
+    async def redact(self, room_id: str, event_id: str, txn_id: str) -> SendOutcome:
+        return SendFailed("the benchmark's rooms have no reactions to take back", retryable=False)
 
     async def upload(self, room_id: str, path: Path, mimetype: str) -> dict[str, Any] | SendOutcome:
         return SendFailed("no transcript is expected: the output cap is lifted", retryable=False)

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from aiagentchat.batcher import Batcher, Begin, Block, EndOfRun, Item, PendingText, Text
-from aiagentchat.outbox import Outbox, RateLimited, SendFailed, SendOutcome, Sent
+from aiagentchat.batcher import Batcher, Begin, Block, EndOfRun, Item, Notice, PendingText, React, Text
+from aiagentchat.outbox import Outbox, RateLimited, SendFailed, SendOutcome, Sent, redaction_content
 from aiagentchat.store import Store
 from aiagentchat.render import MAX_CHUNK_BYTES, MAX_CONTENT_BYTES, content_size
 
@@ -29,6 +29,7 @@ class Call:
     content: dict[str, Any]
     txn_id: str
     at: float
+    event_type: str = "m.room.message"
 
     @property
     def body(self) -> str:
@@ -63,10 +64,15 @@ class FakeRoom:
         self._progress.set()
         return sleeper[2]
 
-    async def send(self, room_id: str, content: dict[str, Any], txn_id: str) -> SendOutcome:
-        self.calls.append(Call(room_id, content, txn_id, self.now))
+    async def send(
+        self, room_id: str, content: dict[str, Any], txn_id: str, event_type: str = "m.room.message"
+    ) -> SendOutcome:
+        self.calls.append(Call(room_id, content, txn_id, self.now, event_type))
         self._progress.set()
         return self.outcomes.pop(0) if self.outcomes else Sent(f"$event{len(self.calls)}")
+
+    async def redact(self, room_id: str, event_id: str, txn_id: str) -> SendOutcome:
+        return await self.send(room_id, {"redacts": event_id}, txn_id, "m.room.redaction")
 
     async def upload(self, room_id: str, path: Path, mimetype: str) -> dict[str, Any]:
         self.uploads.append((path.name, mimetype, path.read_text()))
@@ -546,3 +552,86 @@ def test_pending_text_agrees_with_a_plain_string(seed: int) -> None:
         assert pending.partial_has_text == bool(plain[line_start:].strip())
         for suffix in ("\n", "\n\n"):
             assert pending.endswith(suffix) == plain.endswith(suffix)
+
+
+def kinds(calls: list[Call]) -> list[str]:
+    """Each call as its type and, for reactions, key; for redactions, the event taken back."""
+    described = []
+    for call in calls:
+        if call.event_type == "m.reaction":
+            described.append(f"react {call.content['m.relates_to']['key']} to {call.content['m.relates_to']['event_id']}")
+        elif call.event_type == "m.room.redaction":
+            described.append(f"redact {call.content['redacts']}")
+        else:
+            described.append(call.content["msgtype"])
+    return described
+
+
+async def test_a_prompt_gets_one_status_reaction_at_a_time_and_a_final_one() -> None:
+    room = FakeRoom()
+    async with running(room, reactions=True) as batcher:
+        await room.put(batcher, React("$p", "⏳"), Begin("$p", {}), Text("$p", "hi\n"), EndOfRun("$p", {"ok": True}))
+        await room.put(batcher, Begin("$q", {}), EndOfRun("$q", {"ok": False}, "failed"))
+        await room.until(lambda: len(room.calls) == 10)
+    assert kinds(room.calls) == [
+        "react ⏳ to $p",
+        "react 👀 to $p",
+        "redact $event1",  # the ⏳, once 👀 is there
+        "m.text",
+        "react ✅ to $p",
+        "redact $event2",  # the 👀
+        "react 👀 to $q",
+        "m.notice",  # "(end of run)": the failed run said nothing
+        "react ❌ to $q",
+        "redact $event7",
+    ]
+    for call in room.calls:
+        if call.event_type != "m.room.message":
+            assert not any(key.startswith("org.aiagentchat") for key in call.content)
+
+
+async def test_without_reactions_a_run_sends_only_its_messages() -> None:
+    room = FakeRoom()
+    async with running(room) as batcher:
+        await room.put(batcher, React("$p", "⏳"), Begin("$p", {}), Text("$p", "hi\n"), EndOfRun("$p", {"ok": True}))
+        await close(room, batcher)
+    assert kinds(room.calls) == ["m.text"]
+
+
+async def test_a_notice_goes_out_at_once_mid_run_as_a_reply_and_leaves_the_run_alone(tmp_path: Path) -> None:
+    room = FakeRoom()
+    file = tmp_path / "copy"
+    file.write_text("file body")
+    async with running(room) as batcher:
+        await room.put(batcher, Begin("$p", {}), Text("$p", "first\n"))
+        await room.until(lambda: len(room.calls) == 1)
+        await room.put(batcher, Text("$p", "half a li"), Notice("$cmd", "**status**", {"command": "$cmd"}))
+        await room.until(lambda: len(room.calls) == 2)
+        notice = room.calls[1]
+        assert notice.at == room.calls[0].at  # at once, not after the flush interval
+        assert notice.content["msgtype"] == "m.notice" and notice.body == "**status**"
+        assert "<strong>status</strong>" in notice.content["formatted_body"]
+        assert notice.content["m.relates_to"] == {"m.in_reply_to": {"event_id": "$cmd"}}
+        assert notice.content["org.aiagentchat"] == {"command": "$cmd"}
+        await room.put(batcher, Text("$p", "ne\n"), EndOfRun("$p", {"ok": True}))
+        await room.put(batcher, Notice("$get", "📄 `a.txt`", {"command": "$get"}, file, "a.txt", "text/plain"))
+        await room.until(lambda: len(room.calls) == 5)
+    assert room.calls[2].body == "half a line\n"  # the partial line waited for its run, whole
+    assert room.calls[3].body == "📄 `a.txt`"
+    sent_file = room.calls[4]
+    assert sent_file.content["msgtype"] == "m.file" and sent_file.content["filename"] == "a.txt"
+    assert sent_file.content["m.relates_to"] == {"m.in_reply_to": {"event_id": "$get"}}
+    assert room.uploads == [("copy", "text/plain", "file body")] and not file.exists()
+
+
+async def test_a_redaction_of_an_event_sent_before_a_restart_is_dropped(tmp_path: Path) -> None:
+    room = FakeRoom()
+    store = await Store.open(tmp_path / "db.sqlite")
+    try:
+        outbox = Outbox(ROOM, room, store, clock=room.clock)
+        await outbox.queue([redaction_content("never-sent-here"), {"msgtype": "m.text", "body": "next"}], None)
+        while outbox.ready_at() is not None:
+            await outbox.send_next()
+        assert kinds(room.calls) == ["m.text"] and await store.outbox(ROOM) == []
+    finally:
+        await store.close()

@@ -127,3 +127,14 @@ def test_code_span_and_excerpt_survive_backticks():
     assert excerpt.startswith("⚠️ tool error\n````\n```")
     assert excerpt.endswith("… 17 more lines")
     assert result_excerpt("", is_error=False) == "(no output)"
+
+
+def test_a_runs_cost_is_what_its_process_cost_since_the_turns_before() -> None:
+    result = {"type": "result", "subtype": "success", "is_error": False, "result": "ok", "num_turns": 1}
+    first = Translator("$p")
+    first.feed(result | {"total_cost_usd": 0.25})
+    later = Translator("$q", process_cost_before=0.25)
+    items = later.feed(result | {"total_cost_usd": 0.75})
+    assert first.result is not None and first.result.cost_usd == 0.25
+    assert later.result is not None and later.result.cost_usd == 0.5
+    assert items[-1].markdown.endswith("$0.5000")

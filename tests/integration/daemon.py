@@ -15,7 +15,11 @@ CLAUDE_BIN = Path(os.environ.get("AIAGENTCHAT_CLAUDE_BIN", REPO / "node_modules"
 
 
 def toml_value(value: Any) -> str:
-    return json.dumps(value) if not isinstance(value, bool) else str(value).lower()
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(key)} = {toml_value(item)}" for key, item in value.items()) + "}"
+    return json.dumps(value)
 
 
 def write_settings(path: Path, sections: dict[str, dict[str, Any]], rooms: list[dict[str, Any]]) -> None:

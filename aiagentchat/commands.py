@@ -1,0 +1,174 @@
+"""Room commands (`!help`, `!stop`, `!new`, `!status`, `!cost`, `!model`, `!get`): recognised in an allowed
+user's message and answered at once, even while a prompt runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import mimetypes
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from aiagentchat.batcher import Notice
+from aiagentchat.runner import RoomWorker
+from aiagentchat.settings import RoomSettings
+from aiagentchat.store import Store
+from aiagentchat.uploads import FileRefused, copy_for_sending
+
+log = structlog.get_logger(__name__)
+
+_WORD = re.compile(r"([A-Za-z][\w-]*)(?:\s+(.*))?\Z", re.DOTALL)
+COMMANDS = {
+    "help": "this help",
+    "stop": "interrupt the running prompt",
+    "new": "start a fresh conversation with the next prompt",
+    "status": "the running prompt, the queue, the session, the model and today's cost",
+    "cost": "what this room's runs cost today and in all",
+    "model NAME": "use model NAME for the next prompts (from the room's allowed list)",
+    "get PATH": "send a file from the working directory",
+}
+
+
+@dataclass(frozen=True)
+class Command:
+    word: str  # lower case, without the prefix
+    argument: str
+
+
+def parse(body: str, prefix: str) -> Command | None:
+    """The command in a message (`!word argument`), or None if the message is a prompt."""
+    text = body.strip()
+    if not text.startswith(prefix):
+        return None
+    match = _WORD.match(text[len(prefix) :])
+    if match is None:
+        return None
+    return Command(match.group(1).lower(), (match.group(2) or "").strip())
+
+
+def today_utc() -> datetime.datetime:
+    """The start of the current budget day: midnight UTC."""
+    return datetime.datetime.now(datetime.UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def usd(amount: float) -> str:
+    """Dollars with the digits that matter: $12.34, $0.1234, $0.000075."""
+    return f"${amount:.2f}" if amount >= 1 else f"${amount:.4f}" if amount >= 0.01 or amount == 0 else f"${amount:.6f}"
+
+
+async def over_budget(store: Store, room_id: str, room: RoomSettings) -> str | None:
+    """Why the room may not run another prompt today, or None."""
+    if room.budget_usd_per_day is None:
+        return None
+    spent = await store.cost(room_id, since=today_utc())
+    if spent < room.budget_usd_per_day:
+        return None
+    return (
+        f"this room's budget of {usd(room.budget_usd_per_day)} per day is spent ({usd(spent)} today); "
+        "prompts run again after 00:00 UTC"
+    )
+
+
+class Commands:
+    """Answers the commands of one daemon's rooms; replies are notices in reply to the command."""
+
+    def __init__(self, store: Store, scratch: Path) -> None:
+        self._store = store
+        self._scratch = scratch  # private copies of files on their way to the room
+
+    async def run(
+        self, room_id: str, room: RoomSettings, worker: RoomWorker, event_id: str, sender: str, command: Command
+    ) -> None:
+        log.info("command", room_id=room_id, command=command.word, sender=sender)
+        marker = {"command": event_id}
+        handler = getattr(self, f"_{command.word}", None) if command.word in _NAMES else None
+        if handler is None:
+            text = f"Unknown command `{room.command_prefix}{command.word}`.\n\n{help_text(room)}"
+            await worker.batcher.put(Notice(event_id, text, marker))
+            return
+        notice = await handler(room_id, room, worker, sender, command.argument)
+        await worker.batcher.put(dataclasses.replace(notice, reply_to=event_id, marker=marker))
+
+    async def _help(self, room_id: str, room: RoomSettings, worker: RoomWorker, sender: str, arg: str) -> Notice:
+        return _answer(help_text(room))
+
+    async def _stop(self, room_id: str, room: RoomSettings, worker: RoomWorker, sender: str, arg: str) -> Notice:
+        if worker.stop(sender):
+            return _answer("🛑 Stopping the running prompt.")
+        return _answer("Nothing is running.")
+
+    async def _new(self, room_id: str, room: RoomSettings, worker: RoomWorker, sender: str, arg: str) -> Notice:
+        worker.fresh = True
+        later = " (the running prompt finishes in the current one)" if worker.current is not None else ""
+        return _answer(f"🆕 The next prompt starts a new conversation{later}.")
+
+    async def _status(self, room_id: str, room: RoomSettings, worker: RoomWorker, sender: str, arg: str) -> Notice:
+        lines = []
+        if (running := worker.current) is not None:
+            excerpt = running.text.strip().splitlines()[0][:80] if running.text.strip() else "(empty)"
+            age = time.time() - worker.current_since
+            lines.append(f"- **Running:** “{excerpt}” from {running.sender}, for {age:.0f} s")
+        else:
+            lines.append("- **Running:** nothing")
+        lines.append(f"- **Queued:** {worker.inbox.qsize()}")
+        session = await self._store.session_id(room_id)
+        if worker.fresh:
+            lines.append("- **Session:** a new conversation starts with the next prompt")
+        else:
+            lines.append(f"- **Session:** `{session}`" if session else "- **Session:** none yet")
+        lines.append(f"- **Model:** {worker.model or 'the CLI default'}")
+        lines.append(f"- **Cost today (UTC):** {await self._cost_line(room_id, room)}")
+        if (refusal := await over_budget(self._store, room_id, room)) is not None:
+            lines.append(f"- ⛔ Prompts are refused: {refusal}.")
+        return _answer("\n".join(lines))
+
+    async def _cost(self, room_id: str, room: RoomSettings, worker: RoomWorker, sender: str, arg: str) -> Notice:
+        total = await self._store.cost(room_id)
+        return _answer(f"💰 Today (UTC): {await self._cost_line(room_id, room)}; in all: {usd(total)}.")
+
+    async def _cost_line(self, room_id: str, room: RoomSettings) -> str:
+        today = await self._store.cost(room_id, since=today_utc())
+        if room.budget_usd_per_day is None:
+            return usd(today)
+        return f"{usd(today)} of {usd(room.budget_usd_per_day)} per day"
+
+    async def _model(self, room_id: str, room: RoomSettings, worker: RoomWorker, sender: str, arg: str) -> Notice:
+        allowed = ", ".join(f"`{name}`" for name in room.allowed_models) or "none (set `allowed_models`)"
+        if not arg:
+            return _answer(f"Model: {worker.model or 'the CLI default'}. Allowed here: {allowed}.")
+        if arg not in room.allowed_models:
+            return _answer(f"⛔ `{arg}` is not allowed in this room. Allowed here: {allowed}.")
+        worker.model = arg
+        await self._store.set_room_model(room_id, arg)
+        return _answer(f"🧠 The next prompts use `{arg}`.")
+
+    async def _get(self, room_id: str, room: RoomSettings, worker: RoomWorker, sender: str, arg: str) -> Notice:
+        if not arg:
+            return _answer(f"Usage: `{room.command_prefix}get PATH` (a file in the working directory).")
+        try:
+            copy, name = copy_for_sending(worker.workdir, arg, room.max_upload_bytes, self._scratch)
+        except FileRefused as refused:
+            return _answer(f"⛔ {refused}.")
+        mimetype = mimetypes.guess_type(name)[0] or "application/octet-stream"
+        return Notice("", f"📄 `{arg}`", {}, copy, name, mimetype)
+
+
+_NAMES = {key.split()[0] for key in COMMANDS}
+
+
+def _answer(markdown: str) -> Notice:
+    """A reply's text; `run` fills in what it answers and its marker."""
+    return Notice("", markdown, {})
+
+
+def help_text(room: RoomSettings) -> str:
+    prefix = room.command_prefix
+    lines = ["**Commands**", *(f"- `{prefix}{name}`: {what}" for name, what in COMMANDS.items())]
+    if room.aliases:
+        lines += ["", "**Aliases**", *(f"- `{prefix}{name}` → {text}" for name, text in room.aliases.items())]
+    lines += ["", "React 🛑 to a prompt to stop it (or drop it if it waits). Anything else is a prompt."]
+    return "\n".join(lines)

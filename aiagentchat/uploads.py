@@ -1,0 +1,75 @@
+"""Files between the room and the agent's working directory: uploads saved under `uploads/` (sanitised names,
+never overwriting, never through a symlink), and files sent back with `!get` (only from inside the working
+directory)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+UPLOADS_DIR = "uploads"
+MAX_NAME_CHARS = 100
+_UNSAFE = re.compile(r"[^\w.\- ()+,@=]")
+
+
+class FileRefused(Exception):
+    """Why a file cannot be saved or sent; the message is for the room."""
+
+
+def safe_name(name: str) -> str:
+    """A plain file name made from what a client says a file is called: no directories, no control or shell
+    characters, no leading dot, not empty."""
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    cleaned = _UNSAFE.sub("_", base).strip(" .")
+    stem, dot, suffix = cleaned.rpartition(".")
+    if dot and len(cleaned) > MAX_NAME_CHARS:
+        cleaned = stem[: MAX_NAME_CHARS - len(suffix) - 1] + "." + suffix[:20]
+    return cleaned[:MAX_NAME_CHARS] or "upload"
+
+
+def save_upload(workdir: Path, name: str, data: bytes) -> str:
+    """Write `data` to `uploads/<safe name>` in the working directory, adding `-1`, `-2`... before the suffix
+    instead of overwriting; the path relative to the working directory."""
+    directory = workdir / UPLOADS_DIR
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        base = safe_name(name)
+        stem, dot, suffix = base.rpartition(".")
+        if not stem:
+            stem, dot, suffix = base, "", ""
+        for number in range(1000):
+            candidate = base if number == 0 else f"{stem}-{number}{dot}{suffix}"
+            try:
+                fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dir_fd)
+            except FileExistsError:
+                continue
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            return f"{UPLOADS_DIR}/{candidate}"
+    finally:
+        os.close(dir_fd)
+    raise FileRefused(f"too many files called {base} in {UPLOADS_DIR}/")
+
+
+def copy_for_sending(workdir: Path, requested: str, max_bytes: int, scratch: Path) -> tuple[Path, str]:
+    """A private copy of the working directory's file `requested`, for the outbox to upload (and delete), and
+    the file's name. Refuses anything that resolves outside the working directory, symlinks included."""
+    root = workdir.resolve()
+    target = (root / requested).resolve()
+    if not target.is_relative_to(root):
+        raise FileRefused(f"`{requested}` is outside the working directory")
+    if not target.is_file():
+        raise FileRefused(f"`{requested}` is not a file in the working directory")
+    size = target.stat().st_size
+    if size > max_bytes:
+        raise FileRefused(f"`{requested}` is {size:,} bytes; the limit is {max_bytes:,}")
+    scratch.mkdir(parents=True, exist_ok=True, mode=0o700)
+    copy = scratch / uuid.uuid4().hex
+    source_fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(source_fd, "rb") as source, copy.open("xb") as destination:
+        shutil.copyfileobj(source, destination)
+    return copy, target.name
