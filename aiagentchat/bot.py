@@ -16,6 +16,7 @@ from nio import (
     AsyncClient,
     AsyncClientConfig,
     InviteMemberEvent,
+    JoinedRoomsResponse,
     JoinError,
     LoginResponse,
     MegolmEvent,
@@ -203,6 +204,7 @@ class Bot:
         self.rooms: dict[str, RoomSettings] = {}
         self.workers: dict[str, RoomWorker] = {}
         self.creators: dict[str, set[str]] = {}
+        self._seen: set[str] = set()  # rooms recorded as watched, so a sync needs no write for them
         self.uploads: dict[str, list[str]] = {}  # room id → files saved since its last prompt, to tell the agent
         self.commands = Commands(store, data_dir / "outgoing")
         self.ready = asyncio.Event()
@@ -246,6 +248,10 @@ class Bot:
         log.info("logged_in", user_id=response.user_id, device_id=response.device_id, via="password")
 
     async def _resolve_rooms(self) -> None:
+        """Map the configured rooms to room ids, and join those the bot is not in yet (one request for the
+        rooms it is in, instead of a join per room on every start)."""
+        joined_rooms = await self.client.joined_rooms()
+        already = set(joined_rooms.rooms) if isinstance(joined_rooms, JoinedRoomsResponse) else set()
         for room in self.settings.rooms:
             room_id = room.id
             if room_id.startswith("#"):
@@ -255,6 +261,8 @@ class Bot:
                     continue
                 room_id = response.room_id
             self.rooms[room_id] = room
+            if room_id in already:
+                continue
             joined = await self.client.join(room_id)
             if isinstance(joined, JoinError):
                 log.error("room_join_failed", room_id=room_id, error=joined.message)
@@ -364,8 +372,12 @@ class Bot:
             if room is None:
                 continue
             self._note_creators(room_id, [*info.state, *info.timeline.events])
-            first_sight = await self.store.mark_room_seen(room_id)
-            if history or first_sight:
+            if room_id not in self._seen:
+                first_sight = await self.store.mark_room_seen(room_id)
+                self._seen.add(room_id)
+                if first_sight:
+                    continue
+            if history:
                 continue
             for event in info.timeline.events:
                 await self._consider_event(room_id, room, event, synced_at)
