@@ -51,7 +51,7 @@ from aiagentchat.render import MARKER_KEY
 from aiagentchat.runner import RoomToolPolicy, RoomWorker
 from aiagentchat.settings import RoomSettings, Settings
 from aiagentchat.store import Prompt, Store
-from aiagentchat.uploads import FileRefused, save_upload
+from aiagentchat.uploads import FileRefused, check_size, save_upload
 
 log = structlog.get_logger(__name__)
 
@@ -443,13 +443,12 @@ class Bot:
         command = None if MARKER_KEY in event.source.get("content", {}) else commands.parse(text, room.command_prefix)
         if command is not None and (alias := room.aliases.get(command.word)) is not None:
             text, command = f"{alias} {command.argument}".strip(), None
-        prompt = Prompt(room_id, event.event_id, event.sender, text, hops)
+        saved = self.uploads.get(room_id) if command is None else None
+        prompt = Prompt(room_id, event.event_id, event.sender, text, hops, _uploads_note(saved) if saved else "")
         if command is not None:
             if await self.store.add_prompt(prompt, "done"):  # recorded: a command is never run twice either
                 await self.commands.run(room_id, room, worker, event.event_id, event.sender, command)
             return
-        if (saved := self.uploads.pop(room_id, None)) is not None:
-            prompt = Prompt(room_id, event.event_id, event.sender, text, hops, _uploads_note(saved))
         if (queued := worker.inbox.qsize()) >= room.max_queued:
             busy = f"busy: {queued} prompts are queued in this room; send it again later"
             await self._refuse(worker, prompt, busy, "prompt_refused_busy", queued=queued)
@@ -466,6 +465,7 @@ class Bot:
                 hops=hops,
                 synced_at=round(synced_at or time.time(), 6),
             )
+            self.uploads.pop(room_id, None)  # told to the agent with this prompt
             if worker.current is not None or worker.inbox.qsize():
                 await worker.batcher.put(React(prompt.event_id, QUEUED))
             worker.inbox.put_nowait(prompt)
@@ -493,13 +493,10 @@ class Bot:
             return
         info = event.source.get("content", {}).get("info") or {}
         marker = {"upload": event.event_id}
-        size = info.get("size") if isinstance(info.get("size"), int) else 0
         try:
-            if size > room.max_upload_bytes:
-                raise FileRefused(f"the file is {size:,} bytes; the limit is {room.max_upload_bytes:,}")
+            check_size(info.get("size") if isinstance(info.get("size"), int) else 0, room.max_upload_bytes)
             data = await self._download(event)
-            if len(data) > room.max_upload_bytes:
-                raise FileRefused(f"the file is {len(data):,} bytes; the limit is {room.max_upload_bytes:,}")
+            check_size(len(data), room.max_upload_bytes)
             worker.workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
             path = save_upload(worker.workdir, event.body, data)
         except (FileRefused, OSError) as exc:

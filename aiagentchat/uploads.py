@@ -19,6 +19,11 @@ class FileRefused(Exception):
     """Why a file cannot be saved or sent; the message is for the room."""
 
 
+def check_size(size: int, max_bytes: int, what: str = "the file") -> None:
+    if size > max_bytes:
+        raise FileRefused(f"{what} is {size:,} bytes; the limit is {max_bytes:,}")
+
+
 def safe_name(name: str) -> str:
     """A plain file name made from what a client says a file is called: no directories, no control or shell
     characters, no leading dot, not empty."""
@@ -64,9 +69,7 @@ def copy_for_sending(workdir: Path, requested: str, max_bytes: int, scratch: Pat
         raise FileRefused(f"`{requested}` is outside the working directory")
     if not target.is_file():
         raise FileRefused(f"`{requested}` is not a file in the working directory")
-    size = target.stat().st_size
-    if size > max_bytes:
-        raise FileRefused(f"`{requested}` is {size:,} bytes; the limit is {max_bytes:,}")
+    check_size(target.stat().st_size, max_bytes, f"`{requested}`")
     scratch.mkdir(parents=True, exist_ok=True, mode=0o700)
     copy = scratch / uuid.uuid4().hex
     source_fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW)
