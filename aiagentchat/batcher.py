@@ -10,12 +10,12 @@ import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 from aiagentchat import render
-from aiagentchat.outbox import UPLOAD_KEY, Outbox, Stats, reaction_content, redaction_content
+from aiagentchat.outbox import REF_KEY, UPLOAD_KEY, Outbox, Stats, reaction_content, redaction_content
 from aiagentchat.store import PromptState
 
 
@@ -56,8 +56,10 @@ class React:
 
 @dataclass(frozen=True)
 class Notice:
-    """An answer that goes out on its own, at once, outside any run: a command's reply, a saved upload; with
-    `file`, a file to upload and send after it (a private copy, deleted once uploaded)."""
+    """A message that goes out on its own, at once, as a reply: a command's answer, a saved upload, an approval
+    request (after what its run has shown so far). With `file`, a file to upload and send after it (a private
+    copy, deleted once uploaded); with `ref`, `event_of(ref)` tells its event id once it is sent; with
+    `mentions`, it is an `m.text` that mentions (notifies) those users instead of a quiet `m.notice`."""
 
     reply_to: str
     markdown: str
@@ -65,6 +67,8 @@ class Notice:
     file: Path | None = None
     file_name: str = ""
     mimetype: str = "application/octet-stream"
+    ref: str | None = None
+    mentions: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,7 @@ class EndOfRun:
 
 
 Item = Begin | Text | Block | EndOfRun | React | Notice
-DONE, FAILED, WORKING, QUEUED = "✅", "❌", "👀", "⏳"
+DONE, FAILED, WORKING, QUEUED, WAITING = "✅", "❌", "👀", "⏳", "✋"
 TRANSCRIPT_TYPE = "text/markdown"
 ITEMS_BUFFERED = 1024  # a full queue makes the room's runner wait: back-pressure, and the event loop stays fair
 
@@ -211,10 +215,13 @@ def file_content(path: Path, mimetype: str = TRANSCRIPT_TYPE, name: str | None =
 def _notice_contents(notice: Notice) -> list[dict[str, Any]]:
     """A notice's events: its text as `m.notice` replies to the event it answers, then its file if any."""
     reply = {"m.in_reply_to": {"event_id": notice.reply_to}}
+    mentions = {"m.mentions": {"user_ids": notice.mentions}, "msgtype": "m.text"} if notice.mentions else {}
     contents = [
-        content | {"msgtype": "m.notice", "m.relates_to": reply}
+        content | {"msgtype": "m.notice", "m.relates_to": reply} | mentions
         for content in render.message_contents(notice.markdown, notice.marker)
     ]
+    if notice.ref is not None:
+        contents[0][REF_KEY] = notice.ref
     if notice.file is not None:
         file = render.with_marker(file_content(notice.file, notice.mimetype, notice.file_name), notice.marker)
         contents.append(file | {"m.relates_to": reply})
@@ -275,6 +282,14 @@ class Batcher:
     @property
     def stats(self) -> Stats:
         return self._outbox.stats
+
+    def event_of(self, ref: str) -> str | None:
+        """The event id of a sent notice that has this `ref`."""
+        return self._outbox.event_of(ref)
+
+    def forget(self, ref: str) -> str | None:
+        """Stop tracking a notice's event (it will not be taken back); its event id if it was sent."""
+        return self._outbox.forget(ref)
 
     def backlog(self) -> int:
         """Events not yet delivered (queued in the outbox, or built and about to be)."""
@@ -351,7 +366,9 @@ class Batcher:
             case React(prompt_id=prompt_id, key=key):
                 self._react(prompt_id, key)
                 return
-            case Notice():
+            case Notice(reply_to=reply_to):
+                if reply_to == self._prompt_id:  # about the running prompt: after what it has shown so far
+                    self._flush(self._clock(), everything=True)
                 self._built.append((_notice_contents(item), None, None))
                 return
         if item.prompt_id != self._prompt_id:

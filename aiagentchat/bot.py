@@ -40,6 +40,7 @@ from nio.crypto import decrypt_attachment
 from nio.exceptions import EncryptionError
 
 from aiagentchat import commands
+from aiagentchat.approvals import Answer, Pending, RoomToolPolicy, reaction_verdict, text_verdict
 from aiagentchat.batcher import QUEUED, Batcher, Notice, React
 from aiagentchat.commands import Commands
 from aiagentchat.crypto import CRYPTO_ERRORS, Crypto, DeviceLock, crypto_dir, pickle_key
@@ -48,7 +49,7 @@ from aiagentchat.guard import ToolGuard
 from aiagentchat.processes import kill_leftover
 from aiagentchat.private import Credentials
 from aiagentchat.render import MARKER_KEY
-from aiagentchat.runner import RoomToolPolicy, RoomWorker
+from aiagentchat.runner import RoomWorker
 from aiagentchat.settings import RoomSettings, Settings
 from aiagentchat.store import Prompt, Store
 from aiagentchat.uploads import FileRefused, check_size, save_upload
@@ -203,6 +204,7 @@ class Bot:
         )
         self.rooms: dict[str, RoomSettings] = {}
         self.workers: dict[str, RoomWorker] = {}
+        self.policies: dict[str, RoomToolPolicy] = {}
         self.creators: dict[str, set[str]] = {}
         self._seen: set[str] = set()  # rooms recorded as watched, so a sync needs no write for them
         self.uploads: dict[str, list[str]] = {}  # room id → files saved since its last prompt, to tell the agent
@@ -283,7 +285,8 @@ class Bot:
         )
         workdir = self.settings.workdir_for(room).resolve()
         guard = ToolGuard(self.settings.paths.data_dir, workdir, room.allow_claude_config_writes)
-        return RoomWorker(room_id, claude, workdir, self.store, batcher, RoomToolPolicy(claude), guard)
+        policy = self.policies[room_id] = RoomToolPolicy(claude, room, room_id, self.store, batcher)
+        return RoomWorker(room_id, claude, workdir, self.store, batcher, policy, guard)
 
     def _batcher_of(self, room_id: str) -> Batcher | None:
         worker = self.workers.get(room_id)
@@ -425,6 +428,9 @@ class Bot:
             return
         if event.sender == self.client.user_id:
             return
+        if (answering := self._answer_to(room_id, room, event)) is not None:
+            await self._consider_answer(room_id, room, event, *answering)
+            return
         refusal = self._refusal(room_id, room, event) or await self.crypto.refusal(room_id, room, event)
         hops = self._hops(event)
         if refusal is None and hops >= room.max_hops:
@@ -469,6 +475,71 @@ class Bot:
             if worker.current is not None or worker.inbox.qsize():
                 await worker.batcher.put(React(prompt.event_id, QUEUED))
             worker.inbox.put_nowait(prompt)
+
+    def _answer_to(self, room_id: str, room: RoomSettings, event: Any) -> tuple[str, Pending | None] | None:
+        """If the event answers an approval request (a reaction or reply to it, or a plain yes/no/always while
+        one waits): the request's event id and the request if it still waits. Commands are never answers."""
+        policy = self.policies[room_id]
+        if isinstance(event, ReactionEvent):
+            target = event.reacts_to
+        elif isinstance(event, RoomMessageText):
+            if commands.parse(strip_reply_fallback(event.body), room.command_prefix) is not None:
+                return None
+            relates = event.source.get("content", {}).get("m.relates_to") or {}
+            target = (relates.get("m.in_reply_to") or {}).get("event_id")
+            waiting = policy.pending
+            if (
+                target is None
+                and waiting is not None
+                and not waiting.question
+                and event.sender in policy.answerers
+                and text_verdict(event.body)
+            ):
+                return "", waiting
+        else:
+            return None
+        if not isinstance(target, str):
+            return None
+        if (pending := policy.request_for(target)) is not None or policy.closed(target) is not None:
+            return target, pending
+        return None
+
+    async def _consider_answer(
+        self, room_id: str, room: RoomSettings, event: Any, target: str, pending: Pending | None
+    ) -> None:
+        """A reaction or reply to an approval request: only the room's approvers (or allowed users) decide."""
+        policy, worker = self.policies[room_id], self.workers[room_id]
+        refusal = self._refusal(room_id, room, event, policy.answerers) or await self.crypto.refusal(
+            room_id, room, event
+        )
+        if refusal is not None:
+            log.info(
+                "approval_answer_ignored", room_id=room_id, event_id=event.event_id, sender=event.sender, reason=refusal
+            )
+            return
+        if isinstance(event, ReactionEvent):
+            if event.key.startswith(STOP_REACTION):
+                worker.stop(event.sender)
+            elif pending is not None and (verdict := reaction_verdict(event.key)) is not None:
+                policy.answer(pending, Answer(verdict, event.sender))
+            return
+        if not await self.store.add_prompt(Prompt(room_id, event.event_id, event.sender, event.body, 0), "done"):
+            return
+        text = strip_reply_fallback(event.body).strip()
+        marker = {"command": event.event_id}
+        if pending is None:
+            outcome = policy.closed(target) or "it no longer waits"
+            await worker.batcher.put(Notice(event.event_id, f"That request was already decided: {outcome}", marker))
+            return
+        if pending.question:
+            declined = reaction_verdict(text) == "deny"
+            policy.answer(pending, Answer("deny" if declined else "allow", event.sender, "" if declined else text))
+            return
+        if (parsed := text_verdict(text)) is None:
+            usage = "Answer with `yes`, `no [reason]` or `always` (or react ✅ ❌ 🔁)."
+            await worker.batcher.put(Notice(event.event_id, usage, marker))
+            return
+        policy.answer(pending, Answer(parsed[0], event.sender, parsed[1]))
 
     async def _refuse(self, worker: RoomWorker, prompt: Prompt, reason: str, why: str, **details: Any) -> None:
         if await self.store.add_prompt(prompt, "refused"):
@@ -519,10 +590,14 @@ class Bot:
                 raise FileRefused(f"it could not be decrypted ({exc})") from exc
         return response.body
 
-    def _refusal(self, room_id: str, room: RoomSettings, event: Any) -> str | None:
-        """Why this event (a message, a reaction, a file) must not act on the agent, or None if it may."""
+    def _refusal(self, room_id: str, room: RoomSettings, event: Any, answerers: list[str] | None = None) -> str | None:
+        """Why this event (a message, a reaction, a file) must not act on the agent, or None if it may. With
+        `answerers`, it answers an approval request: only they may, and never an agent."""
         content = event.source.get("content", {})
-        if MARKER_KEY in content:
+        if answerers is not None:
+            if MARKER_KEY in content or event.sender not in answerers:
+                return "not one of the room's approvers"
+        elif MARKER_KEY in content:
             if event.sender not in room.allowed_bots:
                 return "output of an agent that is not in allowed_bots"
             if not isinstance(event, RoomMessageText) or prompt_text(event) is None:

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import structlog
 
+from aiagentchat.approvals import rule_text
 from aiagentchat.batcher import Notice
 from aiagentchat.runner import RoomWorker
 from aiagentchat.settings import RoomSettings
-from aiagentchat.store import Store
+from aiagentchat.store import Approval, Store
 from aiagentchat.uploads import FileRefused, copy_for_sending
 
 log = structlog.get_logger(__name__)
@@ -114,6 +115,8 @@ class Commands:
             lines.append(f"- **Running:** “{excerpt}” from {running.sender}, for {age:.0f} s")
         else:
             lines.append("- **Running:** nothing")
+        if (waiting := worker.policy.pending) is not None:
+            lines.append(f"- ✋ **Waiting for approval:** {waiting.what()}, asked {ago(waiting.asked_at)}")
         lines.append(f"- **Queued:** {worker.inbox.qsize()}")
         session = await self._store.session_id(room_id)
         if worker.fresh:
@@ -124,6 +127,11 @@ class Commands:
         lines.append(f"- **Cost today (UTC):** {await self._cost_line(room_id, room)}")
         if (refusal := await over_budget(self._store, room_id, room)) is not None:
             lines.append(f"- ⛔ Prompts are refused: {refusal}.")
+        if rules := await self._store.tool_rules(room_id):
+            lines.append(f"- **Allowed in this conversation (🔁):** {', '.join(rule_text(rule) for rule in rules)}")
+        if approvals := await self._store.approvals(room_id):
+            lines.append("- **Latest approvals:**")
+            lines += [f"  - {_approval_line(approval)}" for approval in approvals]
         return _answer("\n".join(lines))
 
     async def _cost(self, room_id: str, room: RoomSettings, worker: RoomWorker, sender: str, arg: str) -> Notice:
@@ -165,10 +173,30 @@ def _answer(markdown: str) -> Notice:
     return Notice("", markdown, {})
 
 
+def ago(at: float) -> str:
+    seconds = max(0, time.time() - at)
+    return f"{seconds:.0f} s ago" if seconds < 120 else f"{seconds / 60:.0f} min ago"
+
+
+_VERDICTS = {"allow": "✅ allowed once", "always": "🔁 allowed for the conversation", "deny": "❌ denied"}
+
+
+def _approval_line(approval: Approval) -> str:
+    verdict = _VERDICTS.get(approval.verdict, approval.verdict)
+    by = f" by {approval.by}" if approval.by else ""
+    reason = f" ({approval.reason})" if approval.reason else ""
+    return f"{approval.what}: {verdict}{by}{reason}, {ago(approval.at)}"
+
+
 def help_text(room: RoomSettings) -> str:
     prefix = room.command_prefix
     lines = ["**Commands**", *(f"- `{prefix}{name}`: {what}" for name, what in COMMANDS.items())]
     if room.aliases:
         lines += ["", "**Aliases**", *(f"- `{prefix}{name}` → {text}" for name, text in room.aliases.items())]
-    lines += ["", "React 🛑 to a prompt to stop it (or drop it if it waits). Anything else is a prompt."]
+    lines += [
+        "",
+        "React 🛑 to a prompt to stop it (or drop it if it waits). Answer an approval request by reacting ✅ ❌ 🔁 "
+        "or replying `yes`, `no [reason]`, `always`; answer the agent's question by replying. Anything else is a "
+        "prompt.",
+    ]
     return "\n".join(lines)

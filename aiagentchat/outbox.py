@@ -137,6 +137,12 @@ class Outbox:
         if ending is not None:
             log.info("run_ended", room_id=self.room_id, prompt=prompt_id, state=ended, queued=len(self._rows))
 
+    def event_of(self, ref: str) -> str | None:
+        return self._refs.get(ref)
+
+    def forget(self, ref: str) -> str | None:
+        return self._refs.pop(ref, None)
+
     @property
     def size(self) -> int:
         return len(self._rows)

@@ -11,12 +11,12 @@ import os
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 
+from aiagentchat.approvals import ToolDecision, ToolPolicy
 from aiagentchat.batcher import Batcher, Begin, Block, EndOfRun
 from aiagentchat.guard import ToolGuard
 from aiagentchat.processes import start_time, terminate_tree
@@ -31,32 +31,6 @@ EVENTS_BUFFERED = 256
 KILL_WAIT_S = 3.0
 GUARD_HOOK = "aiagentchat-guard"
 HOPS_VARIABLE = "AIAGENTCHAT_HOPS"
-
-
-@dataclass(frozen=True)
-class ToolDecision:
-    allow: bool
-    message: str = ""
-
-
-class ToolPolicy(Protocol):
-    """Decides a `can_use_tool` request of the agent. Asking a person will plug in here."""
-
-    async def decide(self, prompt: Prompt, tool_name: str, tool_input: dict[str, Any]) -> ToolDecision: ...
-
-
-class RoomToolPolicy:
-    """The room's static policy: a tool named in allowed_tools is allowed, anything else is denied."""
-
-    def __init__(self, claude: ClaudeSettings) -> None:
-        self._allowed = set(claude.allowed_tools)
-
-    async def decide(self, prompt: Prompt, tool_name: str, tool_input: dict[str, Any]) -> ToolDecision:
-        if tool_name in self._allowed:
-            return ToolDecision(True)
-        return ToolDecision(
-            False, f"{tool_name} is not in this room's allowed_tools, so aiagentchat denied it."
-        )
 
 
 def agent_environment(patterns: list[str], source: Mapping[str, str]) -> dict[str, str]:
@@ -279,11 +253,12 @@ class RoomWorker:
         await self.batcher.put(EndOfRun(prompt.event_id, run_summary(None, reason), "refused"))
 
     def stop(self, by: str) -> bool:
-        """Interrupt the running prompt (`!stop`, 🛑); False if none runs."""
+        """Interrupt the running prompt (`!stop`, 🛑); False if none runs. A request waiting for approval is
+        denied first; the run stops once the agent has that answer."""
         if self.current is None:
             return False
         self._stopped_by = by
-        if self._deadline is not None and not self._deadline.expired():
+        if not self.policy.cancel(f"stopped by {by}") and self._deadline is not None and not self._deadline.expired():
             self._deadline.reschedule(asyncio.get_running_loop().time())
         return True
 
@@ -377,7 +352,7 @@ class RoomWorker:
         if self.fresh:
             self.fresh = False
             await self._close_agent("new conversation")
-            await self.store.set_session_id(self.room_id, None)
+            await self.store.new_conversation(self.room_id)
         agent = self.agent
         if agent is not None and agent.alive and agent.hops == prompt.hops and agent.model == self.model:
             return agent
@@ -412,7 +387,7 @@ class RoomWorker:
         while translator.result is None:
             event = await self._next_event_watched(agent, prompt)
             if event.get("type") == "control_request":
-                await self._answer_control(agent, prompt, translator, event)
+                await self._answer_control(agent, prompt, event)
                 continue
             for item in translator.feed(event):
                 await self.batcher.put(item)
@@ -434,7 +409,7 @@ class RoomWorker:
                 await self.batcher.put(Block(prompt.event_id, f"⏳ No output from the agent for {silent_s:g} s."))
 
     async def _answer_control(
-        self, agent: AgentProcess, prompt: Prompt, translator: Translator, event: dict[str, Any]
+        self, agent: AgentProcess, prompt: Prompt, event: dict[str, Any], *, stopping: bool = False
     ) -> None:
         request = event.get("request") or {}
         request_id = event.get("request_id")
@@ -455,19 +430,39 @@ class RoomWorker:
             return
         tool_name = str(request.get("tool_name", ""))
         tool_input = request.get("input") if isinstance(request.get("input"), dict) else {}
-        decision = await self.policy.decide(prompt, tool_name, tool_input)
+        if stopping:
+            decision = ToolDecision(False, "The run is being stopped.")
+        else:
+            decision = await self._decide(prompt, tool_name, tool_input)
         log.info("tool_decision", tool=tool_name, allow=decision.allow)
         if decision.allow:
-            response = {"behavior": "allow", "updatedInput": tool_input}
+            response = {"behavior": "allow", "updatedInput": decision.updated_input or tool_input}
         else:
             response = {"behavior": "deny", "message": decision.message}
-            await self.batcher.put(Block(prompt.event_id, f"🚫 {tool_name} denied: {decision.message}"))
+            if not decision.told:
+                await self.batcher.put(Block(prompt.event_id, f"🚫 {tool_name} denied: {decision.message}"))
         await agent.write(
             {
                 "type": "control_response",
                 "response": {"subtype": "success", "request_id": request_id, "response": response},
             }
         )
+        if self._stopped_by is not None and self._deadline is not None and not self._deadline.expired():
+            self._deadline.reschedule(asyncio.get_running_loop().time())
+
+    async def _decide(self, prompt: Prompt, tool_name: str, tool_input: dict[str, Any]) -> ToolDecision:
+        """The policy's decision; the run's time limit is paused while people are asked."""
+        deadline, loop = self._deadline, asyncio.get_running_loop()
+        when = deadline.when() if deadline is not None else None
+        if deadline is None or when is None:
+            return await self.policy.decide(prompt, tool_name, tool_input)
+        left = when - loop.time()
+        deadline.reschedule(None)
+        try:
+            return await self.policy.decide(prompt, tool_name, tool_input)
+        finally:
+            if not deadline.expired():
+                deadline.reschedule(loop.time() + left)
 
     async def _answer_guard_hook(
         self, agent: AgentProcess, prompt: Prompt, request_id: Any, hook_input: dict[str, Any]
@@ -504,7 +499,7 @@ class RoomWorker:
                 while translator.result is None:
                     event = await agent.next_event()
                     if event.get("type") == "control_request":
-                        await self._answer_control(agent, prompt, translator, event)
+                        await self._answer_control(agent, prompt, event, stopping=True)
                     elif event.get("type") == "result":
                         translator.feed(event)
         if translator.result is None:
@@ -516,7 +511,7 @@ class RoomWorker:
         description = agent.exit_description()
         log.warning("agent_exited", detail=description)
         if agent.resumed and not agent.saw_output:
-            await self.store.set_session_id(self.room_id, None)
+            await self.store.new_conversation(self.room_id)
             await self.batcher.put(
                 Block(
                     prompt.event_id,

@@ -91,6 +91,9 @@ class RoomSettings(_Strict):
     budget_usd_per_day: float | None = Field(default=None, ge=0)  # per UTC day; then prompts are refused
     reactions: bool = True  # 👀 / ⏳ / ✅ / ❌ on each prompt
     max_upload_bytes: int = Field(default=20_000_000, ge=0)  # files users upload, and files `!get` sends
+    unlisted_tools: Literal["ask", "deny"] = "ask"  # a tool neither allowed nor denied: ask the room, or deny
+    approvers: list[str] = Field(default_factory=list)  # who may answer approval requests (default allowed_users)
+    approval_timeout_s: float = Field(default=300.0, gt=0)  # then the request is denied and the room told
     binary: str | None = None
     permission_mode: PermissionMode | None = None
     allowed_tools: list[str] | None = None

@@ -27,6 +27,15 @@ class Prompt:
 
 
 @dataclass(frozen=True)
+class Approval:
+    what: str  # the tool and its command, or the agent's question
+    verdict: str  # allow, deny, always
+    by: str  # who answered; empty when nobody did in time or the run was stopped
+    reason: str
+    at: float  # seconds since the epoch
+
+
+@dataclass(frozen=True)
 class OutboxRow:
     """An event accepted for sending: its transaction id is fixed before the first attempt."""
 
@@ -105,7 +114,32 @@ async def _v3(db: aiosqlite.Connection) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[aiosqlite.Connection], Awaitable[None]]] = [_v1, _v2, _v3]
+async def _v4(db: aiosqlite.Connection) -> None:
+    await db.executescript(
+        """
+        CREATE TABLE approvals (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            room_id TEXT NOT NULL,
+            prompt_id TEXT NOT NULL,
+            what TEXT NOT NULL,
+            verdict TEXT NOT NULL,
+            by TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            at_ms INTEGER NOT NULL
+        );
+        CREATE INDEX approvals_by_room ON approvals (room_id, seq);
+        CREATE TABLE tool_rules (
+            room_id TEXT NOT NULL,
+            rule TEXT NOT NULL,
+            by TEXT NOT NULL,
+            at_ms INTEGER NOT NULL,
+            PRIMARY KEY (room_id, rule)
+        );
+        """
+    )
+
+
+MIGRATIONS: list[Callable[[aiosqlite.Connection], Awaitable[None]]] = [_v1, _v2, _v3, _v4]
 
 
 def _now_ms() -> int:
@@ -299,14 +333,49 @@ class Store:
             row = await cursor.fetchone()
         return row[0] if row else None
 
-    async def set_session_id(self, room_id: str, session_id: str | None) -> None:
-        if session_id is None:
-            await self._db.execute("DELETE FROM sessions WHERE room_id = ?", (room_id,))
-        else:
-            await self._db.execute(
-                "INSERT INTO sessions (room_id, session_id, updated_ms) VALUES (?, ?, ?) "
-                "ON CONFLICT(room_id) DO UPDATE SET session_id = excluded.session_id, "
-                "updated_ms = excluded.updated_ms",
-                (room_id, session_id, _now_ms()),
-            )
+    async def set_session_id(self, room_id: str, session_id: str) -> None:
+        await self._db.execute(
+            "INSERT INTO sessions (room_id, session_id, updated_ms) VALUES (?, ?, ?) "
+            "ON CONFLICT(room_id) DO UPDATE SET session_id = excluded.session_id, updated_ms = excluded.updated_ms",
+            (room_id, session_id, _now_ms()),
+        )
         await self._db.commit()
+
+    async def new_conversation(self, room_id: str) -> None:
+        """Forget the room's session and the tool rules given in it (🔁): the next prompt starts afresh."""
+        await self._db.execute("DELETE FROM sessions WHERE room_id = ?", (room_id,))
+        await self._db.execute("DELETE FROM tool_rules WHERE room_id = ?", (room_id,))
+        await self._db.commit()
+
+    async def add_tool_rule(self, room_id: str, rule: str, by: str) -> None:
+        """A tool (or Bash command prefix) allowed for the rest of the conversation."""
+        await self._db.execute(
+            "INSERT OR REPLACE INTO tool_rules (room_id, rule, by, at_ms) VALUES (?, ?, ?, ?)",
+            (room_id, rule, by, _now_ms()),
+        )
+        await self._db.commit()
+
+    async def tool_rules(self, room_id: str) -> list[str]:
+        async with self._db.execute(
+            "SELECT rule FROM tool_rules WHERE room_id = ? ORDER BY at_ms", (room_id,)
+        ) as cursor:
+            return [rule for (rule,) in await cursor.fetchall()]
+
+    async def add_approval(self, room_id: str, prompt_id: str, what: str, verdict: str, by: str, reason: str) -> None:
+        """A decision on an approval request: who gave it (empty: nobody, it timed out or the run stopped)."""
+        await self._db.execute(
+            "INSERT INTO approvals (room_id, prompt_id, what, verdict, by, reason, at_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (room_id, prompt_id, what, verdict, by, reason, _now_ms()),
+        )
+        await self._db.commit()
+
+    async def approvals(self, room_id: str, limit: int = 5) -> list[Approval]:
+        """The room's latest approval decisions, newest first."""
+        async with self._db.execute(
+            "SELECT what, verdict, by, reason, at_ms FROM approvals WHERE room_id = ? ORDER BY seq DESC LIMIT ?",
+            (room_id, limit),
+        ) as cursor:
+            return [
+                Approval(what, verdict, by, reason, at_ms / 1000)
+                for what, verdict, by, reason, at_ms in await cursor.fetchall()
+            ]

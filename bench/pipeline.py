@@ -18,10 +18,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from aiagentchat.approvals import RoomToolPolicy
 from aiagentchat.batcher import Batcher
 from aiagentchat.guard import ToolGuard
 from aiagentchat.outbox import Outbox, SendFailed, SendOutcome, Sent
-from aiagentchat.runner import RoomToolPolicy, RoomWorker
+from aiagentchat.runner import RoomWorker
 from aiagentchat.settings import ClaudeSettings
 from aiagentchat.store import Prompt, Store
 from bench import FAKE_CLAUDE

@@ -15,8 +15,8 @@ from structlog.testing import capture_logs
 
 from aiagentchat.batcher import Batcher, Begin, Block, EndOfRun, Item, Notice, PendingText, React, Text
 from aiagentchat.outbox import Outbox, RateLimited, SendFailed, SendOutcome, Sent, redaction_content
-from aiagentchat.store import Store
 from aiagentchat.render import MAX_CHUNK_BYTES, MAX_CONTENT_BYTES, content_size
+from aiagentchat.store import Store
 
 pytestmark = pytest.mark.anyio
 ROOM = "!room:example.org"
@@ -635,3 +635,20 @@ async def test_a_redaction_of_an_event_sent_before_a_restart_is_dropped(tmp_path
         assert kinds(room.calls) == ["m.text"] and await store.outbox(ROOM) == []
     finally:
         await store.close()
+
+
+async def test_a_request_about_the_running_prompt_follows_its_output_notifies_and_can_be_found() -> None:
+    room = FakeRoom()
+    async with running(room) as batcher:
+        await room.put(batcher, Begin("$p", {}), Text("$p", "working on it, half a li"))
+        request = Notice("$p", "🔐 **Approval needed**", {"approval": "k"}, ref="approval:k", mentions=["@u:x"])
+        await room.put(batcher, request)
+        await room.until(lambda: batcher.event_of("approval:k") is not None)
+        assert batcher.event_of("approval:k") == "$event2"
+        assert batcher.forget("approval:k") == "$event2" and batcher.event_of("approval:k") is None
+        await close(room, batcher)
+    output, asked = room.calls[0], room.calls[1]
+    assert output.body == "working on it, half a li"  # flushed first, partial line and all
+    assert asked.content["msgtype"] == "m.text" and asked.content["m.mentions"] == {"user_ids": ["@u:x"]}
+    assert asked.content["m.relates_to"] == {"m.in_reply_to": {"event_id": "$p"}}
+    assert "org.aiagentchat.ref" not in asked.content

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from aiagentchat.approvals import RoomToolPolicy
 from aiagentchat.batcher import Begin, Block, EndOfRun, Text
 from aiagentchat.guard import ToolGuard
-from aiagentchat.runner import RoomToolPolicy, RoomWorker, agent_environment
+from aiagentchat.runner import RoomWorker, agent_environment
 from aiagentchat.settings import ClaudeSettings
-from aiagentchat.store import OutboxRow, Prompt, Store
+from aiagentchat.store import OutboxRow, Prompt
 
 pytestmark = pytest.mark.anyio
 FAKE = Path(__file__).parent / "fakes" / "fake_claude.py"
@@ -41,13 +42,6 @@ class Recorder:
             elif isinstance(item, Block) and item.prompt_id == prompt_id:
                 parts.append("\n" + item.markdown + "\n")
         return "".join(parts)
-
-
-@pytest.fixture
-async def store(tmp_path):
-    store = await Store.open(tmp_path / "db.sqlite")
-    yield store
-    await store.close()
 
 
 def fake_claude(tmp_path: Path, **overrides) -> ClaudeSettings:

@@ -37,8 +37,25 @@ async def test_session_can_be_forgotten(tmp_path):
     await store.set_session_id(ROOM, "one")
     await store.set_session_id(ROOM, "two")
     assert await store.session_id(ROOM) == "two"
-    await store.set_session_id(ROOM, None)
+    await store.add_tool_rule(ROOM, "Bash:git status", "@u:x")
+    await store.add_tool_rule("!other:x", "Write", "@u:x")
+    assert await store.tool_rules(ROOM) == ["Bash:git status"]
+    await store.new_conversation(ROOM)
     assert await store.session_id(ROOM) is None
+    assert await store.tool_rules(ROOM) == []
+    assert await store.tool_rules("!other:x") == ["Write"]
+    await store.close()
+
+
+async def test_approvals_are_recorded_newest_first(tmp_path):
+    store = await Store.open(tmp_path / "s.db")
+    for n in range(7):
+        await store.add_approval(ROOM, "$p", f"Bash `touch {n}`", "deny" if n % 2 else "allow", "@u:x", f"r{n}")
+    await store.add_approval("!other:x", "$q", "Write", "always", "@v:x", "")
+    latest = await store.approvals(ROOM, limit=5)
+    assert [a.what for a in latest] == [f"Bash `touch {n}`" for n in (6, 5, 4, 3, 2)]
+    assert (latest[1].verdict, latest[1].by, latest[1].reason) == ("deny", "@u:x", "r5")
+    assert [a.verdict for a in await store.approvals("!other:x")] == ["always"]
     await store.close()
 
 

@@ -1,6 +1,7 @@
 """An encrypted Matrix device for tests, with the few things a test needs that a polite client never does:
-withholding a message's room key from one device and handing it over later, answering a key request, and
-running SAS verification (started by it, Element-style with a request first, or accepted).
+withholding a message's room key from one device and handing it over later, answering a key request, sending a
+reaction encrypted (as Element does), and running SAS verification (started by it, Element-style with a request
+first, or accepted).
 
     user = E2EUser(tmp_path / "store")
     await user.login(base_url, mxid, password)
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-from nio import RoomKeyRequest, ToDeviceError, ToDeviceMessage
+from nio import Api, RoomKeyRequest, RoomSendResponse, ToDeviceError, ToDeviceMessage
 from nio.crypto import OlmDevice, Sas
 
 from tests.harness.matrix_user import MatrixUser
@@ -50,6 +51,17 @@ class E2EUser(MatrixUser):
         client.olm.users_for_key_query.add(user_id)
         await self.wait_for(lambda _: len(known()) == 1, timeout=timeout)
         return known()[0]
+
+    async def send_encrypted(self, room_id: str, event_type: str, content: dict[str, Any]) -> str:
+        """Send any event encrypted, as Element does; nio's `room_send` leaves reactions in the clear."""
+        client = self._client()
+        if client.olm.should_share_group_session(room_id):
+            await client.share_group_session(room_id, ignore_unverified_devices=True)
+        kind, payload = client.encrypt(room_id, event_type, content)
+        method, path, data = Api.room_send(client.access_token, room_id, kind, payload, uuid.uuid4())
+        response = await client._send(RoomSendResponse, method, path, data, (room_id,))
+        assert isinstance(response, RoomSendResponse), response
+        return response.event_id
 
     async def raw_event(self, room_id: str, event_id: str) -> dict[str, Any]:
         """The event exactly as the homeserver holds it (what went over the wire)."""

@@ -17,6 +17,8 @@ holds only tool_result blocks continues the script of the turn that started it.
                        characters).
 - `write <absolute path> <text...>` -> a `tool_use` block for `Write` with input
                        `{"file_path": "<path>", "content": "<text...>"}`; continuation as for `bash`.
+- `ask <question>`   -> a `tool_use` block for `AskUserQuestion` with one question and the options `red`,
+                       `blue`; continuation as for `bash`.
 - `slow <n>`        -> text `w1 w2 ... wn`, one word per delta every 0.2 s.
 - `hang`            -> sends nothing (not even headers) and holds the request until the client disconnects.
 - `fail400`         -> HTTP 400 with an Anthropic-style error JSON.
@@ -207,7 +209,7 @@ def script_answer(parsed: Parsed) -> Answer:
     word = word.lower()
     rest = rest.strip()
     if parsed.continuation:
-        if word in ("bash", "write"):
+        if word in ("bash", "write", "ask"):
             return text_answer("tool said: " + parsed.tool_result[:500])
         return text_answer("ok")
     if word == "say":
@@ -219,6 +221,10 @@ def script_answer(parsed: Parsed) -> Answer:
     if word == "write" and len(rest.split(maxsplit=1)) == 2:
         path, content = rest.split(maxsplit=1)
         return Answer([ToolUse("Write", {"file_path": path, "content": content})], stop_reason="tool_use")
+    if word == "ask" and rest:
+        options = [{"label": label, "description": f"answer {label}"} for label in ("red", "blue")]
+        question = {"question": rest, "header": "Question", "options": options, "multiSelect": False}
+        return Answer([ToolUse("AskUserQuestion", {"questions": [question]})], stop_reason="tool_use")
     if word == "slow":
         n = int(rest) if rest.isdigit() else 5
         return text_answer(" ".join(f"w{i}" for i in range(1, n + 1)), delay=0.2)

