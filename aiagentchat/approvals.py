@@ -189,6 +189,7 @@ class Pending:
     tool_name: str
     tool_input: dict[str, Any]
     question: bool
+    thread: str | None = None  # the thread the request goes in, if any
     key: str = field(default_factory=lambda: uuid.uuid4().hex)
     asked_at: float = field(default_factory=time.time)
     answer: asyncio.Future[Answer] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
@@ -244,11 +245,12 @@ class RoomToolPolicy:
                 return ToolDecision(False, "Nobody can answer questions in this room: decide yourself and say so.")
             return ToolDecision(False, f"{tool_name} is not in this room's allowed_tools, so aiagentchat denied it.")
         if not question:
-            rules = await self._store.tool_rules(self._room_id)
+            rules = await self._store.tool_rules(prompt.conversation(self._room.session_scope))
             if (rule := next((r for r in rules if rule_allows(r, tool_name, tool_input)), None)) is not None:
                 log.info("tool_allowed_by_rule", tool=tool_name, rule=rule)
                 return ToolDecision(True)
-        return await self._ask(prompt, Pending(prompt.event_id, tool_name, tool_input, question))
+        thread = prompt.output_thread(self._room.reply_mode)
+        return await self._ask(prompt, Pending(prompt.event_id, tool_name, tool_input, question, thread))
 
     async def _ask(self, prompt: Prompt, pending: Pending) -> ToolDecision:
         assert self._room is not None and self._store is not None and self._batcher is not None
@@ -257,7 +259,10 @@ class RoomToolPolicy:
         log.info("approval_asked", tool=pending.tool_name, key=pending.key)
         text = self._request_text(pending)
         mentions = self.answerers
-        await batcher.put(Notice(prompt.event_id, text, {"approval": pending.key}, ref=pending.ref, mentions=mentions))
+        marker = {"approval": pending.key}
+        await batcher.put(
+            Notice(prompt.event_id, text, marker, ref=pending.ref, mentions=mentions, thread=pending.thread)
+        )
         await batcher.put(React(prompt.event_id, WAITING))
         try:
             answer = await asyncio.wait_for(pending.answer, room.approval_timeout_s)
@@ -268,7 +273,8 @@ class RoomToolPolicy:
         decision, outcome = self._decision(pending, answer)
         decision = dataclasses.replace(decision, told=True)
         if answer.verdict == "always" and not pending.question:
-            await self._store.add_tool_rule(self._room_id, rule_for(pending.tool_name, pending.tool_input), answer.by)
+            rule = rule_for(pending.tool_name, pending.tool_input)
+            await self._store.add_tool_rule(prompt.conversation(room.session_scope), rule, answer.by)
         request_event = batcher.forget(pending.ref)
         if request_event is not None:
             self._closed[request_event] = outcome

@@ -38,11 +38,13 @@ class Block:
 @dataclass(frozen=True)
 class Begin:
     """A prompt's run starts: `marker` fields go into the `org.aiagentchat` key of each of its events; with
-    `react`, the prompt gets 👀 (when the room has reactions on)."""
+    `react`, the prompt gets 👀 (when the room has reactions on); with `thread`, its events go in the thread
+    with that root."""
 
     prompt_id: str
     marker: dict[str, Any]
     react: bool = True
+    thread: str | None = None
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,7 @@ class Notice:
     mimetype: str = "application/octet-stream"
     ref: str | None = None
     mentions: list[str] = field(default_factory=list)
+    thread: str | None = None  # the root of the thread it goes in, if any
 
 
 @dataclass(frozen=True)
@@ -212,9 +215,18 @@ def file_content(path: Path, mimetype: str = TRANSCRIPT_TYPE, name: str | None =
     }
 
 
+def relation(reply_to: str, thread: str | None, *, fallback: bool) -> dict[str, Any]:
+    """`m.relates_to` of a reply to `reply_to`, in the thread rooted at `thread` if any; with `fallback`, the
+    reply is only what clients without threads show (the event continues the thread, it answers nothing)."""
+    reply = {"m.in_reply_to": {"event_id": reply_to}}
+    if thread is None:
+        return reply
+    return {"rel_type": "m.thread", "event_id": thread, "is_falling_back": fallback} | reply
+
+
 def _notice_contents(notice: Notice) -> list[dict[str, Any]]:
     """A notice's events: its text as `m.notice` replies to the event it answers, then its file if any."""
-    reply = {"m.in_reply_to": {"event_id": notice.reply_to}}
+    reply = relation(notice.reply_to, notice.thread, fallback=False)
     mentions = {"m.mentions": {"user_ids": notice.mentions}, "msgtype": "m.text"} if notice.mentions else {}
     contents = [
         content | {"msgtype": "m.notice", "m.relates_to": reply} | mentions
@@ -272,6 +284,7 @@ class Batcher:
         self._closed = asyncio.Event()
         self._prompt_id: str | None = None
         self._markers: dict[str, dict[str, Any]] = {}
+        self._threads: dict[str, str] = {}  # prompt id → the root of the thread its run's events go in
         self._pending = PendingText()
         self._reopen = ""
         self._after_block = False
@@ -375,8 +388,10 @@ class Batcher:
             self._flush(self._clock(), everything=True)
             self._prompt_id = item.prompt_id
         match item:
-            case Begin(marker=marker, react=react):
+            case Begin(marker=marker, react=react, thread=thread):
                 self._markers[item.prompt_id] = marker
+                if thread is not None:
+                    self._threads[item.prompt_id] = thread
                 if react:
                     self._react(item.prompt_id, WORKING)
             case Text(text=text):
@@ -397,6 +412,7 @@ class Batcher:
             case EndOfRun(state=state):
                 self._flush(self._clock(), everything=True, end=item)
                 self._markers.pop(item.prompt_id, None)
+                self._threads.pop(item.prompt_id, None)
                 self._react(item.prompt_id, DONE if state == "done" else FAILED, final=True)
 
     def _react(self, prompt_id: str, key: str, *, final: bool = False) -> None:
@@ -454,6 +470,9 @@ class Batcher:
                 contents[-1] = last
             else:
                 contents.append(render.notice_content("(end of run)", closing))
+        if (thread := self._threads.get(self._prompt_id or "")) is not None:
+            in_thread = relation(self._prompt_id or "", thread, fallback=True)
+            contents = [content | {"m.relates_to": in_thread} for content in contents]
         if contents or end is not None:
             self._built.append((contents, self._prompt_id, end.state if end is not None else None))
         if everything:

@@ -87,6 +87,22 @@ def strip_reply_fallback(body: str) -> str:
     return _REPLY_FALLBACK.sub("", body, count=1)
 
 
+def thread_of(event: Any) -> str:
+    """The root of the thread the event was posted in; "" for the room's main timeline."""
+    relates = event.source.get("content", {}).get("m.relates_to") or {}
+    root = relates.get("event_id") if relates.get("rel_type") == "m.thread" else None
+    return root if isinstance(root, str) else ""
+
+
+def replied_to(event: Any) -> str | None:
+    """The event this one is a reply to; None when it is none, or only a thread's fallback for old clients."""
+    relates = event.source.get("content", {}).get("m.relates_to") or {}
+    if relates.get("is_falling_back") is True:
+        return None
+    target = (relates.get("m.in_reply_to") or {}).get("event_id")
+    return target if isinstance(target, str) else None
+
+
 def prompt_text(event: RoomMessageText) -> str | None:
     """What the agent is asked: a person's message without its reply fallback, or, from another agent, the
     result of its run's final event (None for any other event of that agent: its streamed output, a
@@ -286,7 +302,9 @@ class Bot:
         workdir = self.settings.workdir_for(room).resolve()
         guard = ToolGuard(self.settings.paths.data_dir, workdir, room.allow_claude_config_writes)
         policy = self.policies[room_id] = RoomToolPolicy(claude, room, room_id, self.store, batcher)
-        return RoomWorker(room_id, claude, workdir, self.store, batcher, policy, guard)
+        return RoomWorker(
+            room_id, claude, workdir, self.store, batcher, policy, guard, room.reply_mode, room.session_scope
+        )
 
     def _batcher_of(self, room_id: str) -> Batcher | None:
         worker = self.workers.get(room_id)
@@ -450,10 +468,11 @@ class Bot:
         if command is not None and (alias := room.aliases.get(command.word)) is not None:
             text, command = f"{alias} {command.argument}".strip(), None
         saved = self.uploads.get(room_id) if command is None else None
-        prompt = Prompt(room_id, event.event_id, event.sender, text, hops, _uploads_note(saved) if saved else "")
+        note = _uploads_note(saved) if saved else ""
+        prompt = Prompt(room_id, event.event_id, event.sender, text, hops, note, thread_of(event))
         if command is not None:
             if await self.store.add_prompt(prompt, "done"):  # recorded: a command is never run twice either
-                await self.commands.run(room_id, room, worker, event.event_id, event.sender, command)
+                await self.commands.run(room_id, room, worker, prompt, command)
             return
         if (queued := worker.inbox.qsize()) >= room.max_queued:
             busy = f"busy: {queued} prompts are queued in this room; send it again later"
@@ -485,17 +504,14 @@ class Bot:
         elif isinstance(event, RoomMessageText):
             if commands.parse(strip_reply_fallback(event.body), room.command_prefix) is not None:
                 return None
-            relates = event.source.get("content", {}).get("m.relates_to") or {}
-            target = (relates.get("m.in_reply_to") or {}).get("event_id")
+            target = replied_to(event)
             waiting = policy.pending
-            if (
-                target is None
-                and waiting is not None
-                and not waiting.question
-                and event.sender in policy.answerers
-                and text_verdict(event.body)
-            ):
-                return "", waiting
+            if target is None and waiting is not None and event.sender in policy.answerers:
+                # not a reply: a plain yes/no/always answers the waiting request, and in the request's own
+                # thread any message answers the agent's question
+                in_its_thread = waiting.thread is not None and thread_of(event) == waiting.thread
+                if text_verdict(event.body) if not waiting.question else in_its_thread:
+                    return "", waiting
         else:
             return None
         if not isinstance(target, str):
@@ -529,7 +545,8 @@ class Bot:
         marker = {"command": event.event_id}
         if pending is None:
             outcome = policy.closed(target) or "it no longer waits"
-            await worker.batcher.put(Notice(event.event_id, f"That request was already decided: {outcome}", marker))
+            decided = f"That request was already decided: {outcome}"
+            await worker.batcher.put(Notice(event.event_id, decided, marker, thread=thread_of(event) or None))
             return
         if pending.question:
             declined = reaction_verdict(text) == "deny"
@@ -537,7 +554,7 @@ class Bot:
             return
         if (parsed := text_verdict(text)) is None:
             usage = "Answer with `yes`, `no [reason]` or `always` (or react ✅ ❌ 🔁)."
-            await worker.batcher.put(Notice(event.event_id, usage, marker))
+            await worker.batcher.put(Notice(event.event_id, usage, marker, thread=thread_of(event) or None))
             return
         policy.answer(pending, Answer(parsed[0], event.sender, parsed[1]))
 
@@ -572,12 +589,13 @@ class Bot:
             path = save_upload(worker.workdir, event.body, data)
         except (FileRefused, OSError) as exc:
             log.warning("upload_refused", room_id=room_id, event_id=event.event_id, reason=str(exc))
-            await worker.batcher.put(Notice(event.event_id, f"⛔ File not saved: {exc}.", marker))
+            refused = f"⛔ File not saved: {exc}."
+            await worker.batcher.put(Notice(event.event_id, refused, marker, thread=thread_of(event) or None))
             return
         log.info("upload_saved", room_id=room_id, event_id=event.event_id, path=path, bytes=len(data))
         self.uploads.setdefault(room_id, []).append(f"{path} ({len(data):,} bytes)")
         notice = f"📎 Saved as `{path}` ({len(data):,} bytes); the next prompt tells the agent where it is."
-        await worker.batcher.put(Notice(event.event_id, notice, marker))
+        await worker.batcher.put(Notice(event.event_id, notice, marker, thread=thread_of(event) or None))
 
     async def _download(self, event: Any) -> bytes:
         response = await self.client.download(mxc=event.url)

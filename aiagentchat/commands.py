@@ -17,7 +17,7 @@ from aiagentchat.approvals import rule_text
 from aiagentchat.batcher import Notice
 from aiagentchat.runner import RoomWorker
 from aiagentchat.settings import RoomSettings
-from aiagentchat.store import Approval, Store
+from aiagentchat.store import Approval, Prompt, Store
 from aiagentchat.uploads import FileRefused, copy_for_sending
 
 log = structlog.get_logger(__name__)
@@ -81,18 +81,16 @@ class Commands:
         self._store = store
         self._scratch = scratch  # private copies of files on their way to the room
 
-    async def run(
-        self, room_id: str, room: RoomSettings, worker: RoomWorker, event_id: str, sender: str, command: Command
-    ) -> None:
-        log.info("command", room_id=room_id, command=command.word, sender=sender)
-        marker = {"command": event_id}
+    async def run(self, room_id: str, room: RoomSettings, worker: RoomWorker, asked: Prompt, command: Command) -> None:
+        """Answer the command `asked` carries, in reply to it (in its thread, if it was posted in one)."""
+        log.info("command", room_id=room_id, command=command.word, sender=asked.sender)
         handler = getattr(self, f"_{command.word}", None) if command.word in _NAMES else None
         if handler is None:
-            text = f"Unknown command `{room.command_prefix}{command.word}`.\n\n{help_text(room)}"
-            await worker.batcher.put(Notice(event_id, text, marker))
-            return
-        notice = await handler(room_id, room, worker, sender, command.argument)
-        await worker.batcher.put(dataclasses.replace(notice, reply_to=event_id, marker=marker))
+            notice = _answer(f"Unknown command `{room.command_prefix}{command.word}`.\n\n{help_text(room)}")
+        else:
+            notice = await handler(room_id, room, worker, asked.sender, command.argument)
+        reply = {"reply_to": asked.event_id, "marker": {"command": asked.event_id}, "thread": asked.thread or None}
+        await worker.batcher.put(dataclasses.replace(notice, **reply))
 
     async def _help(self, room_id: str, room: RoomSettings, worker: RoomWorker, sender: str, arg: str) -> Notice:
         return _answer(help_text(room))
@@ -119,7 +117,9 @@ class Commands:
             lines.append(f"- ✋ **Waiting for approval:** {waiting.what()}, asked {ago(waiting.asked_at)}")
         lines.append(f"- **Queued:** {worker.inbox.qsize()}")
         session = await self._store.session_id(room_id)
-        if worker.fresh:
+        if room.session_scope == "thread":
+            lines.append("- **Session:** one per thread; a new top-level message starts one")
+        elif worker.fresh:
             lines.append("- **Session:** a new conversation starts with the next prompt")
         else:
             lines.append(f"- **Session:** `{session}`" if session else "- **Session:** none yet")

@@ -81,8 +81,11 @@ class AgentStalled(Exception):
 class AgentProcess:
     """A live CLI process in bidirectional stream-json mode."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, resumed: bool, hops: int, model: str | None) -> None:
+    def __init__(
+        self, proc: asyncio.subprocess.Process, resumed: bool, hops: int, model: str | None, conversation: str
+    ) -> None:
         self.proc = proc
+        self.conversation = conversation  # whose session it carries on: `Prompt.conversation`
         self.resumed = resumed
         self.hops = hops
         self.model = model
@@ -95,7 +98,7 @@ class AgentProcess:
 
     @classmethod
     async def start(
-        cls, claude: ClaudeSettings, workdir: Path, session_id: str | None, hops: int
+        cls, claude: ClaudeSettings, workdir: Path, session_id: str | None, hops: int, conversation: str
     ) -> AgentProcess:
         env = agent_environment(claude.env_passthrough, os.environ) | {HOPS_VARIABLE: str(hops)}
         proc = await asyncio.create_subprocess_exec(
@@ -107,7 +110,7 @@ class AgentProcess:
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,
         )
-        agent = cls(proc, resumed=session_id is not None, hops=hops, model=claude.model)
+        agent = cls(proc, session_id is not None, hops, claude.model, conversation)
         hooks = {"PreToolUse": [{"matcher": None, "hookCallbackIds": [GUARD_HOOK]}]}
         await agent.write(
             {
@@ -191,8 +194,12 @@ class RoomWorker:
         batcher: Batcher,
         policy: ToolPolicy,
         guard: ToolGuard,
+        reply_mode: str = "flat",
+        session_scope: str = "room",
     ) -> None:
         self.room_id = room_id
+        self.reply_mode = reply_mode
+        self.session_scope = session_scope
         self.claude = claude
         self.workdir = workdir
         self.store = store
@@ -231,7 +238,7 @@ class RoomWorker:
         for prompt in await self.store.prompts(self.room_id, "running"):
             delivered = await self.store.output_events(prompt.event_id)
             log.warning("run_interrupted_by_restart", room_id=self.room_id, run_id=prompt.event_id)
-            await self.batcher.put(Begin(prompt.event_id, {"hops": prompt.hops + 1}))
+            await self.batcher.put(self._begin(prompt))
             await self.batcher.put(
                 Block(
                     prompt.event_id,
@@ -248,7 +255,7 @@ class RoomWorker:
 
     async def refuse(self, prompt: Prompt, reason: str) -> None:
         """Answer a prompt that will not run (already recorded as refused)."""
-        await self.batcher.put(Begin(prompt.event_id, {"hops": prompt.hops + 1}, react=False))
+        await self.batcher.put(self._begin(prompt, react=False))
         await self.batcher.put(Block(prompt.event_id, f"⛔ Not run: {reason}."))
         await self.batcher.put(EndOfRun(prompt.event_id, run_summary(None, reason), "refused"))
 
@@ -271,16 +278,19 @@ class RoomWorker:
 
     async def _report_dropped(self, prompt: Prompt, by: str) -> None:
         log.info("prompt_dropped", room_id=self.room_id, run_id=prompt.event_id, by=by)
-        await self.batcher.put(Begin(prompt.event_id, {"hops": prompt.hops + 1}, react=False))
+        await self.batcher.put(self._begin(prompt, react=False))
         await self.batcher.put(Block(prompt.event_id, f"🛑 Dropped by {by} before it ran."))
         await self.batcher.put(EndOfRun(prompt.event_id, run_summary(None, f"dropped by {by}"), "dropped"))
+
+    def _begin(self, prompt: Prompt, *, react: bool = True) -> Begin:
+        return Begin(prompt.event_id, {"hops": prompt.hops + 1}, react, prompt.output_thread(self.reply_mode))
 
     async def handle(self, prompt: Prompt) -> None:
         structlog.contextvars.bind_contextvars(run_id=prompt.event_id)
         log.info("run_started", sender=prompt.sender, chars=len(prompt.text))
         self.current, self.current_since, self._stopped_by = prompt, time.time(), None
         await self.store.set_prompt_state(prompt.event_id, "running")
-        await self.batcher.put(Begin(prompt.event_id, {"hops": prompt.hops + 1}))
+        await self.batcher.put(self._begin(prompt))
         try:
             final = await self._run(prompt)
         except asyncio.CancelledError:
@@ -335,7 +345,7 @@ class RoomWorker:
         finally:
             self._deadline = None
         if translator.session_id and not self.fresh:
-            await self.store.set_session_id(self.room_id, translator.session_id)
+            await self.store.set_session_id(agent.conversation, translator.session_id)
         result = translator.result
         if result is not None and result.cost_usd:
             agent.cost_usd += result.cost_usd
@@ -349,20 +359,21 @@ class RoomWorker:
         return run_summary(result, failure)
 
     async def _ensure_agent(self, prompt: Prompt) -> AgentProcess | None:
+        conversation = prompt.conversation(self.session_scope)
         if self.fresh:
             self.fresh = False
             await self._close_agent("new conversation")
-            await self.store.new_conversation(self.room_id)
-        agent = self.agent
-        if agent is not None and agent.alive and agent.hops == prompt.hops and agent.model == self.model:
+            await self.store.new_conversation(conversation)
+        agent, wanted = self.agent, (prompt.hops, self.model, conversation)
+        if agent is not None and agent.alive and (agent.hops, agent.model, agent.conversation) == wanted:
             return agent
         if agent is not None:
-            await self._close_agent("exited" if not agent.alive else "hops or model changed")
+            await self._close_agent("exited" if not agent.alive else "hops, model or conversation changed")
         self.workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        session_id = await self.store.session_id(self.room_id)
+        session_id = await self.store.session_id(conversation)
         claude = self.claude.model_copy(update={"model": self.model})
         try:
-            self.agent = await AgentProcess.start(claude, self.workdir, session_id, prompt.hops)
+            self.agent = await AgentProcess.start(claude, self.workdir, session_id, prompt.hops, conversation)
         except (FileNotFoundError, PermissionError) as exc:
             log.error("agent_start_failed", binary=self.claude.binary, error=str(exc))
             await self.batcher.put(
@@ -511,7 +522,7 @@ class RoomWorker:
         description = agent.exit_description()
         log.warning("agent_exited", detail=description)
         if agent.resumed and not agent.saw_output:
-            await self.store.new_conversation(self.room_id)
+            await self.store.new_conversation(agent.conversation)
             await self.batcher.put(
                 Block(
                     prompt.event_id,

@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 PermissionMode = Literal["default", "acceptEdits", "plan", "bypassPermissions", "dontAsk"]
@@ -94,6 +94,8 @@ class RoomSettings(_Strict):
     unlisted_tools: Literal["ask", "deny"] = "ask"  # a tool neither allowed nor denied: ask the room, or deny
     approvers: list[str] = Field(default_factory=list)  # who may answer approval requests (default allowed_users)
     approval_timeout_s: float = Field(default=300.0, gt=0)  # then the request is denied and the room told
+    reply_mode: Literal["flat", "thread"] = "flat"  # thread: each prompt's output in a thread rooted at it
+    session_scope: Literal["room", "thread"] = "room"  # thread: each thread is its own Claude conversation
     binary: str | None = None
     permission_mode: PermissionMode | None = None
     allowed_tools: list[str] | None = None
@@ -104,6 +106,12 @@ class RoomSettings(_Strict):
     env_passthrough: list[str] | None = None
     stall_notice_s: float | None = Field(default=None, gt=0)
     stall_interrupt: bool | None = None
+
+    @model_validator(mode="after")
+    def _threads_for_thread_sessions(self) -> RoomSettings:
+        if self.session_scope == "thread" and self.reply_mode != "thread":
+            raise ValueError('session_scope = "thread" needs reply_mode = "thread"')
+        return self
 
 
 class Settings(BaseSettings):

@@ -24,6 +24,16 @@ class Prompt:
     text: str
     hops: int = 0  # how many agents this prompt has passed through (agent-to-agent chains)
     note: str = ""  # what the agent is told along with the prompt (where the files uploaded before it are)
+    thread: str = ""  # the root of the thread it was posted in; "" for a message in the room's main timeline
+
+    def output_thread(self, reply_mode: str) -> str | None:
+        """The thread its run's output goes in: the one it was posted in, or with `reply_mode = "thread"` one
+        rooted at the prompt itself; None for the main timeline."""
+        return self.thread or (self.event_id if reply_mode == "thread" else None)
+
+    def conversation(self, session_scope: str) -> str:
+        """The key of the Claude conversation it belongs to: the room's, or its thread's."""
+        return self.room_id if session_scope == "room" else f"{self.room_id} {self.thread or self.event_id}"
 
 
 @dataclass(frozen=True)
@@ -129,7 +139,7 @@ async def _v4(db: aiosqlite.Connection) -> None:
         );
         CREATE INDEX approvals_by_room ON approvals (room_id, seq);
         CREATE TABLE tool_rules (
-            room_id TEXT NOT NULL,
+            room_id TEXT NOT NULL,  -- the conversation: a room id, or a room id and a thread root
             rule TEXT NOT NULL,
             by TEXT NOT NULL,
             at_ms INTEGER NOT NULL,
@@ -139,7 +149,11 @@ async def _v4(db: aiosqlite.Connection) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[aiosqlite.Connection], Awaitable[None]]] = [_v1, _v2, _v3, _v4]
+async def _v5(db: aiosqlite.Connection) -> None:
+    await db.execute("ALTER TABLE prompts ADD COLUMN thread TEXT NOT NULL DEFAULT ''")
+
+
+MIGRATIONS: list[Callable[[aiosqlite.Connection], Awaitable[None]]] = [_v1, _v2, _v3, _v4, _v5]
 
 
 def _now_ms() -> int:
@@ -197,14 +211,14 @@ class Store:
         await self._db.commit()
         return cursor.rowcount == 1
 
-    async def add_prompt(self, prompt: Prompt, state: PromptState = "queued") -> bool:
+    async def add_prompt(self, p: Prompt, state: PromptState = "queued") -> bool:
         """Record an accepted (or refused) prompt before it is acknowledged; False if its event was already
         recorded: an event is never handled twice."""
         now = _now_ms()
         cursor = await self._db.execute(
-            "INSERT OR IGNORE INTO prompts (event_id, room_id, sender, body, hops, note, state, received_ms, "
-            "updated_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (prompt.event_id, prompt.room_id, prompt.sender, prompt.text, prompt.hops, prompt.note, state, now, now),
+            "INSERT OR IGNORE INTO prompts (event_id, room_id, sender, body, hops, note, thread, state, received_ms, "
+            "updated_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (p.event_id, p.room_id, p.sender, p.text, p.hops, p.note, p.thread, state, now, now),
         )
         await self._db.commit()
         return cursor.rowcount == 1
@@ -221,7 +235,7 @@ class Store:
     async def prompts(self, room_id: str, state: PromptState) -> list[Prompt]:
         """The room's prompts in `state`, oldest first."""
         async with self._db.execute(
-            "SELECT room_id, event_id, sender, body, hops, note FROM prompts WHERE room_id = ? AND state = ? "
+            "SELECT room_id, event_id, sender, body, hops, note, thread FROM prompts WHERE room_id = ? AND state = ? "
             "ORDER BY seq",
             (room_id, state),
         ) as cursor:
@@ -328,36 +342,37 @@ class Store:
     async def set_room_model(self, room_id: str, model: str) -> None:
         await self._put(f"model:{room_id}", model)
 
-    async def session_id(self, room_id: str) -> str | None:
-        async with self._db.execute("SELECT session_id FROM sessions WHERE room_id = ?", (room_id,)) as cursor:
+    async def session_id(self, conversation: str) -> str | None:
+        """The Claude session of a conversation (`Prompt.conversation`: a room, or a thread of a room)."""
+        async with self._db.execute("SELECT session_id FROM sessions WHERE room_id = ?", (conversation,)) as cursor:
             row = await cursor.fetchone()
         return row[0] if row else None
 
-    async def set_session_id(self, room_id: str, session_id: str) -> None:
+    async def set_session_id(self, conversation: str, session_id: str) -> None:
         await self._db.execute(
             "INSERT INTO sessions (room_id, session_id, updated_ms) VALUES (?, ?, ?) "
             "ON CONFLICT(room_id) DO UPDATE SET session_id = excluded.session_id, updated_ms = excluded.updated_ms",
-            (room_id, session_id, _now_ms()),
+            (conversation, session_id, _now_ms()),
         )
         await self._db.commit()
 
-    async def new_conversation(self, room_id: str) -> None:
-        """Forget the room's session and the tool rules given in it (🔁): the next prompt starts afresh."""
-        await self._db.execute("DELETE FROM sessions WHERE room_id = ?", (room_id,))
-        await self._db.execute("DELETE FROM tool_rules WHERE room_id = ?", (room_id,))
+    async def new_conversation(self, conversation: str) -> None:
+        """Forget the conversation's session and the tool rules given in it (🔁): its next prompt starts afresh."""
+        await self._db.execute("DELETE FROM sessions WHERE room_id = ?", (conversation,))
+        await self._db.execute("DELETE FROM tool_rules WHERE room_id = ?", (conversation,))
         await self._db.commit()
 
-    async def add_tool_rule(self, room_id: str, rule: str, by: str) -> None:
+    async def add_tool_rule(self, conversation: str, rule: str, by: str) -> None:
         """A tool (or Bash command prefix) allowed for the rest of the conversation."""
         await self._db.execute(
             "INSERT OR REPLACE INTO tool_rules (room_id, rule, by, at_ms) VALUES (?, ?, ?, ?)",
-            (room_id, rule, by, _now_ms()),
+            (conversation, rule, by, _now_ms()),
         )
         await self._db.commit()
 
-    async def tool_rules(self, room_id: str) -> list[str]:
+    async def tool_rules(self, conversation: str) -> list[str]:
         async with self._db.execute(
-            "SELECT rule FROM tool_rules WHERE room_id = ? ORDER BY at_ms", (room_id,)
+            "SELECT rule FROM tool_rules WHERE room_id = ? ORDER BY at_ms", (conversation,)
         ) as cursor:
             return [rule for (rule,) in await cursor.fetchall()]
 

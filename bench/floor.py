@@ -87,7 +87,7 @@ async def cli_first_text(workdir: Path, cold_runs: int, warm_runs: int) -> tuple
         directory = workdir / f"cold{run}"
         directory.mkdir(parents=True)
         start = time.monotonic()
-        agent = await AgentProcess.start(claude, directory, None, 0)
+        agent = await AgentProcess.start(claude, directory, None, 0, "bench")
         await agent.write(PROMPT)
         await _next_text(agent)
         cold.append(time.monotonic() - start)

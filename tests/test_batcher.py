@@ -652,3 +652,25 @@ async def test_a_request_about_the_running_prompt_follows_its_output_notifies_an
     assert asked.content["msgtype"] == "m.text" and asked.content["m.mentions"] == {"user_ids": ["@u:x"]}
     assert asked.content["m.relates_to"] == {"m.in_reply_to": {"event_id": "$p"}}
     assert "org.aiagentchat.ref" not in asked.content
+
+
+async def test_in_a_thread_a_runs_events_continue_it_and_a_notice_replies_inside_it() -> None:
+    room = FakeRoom()
+    async with running(room) as batcher:
+        await room.put(batcher, Begin("$p", {}, thread="$root"), Text("$p", "first\n"))
+        await room.until(lambda: len(room.calls) == 1)
+        await room.put(batcher, Notice("$p", "🔐 asked", {"approval": "k"}, thread="$root"))
+        await room.put(batcher, Text("$p", "last\n"), EndOfRun("$p", {"ok": True}))
+        await room.put(batcher, Notice("$cmd", "status", {"command": "$cmd"}))
+        await close(room, batcher)
+    messages = [call for call in room.calls if call.event_type == "m.room.message"]
+    assert [m.body for m in messages] == ["first\n", "🔐 asked", "last\n", "status"]
+    continuing = {
+        "rel_type": "m.thread",
+        "event_id": "$root",
+        "is_falling_back": True,
+        "m.in_reply_to": {"event_id": "$p"},
+    }
+    assert messages[0].content["m.relates_to"] == messages[2].content["m.relates_to"] == continuing
+    assert messages[1].content["m.relates_to"] == continuing | {"is_falling_back": False}
+    assert messages[3].content["m.relates_to"] == {"m.in_reply_to": {"event_id": "$cmd"}}

@@ -78,6 +78,10 @@ def test_defaults_without_a_file(monkeypatch):
         ('[[rooms]]\nid = "!a:x"\n[[rooms]]\nid = "!b:x"\ncolour = 3\n', "settings.toml:5: rooms.1.colour: Extra inputs"),
         ("[claude]\npermission_mode = \"yolo\"\n", "settings.toml:2: claude.permission_mode: Input should be"),
         ("[matrix\n", "invalid TOML"),
+        (
+            '[[rooms]]\nid = "!a:x"\nsession_scope = "thread"\n',
+            'rooms.0: Value error, session_scope = "thread" needs reply_mode = "thread"',
+        ),
     ],
 )
 def test_invalid_file_names_key_and_line(tmp_path, text, expected):

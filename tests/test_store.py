@@ -112,3 +112,17 @@ async def test_events_handled_before_the_inbox_existed_are_never_run(tmp_path):
     assert await store.prompt_state("$old") == "done"
     assert await store.prompts(ROOM, "queued") == []
     await store.close()
+
+
+async def test_a_prompt_keeps_its_thread_and_names_its_conversation(tmp_path):
+    store = await Store.open(tmp_path / "db.sqlite")
+    threaded = Prompt(ROOM, "$reply", "@u:x", "recall", thread="$root")
+    await store.add_prompt(threaded)
+    await store.add_prompt(Prompt(ROOM, "$top", "@u:x", "hi"))
+    assert await store.prompts(ROOM, "queued") == [threaded, Prompt(ROOM, "$top", "@u:x", "hi")]
+    await store.close()
+    assert threaded.output_thread("flat") == threaded.output_thread("thread") == "$root"
+    top = Prompt(ROOM, "$top", "@u:x", "hi")
+    assert top.output_thread("flat") is None and top.output_thread("thread") == "$top"
+    assert threaded.conversation("room") == top.conversation("room") == ROOM
+    assert threaded.conversation("thread") == f"{ROOM} $root" != top.conversation("thread")
