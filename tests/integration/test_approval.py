@@ -3,6 +3,7 @@ timeouts, 🔁 rules, the agent's questions, `!stop` while waiting, two rooms at
 (real Synapse, real CLI, scripted model)."""
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -44,11 +45,17 @@ async def ended(world, room: str, prompt_id: str, timeout: float = 60, user=None
     return bot_text(events, prompt_id)
 
 
-async def test_yes_once_no_with_a_reason_and_the_model_hears_the_reason(world):
+async def served_with_workdir(world, **settings: Any) -> tuple[str, Path]:
+    """A new room served by a started daemon, with a working directory of its own: (room id, workdir)."""
     room = await world.room()
     workdir = world.tmp_path / "work"
     workdir.mkdir()
-    await world.daemon([{"id": room, "workdir": str(workdir)}]).start()
+    await world.daemon([{"id": room, "workdir": str(workdir)} | settings]).start()
+    return room, workdir
+
+
+async def test_yes_once_no_with_a_reason_and_the_model_hears_the_reason(world):
+    room, workdir = await served_with_workdir(world)
 
     target = workdir / "approved.txt"
     prompt, request = await asked(world, room, f"write {target} approved text")
@@ -78,10 +85,7 @@ async def test_yes_once_no_with_a_reason_and_the_model_hears_the_reason(world):
 
 
 async def test_always_is_remembered_for_the_conversation_and_forgotten_by_a_new_one(world):
-    room = await world.room()
-    workdir = world.tmp_path / "work"
-    workdir.mkdir()
-    await world.daemon([{"id": room, "workdir": str(workdir)}]).start()
+    room, workdir = await served_with_workdir(world)
     made = workdir / "made.txt"
 
     prompt, request = await asked(world, room, "bash touch made.txt")

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from tests.integration.conftest import bot_events, run_ended
-from tests.integration.test_approval import asked, ended
+from tests.integration.test_approval import asked, ended, served_with_workdir
 from tests.integration.test_conversation import replies
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
@@ -25,10 +25,7 @@ def in_thread(root: str, latest: str, *, fallback: bool = True) -> dict[str, Any
 
 
 async def test_a_runs_output_its_approval_request_and_command_answers_stay_in_the_prompts_thread(world):
-    room = await world.room()
-    workdir = world.tmp_path / "work"
-    workdir.mkdir()
-    await world.daemon([{"id": room, "workdir": str(workdir), "reply_mode": "thread"}]).start()
+    room, workdir = await served_with_workdir(world, reply_mode="thread")
 
     first = await world.user.send_text(room, "slow 12")
     events = await world.user.wait_for(run_ended(first), timeout=60, room_id=room)
