@@ -284,7 +284,7 @@ class RoomToolPolicy:
             self._room_id, prompt.event_id, pending.what(), answer.verdict, answer.by, answer.text
         )
         log.info("approval_answered", tool=pending.tool_name, verdict=answer.verdict, by=answer.by or None)
-        await batcher.put(Block(prompt.event_id, outcome))
+        await batcher.put(Block(prompt.event_id, outcome, "tool"))
         await batcher.put(React(prompt.event_id, WORKING))
         return decision
 

@@ -15,7 +15,16 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from aiagentchat import render
-from aiagentchat.outbox import REF_KEY, UPLOAD_KEY, Outbox, Stats, reaction_content, redaction_content
+from aiagentchat.outbox import (
+    LAST_EDIT_KEY,
+    REF_KEY,
+    UPLOAD_KEY,
+    Outbox,
+    Stats,
+    reaction_content,
+    redaction_content,
+)
+from aiagentchat.status import ANSWER_INLINE_BYTES, BlockKind, LiveRun, edit_content
 from aiagentchat.store import PromptState
 
 
@@ -29,10 +38,12 @@ class Text:
 
 @dataclass(frozen=True)
 class Block:
-    """A complete Markdown block (tool line, result excerpt, footer, notice); always on its own lines."""
+    """A complete Markdown block (tool line, result excerpt, footer, notice); always on its own lines. Its
+    `kind` tells a live status what to do with it (see `LiveRun.add_block`)."""
 
     prompt_id: str
     markdown: str
+    kind: BlockKind = ""
 
 
 @dataclass(frozen=True)
@@ -215,6 +226,15 @@ def file_content(path: Path, mimetype: str = TRANSCRIPT_TYPE, name: str | None =
     }
 
 
+def _closed_with(contents: list[dict[str, Any]], closing: dict[str, Any]) -> list[dict[str, Any]]:
+    """A run's last events: the last one carries the `closing` marker (with `final`), or a short notice
+    after it does when the marker does not fit."""
+    last = render.with_marker(contents[-1], closing) if contents else None
+    if last is not None and render.content_size(last) <= render.MAX_CONTENT_BYTES:
+        return [*contents[:-1], last]
+    return [*contents, render.notice_content("(end of run)", closing)]
+
+
 def relation(reply_to: str, thread: str | None, *, fallback: bool) -> dict[str, Any]:
     """`m.relates_to` of a reply to `reply_to`, in the thread rooted at `thread` if any; with `fallback`, the
     reply is only what clients without threads show (the event continues the thread, it answers nothing)."""
@@ -252,6 +272,9 @@ class Batcher:
     `interval_s`; a partial last line waits for its newline for up to one interval, and a code block cut
     by a flush is closed in one event and re-opened in the next. While the outbox is held up (a rate limit,
     an outage) output keeps coalescing, so the room gets fewer, larger events instead of a backlog.
+
+    With `live_status`, a run shows instead one status message, edited in place at most once per interval
+    (and only when nothing else waits to be sent), and its answer as one new event at the end.
     """
 
     def __init__(
@@ -264,6 +287,7 @@ class Batcher:
         max_run_bytes: int = 200_000,
         tail_bytes: int = 8_000,
         reactions: bool = False,
+        live_status: bool = False,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
@@ -285,6 +309,8 @@ class Batcher:
         self._prompt_id: str | None = None
         self._markers: dict[str, dict[str, Any]] = {}
         self._threads: dict[str, str] = {}  # prompt id → the root of the thread its run's events go in
+        self._live_status = live_status
+        self._live: dict[str, LiveRun] = {}  # with live_status: the runs going on, by prompt id
         self._pending = PendingText()
         self._reopen = ""
         self._after_block = False
@@ -380,10 +406,13 @@ class Batcher:
                 self._react(prompt_id, key)
                 return
             case Notice(reply_to=reply_to):
-                if reply_to == self._prompt_id:  # about the running prompt: after what it has shown so far
+                if reply_to == self._prompt_id and not self._live_status:  # after what its run has shown so far
                     self._flush(self._clock(), everything=True)
                 self._built.append((_notice_contents(item), None, None))
                 return
+        if self._live_status:
+            self._accept_live(item)
+            return
         if item.prompt_id != self._prompt_id:
             self._flush(self._clock(), everything=True)
             self._prompt_id = item.prompt_id
@@ -415,6 +444,79 @@ class Batcher:
                 self._threads.pop(item.prompt_id, None)
                 self._react(item.prompt_id, DONE if state == "done" else FAILED, final=True)
 
+    def _accept_live(self, item: Begin | Text | Block | EndOfRun) -> None:
+        now = self._clock()
+        if isinstance(item, Begin):
+            self._live[item.prompt_id] = LiveRun(item.prompt_id, item.marker, item.thread, now)
+            if item.react:
+                self._react(item.prompt_id, WORKING)
+            return
+        run = self._live.get(item.prompt_id) or self._live.setdefault(
+            item.prompt_id, LiveRun(item.prompt_id, {}, None, now)
+        )
+        match item:
+            case Text(text=text):
+                run.add_text(text)
+            case Block(markdown=markdown, kind=kind):
+                run.add_block(kind, markdown)
+            case EndOfRun(final=final, state=state):
+                del self._live[item.prompt_id]
+                self._end_live(run, final or {}, state, now)
+                self._react(item.prompt_id, DONE if state == "done" else FAILED, final=True)
+
+    def _show_status(self, run: LiveRun, now: float, final: dict[str, Any] | None = None) -> None:
+        """Build the run's status message, or an edit of it."""
+        marker = {"prompt": run.prompt_id, **run.marker, "status": True}
+        markdown = run.status(now, final)
+        if run.ref is None:
+            run.ref = f"status:{uuid.uuid4().hex}"
+            reply = {"m.relates_to": relation(run.prompt_id, run.thread, fallback=False), "msgtype": "m.notice"}
+            contents = [content | reply for content in render.message_contents(markdown, marker)]
+            contents[0][REF_KEY] = run.ref
+        else:
+            contents = [edit_content(markdown, marker, run.ref) | ({LAST_EDIT_KEY: True} if final else {})]
+        self._built.append((contents, run.prompt_id, None))
+        run.shown_at, run.dirty = now, False
+
+    def _end_live(self, run: LiveRun, final: dict[str, Any], state: PromptState, now: float) -> None:
+        """The run's status shows its footer; its answer goes out as a new event in reply to the prompt (the
+        status itself when the run ended before its status message was due), as a file when too long."""
+        answer = run.text().strip("\n")
+        if run.ref is not None:
+            self._show_status(run, now, final)
+            answer = answer or run.status(now, final).split("\n\n")[0]
+        else:
+            answer = "\n\n".join(part for part in (answer, run.status(now, final)) if part)
+        marker = {"prompt": run.prompt_id, **run.marker}
+        reply = {"m.relates_to": relation(run.prompt_id, run.thread, fallback=False)}
+        size = render.utf8_size(answer)
+        attachment = None
+        if size > render.MAX_CHUNK_BYTES:
+            attachment = self._answer_file(run.prompt_id, answer)
+            inline = _within(answer, ANSWER_INLINE_BYTES)
+            if (fence := render.fence_left_open(inline)) is not None:
+                inline += ("" if inline.endswith("\n") else "\n") + fence[1]
+            answer = f"{inline.rstrip()}\n\n📎 The whole answer ({size:,} bytes) is in the attached file."
+        contents = [content | reply for content in render.message_contents(answer, marker)]
+        if attachment is not None:
+            contents.append(render.with_marker(file_content(attachment, name="answer.md"), marker) | reply)
+        closing = {**marker, "final": render.bounded_final(final)}
+        self._built.append((_closed_with(contents, closing), run.prompt_id, state))
+
+    def _answer_file(self, prompt_id: str, answer: str) -> Path:
+        name = hashlib.sha256(f"{self.room_id} {prompt_id}".encode()).hexdigest()[:16]
+        path = self._transcripts / f"answer-{name}.md"
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(answer)
+        return path
+
+    def _tick_live(self, now: float) -> None:
+        for run in self._live.values():
+            if (due := run.due(self._interval_s)) is not None and now >= due:
+                self._show_status(run, now)
+
     def _react(self, prompt_id: str, key: str, *, final: bool = False) -> None:
         """Give the prompt its new status reaction and take back the earlier one; a final one stays."""
         if not self._reactions:
@@ -428,7 +530,15 @@ class Batcher:
         self._built.append((contents, None, None))
 
     def _flush_due(self) -> float | None:
-        """When pending output is next due to be flushed; None while there is nothing worth an event."""
+        """When pending output (or a live status) is next due to be flushed; None while there is nothing
+        worth an event."""
+        due = self._text_due()
+        for run in self._live.values():
+            if (when := run.due(self._interval_s)) is not None and (due is None or when < due):
+                due = when
+        return due
+
+    def _text_due(self) -> float | None:
         due = self._last_flush + self._interval_s
         if self._pending.lines_have_text:
             return due
@@ -448,6 +558,9 @@ class Batcher:
     def _flush(self, now: float, *, everything: bool, end: EndOfRun | None = None) -> None:
         """Turn pending output into events; mid-run, a partial last line waits up to one interval, and a
         code block still open is closed in this event and re-opened in the next."""
+        if self._live_status:
+            self._tick_live(now)
+            return
         text = self._pending.take(everything=everything or self._partial_line_goes(now))
         text = self._fenced(text, close=not everything) if text.strip() else ""
         run = self._runs.get(self._prompt_id) or self._runs.setdefault(self._prompt_id, self._run_output())
@@ -464,12 +577,7 @@ class Batcher:
         if attachment is not None:
             contents.append(attachment)
         if end is not None and end.final is not None:
-            closing = self._marker(end.final)
-            last = render.with_marker(contents[-1], closing) if contents else None
-            if last is not None and render.content_size(last) <= render.MAX_CONTENT_BYTES:
-                contents[-1] = last
-            else:
-                contents.append(render.notice_content("(end of run)", closing))
+            contents = _closed_with(contents, self._marker(end.final))
         if (thread := self._threads.get(self._prompt_id or "")) is not None:
             in_thread = relation(self._prompt_id or "", thread, fallback=True)
             contents = [content | {"m.relates_to": in_thread} for content in contents]

@@ -298,6 +298,7 @@ class Bot:
             max_run_bytes=output.max_run_bytes,
             tail_bytes=output.tail_bytes,
             reactions=room.reactions,
+            live_status=room.live_status,
         )
         workdir = self.settings.workdir_for(room).resolve()
         guard = ToolGuard(self.settings.paths.data_dir, workdir, room.allow_claude_config_writes)

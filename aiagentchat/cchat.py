@@ -403,9 +403,12 @@ class Answer:
         self.final: dict[str, Any] | None = None
 
     def offer(self, event: dict[str, Any]) -> str | None:
-        """Take `event` if it answers this prompt (before the final); returns its body."""
+        """Take `event` if it answers this prompt (before the final); returns its body. A live status message
+        and its edits are not part of the answer."""
         marker = marker_of(event)
         if marker is None or marker.get("prompt") != self.prompt_id or self.final is not None:
+            return None
+        if marker.get("status") is True:
             return None
         body = event["content"]["body"]
         self.bodies.append(body)

@@ -57,8 +57,10 @@ UPLOAD_KEY = "org.aiagentchat.upload"  # {"path", "mimetype"}: a local file to u
 TYPE_KEY = "org.aiagentchat.type"  # the event's type when it is not m.room.message (a reaction, a redaction)
 REF_KEY = "org.aiagentchat.ref"  # a name for the event, so a later redaction can point at it
 REDACTS_KEY = "org.aiagentchat.redacts"  # a redaction: the `ref` of the event it removes
+REPLACES_KEY = "org.aiagentchat.replaces"  # an edit: the `ref` of the event it replaces
+LAST_EDIT_KEY = "org.aiagentchat.last_edit"  # the last edit of that event: its ref is forgotten once it is sent
 REDACTION = "m.room.redaction"
-_LOCAL_KEYS = (TYPE_KEY, REF_KEY, REDACTS_KEY)
+_LOCAL_KEYS = (TYPE_KEY, REF_KEY, REDACTS_KEY, REPLACES_KEY, LAST_EDIT_KEY)
 
 
 def reaction_content(event_id: str, key: str, ref: str | None = None) -> dict[str, Any]:
@@ -176,9 +178,17 @@ class Outbox:
                 del self._refs[row.content[REDACTS_KEY]]
         else:
             content = {key: value for key, value in row.content.items() if key not in _LOCAL_KEYS}
+            if (replaces := row.content.get(REPLACES_KEY)) is not None:
+                if (original := self._refs.get(replaces)) is None:  # sent before a restart, or never: no edit
+                    await self._store.dropped(row)
+                    self._rows.popleft()
+                    return
+                content["m.relates_to"] = {"rel_type": "m.replace", "event_id": original}
             outcome = await self._sender.send(self.room_id, content, row.txn_id, event_type)
             if isinstance(outcome, Sent) and (ref := row.content.get(REF_KEY)) is not None:
                 self._refs[ref] = outcome.event_id
+            if isinstance(outcome, Sent) and replaces is not None and row.content.get(LAST_EDIT_KEY):
+                del self._refs[replaces]
         await self._settle(row, outcome)
 
     async def _settle(self, row: OutboxRow, outcome: SendOutcome) -> None:

@@ -201,6 +201,7 @@ class Translator:
                     self.prompt_id,
                     f"⏳ Model API {status}; retry {event.get('attempt')}/{event.get('max_retries')} "
                     f"in {delay:.0f} s",
+                    "progress",
                 )
             ]
         if kind == "result":
@@ -240,7 +241,7 @@ class Translator:
             elif block.get("type") == "tool_use":
                 name = str(block.get("name", "tool"))
                 self._tools[str(block.get("id"))] = name
-                items.append(Block(self.prompt_id, tool_summary(name, block.get("input"))))
+                items.append(Block(self.prompt_id, tool_summary(name, block.get("input")), "tool"))
         return items
 
     def _user(self, message: dict[str, Any]) -> list[Item]:
@@ -248,7 +249,11 @@ class Translator:
         if not isinstance(content, list):
             return []
         return [
-            Block(self.prompt_id, result_excerpt(result_text(block.get("content")), bool(block.get("is_error"))))
+            Block(
+                self.prompt_id,
+                result_excerpt(result_text(block.get("content")), bool(block.get("is_error"))),
+                "result",
+            )
             for block in content
             if isinstance(block, dict) and block.get("type") == "tool_result"
         ]
@@ -263,7 +268,7 @@ class Translator:
             cost_usd=self._run_cost(event.get("total_cost_usd")),
             subtype=str(event.get("subtype") or ""),
         )
-        return [Block(self.prompt_id, footer(self.result))]
+        return [Block(self.prompt_id, footer(self.result), "footer")]
 
     def _run_cost(self, total: Any) -> float | None:
         """This run's cost: the CLI reports what its process has cost so far, over all its turns."""

@@ -417,7 +417,8 @@ class RoomWorker:
                 if self.claude.stall_interrupt:
                     raise AgentStalled(silent_s) from None
                 log.info("agent_silent", silent_s=silent_s)
-                await self.batcher.put(Block(prompt.event_id, f"⏳ No output from the agent for {silent_s:g} s."))
+                silent = f"⏳ No output from the agent for {silent_s:g} s."
+                await self.batcher.put(Block(prompt.event_id, silent, "progress"))
 
     async def _answer_control(
         self, agent: AgentProcess, prompt: Prompt, event: dict[str, Any], *, stopping: bool = False
@@ -451,7 +452,7 @@ class RoomWorker:
         else:
             response = {"behavior": "deny", "message": decision.message}
             if not decision.told:
-                await self.batcher.put(Block(prompt.event_id, f"🚫 {tool_name} denied: {decision.message}"))
+                await self.batcher.put(Block(prompt.event_id, f"🚫 {tool_name} denied: {decision.message}", "tool"))
         await agent.write(
             {
                 "type": "control_response",
@@ -484,7 +485,7 @@ class RoomWorker:
         output: dict[str, Any] = {}
         if reason is not None:
             log.warning("tool_blocked", tool=tool_name, reason=reason)
-            await self.batcher.put(Block(prompt.event_id, f"🛡️ {tool_name} blocked: {reason}."))
+            await self.batcher.put(Block(prompt.event_id, f"🛡️ {tool_name} blocked: {reason}.", "tool"))
             output = {
                 "hookSpecificOutput": {
                     "hookEventName": "PreToolUse",

@@ -340,7 +340,11 @@ async def test_the_back_off_starts_again_from_one_second_after_a_success() -> No
         await room.put(batcher, Text("$p", "two\n"))
         await room.until(lambda: len(room.calls) == 5)
     assert [(call.body, call.at) for call in room.calls] == [
-        ("one\n", 0.0), ("one\n", 1.0), ("one\n", 3.0), ("two\n", 3.0), ("two\n", 4.0)
+        ("one\n", 0.0),
+        ("one\n", 1.0),
+        ("one\n", 3.0),
+        ("two\n", 3.0),
+        ("two\n", 4.0),
     ]
 
 
@@ -368,7 +372,10 @@ async def test_a_refused_event_is_replaced_by_a_notice_that_keeps_the_run_final(
             await room.until(lambda: len(room.calls) == 5)
     lost, notice, kept, notice_refused, after = room.calls
     assert notice.content["msgtype"] == "m.notice" and notice.content["m.mentions"] == {}
-    assert notice.body == f"⚠️ {content_size(lost.content)} bytes of output could not be delivered to this room (M_BAD_JSON: Bad JSON value)."
+    assert (
+        notice.body
+        == f"⚠️ {content_size(lost.content)} bytes of output could not be delivered to this room (M_BAD_JSON: Bad JSON value)."
+    )
     assert notice.content["org.aiagentchat"] == {"prompt": "$p", "hops": 1, "final": final}
     assert notice.txn_id != lost.txn_id
     assert notice_refused.content["msgtype"] == "m.notice" and kept.body == "kept too\n"
@@ -516,11 +523,16 @@ async def test_past_the_output_cap_the_room_gets_the_head_the_tail_and_the_whole
     output = "".join(lines) + "\n✅ Done\n"
     tail = "".join(lines[48:]) + "\n✅ Done\n"
     left_out = len(output.encode()) - len("".join(lines[:25]).encode()) - len(tail.encode())
-    assert "".join(room.bodies(texts)) == "".join(lines[:25]) + (
-        "✂️ This run's output passed 1,000 bytes: the rest stays out of the room; its end and the whole "
-        "transcript come when the run ends.\n"
-        f"\n✂️ {left_out:,} bytes left out here; the whole output is in the attached file. It ended with:\n\n"
-    ) + tail
+    assert (
+        "".join(room.bodies(texts))
+        == "".join(lines[:25])
+        + (
+            "✂️ This run's output passed 1,000 bytes: the rest stays out of the room; its end and the whole "
+            "transcript come when the run ends.\n"
+            f"\n✂️ {left_out:,} bytes left out here; the whole output is in the attached file. It ended with:\n\n"
+        )
+        + tail
+    )
     assert texts[0].body == "".join(lines[:10])
     assert attachment.content["msgtype"] == "m.file" and attachment.content["url"] == "mxc://example.org/1"
     assert "org.aiagentchat.upload" not in attachment.content
@@ -559,7 +571,9 @@ def kinds(calls: list[Call]) -> list[str]:
     described = []
     for call in calls:
         if call.event_type == "m.reaction":
-            described.append(f"react {call.content['m.relates_to']['key']} to {call.content['m.relates_to']['event_id']}")
+            described.append(
+                f"react {call.content['m.relates_to']['key']} to {call.content['m.relates_to']['event_id']}"
+            )
         elif call.event_type == "m.room.redaction":
             described.append(f"redact {call.content['redacts']}")
         else:
@@ -674,3 +688,80 @@ async def test_in_a_thread_a_runs_events_continue_it_and_a_notice_replies_inside
     assert messages[0].content["m.relates_to"] == messages[2].content["m.relates_to"] == continuing
     assert messages[1].content["m.relates_to"] == continuing | {"is_falling_back": False}
     assert messages[3].content["m.relates_to"] == {"m.in_reply_to": {"event_id": "$cmd"}}
+
+
+async def test_a_live_status_is_one_message_edited_in_place_and_the_answer_one_new_reply() -> None:
+    room = FakeRoom()
+    final = {"ok": True, "result": "all done"}
+    async with running(room, live_status=True, interval_s=1.0) as batcher:
+        await room.put(batcher, Begin("$p", {"hops": 1}), Text("$p", "Let me look"))
+        await room.settled()
+        assert room.calls == []  # nothing before the status is due
+        await room.until(lambda: len(room.calls) == 1)
+        assert room.now == 1.0
+        for n in range(3):
+            await room.put(batcher, Block("$p", f"🔧 Bash: `step {n}`", "tool"), Block("$p", "```\nok\n```", "result"))
+            await room.until(lambda: len(room.calls) == 2 + n)
+        await room.put(batcher, Text("$p", " and here is the answer.\n"), Block("$p", "✅ Done · 4.0 s", "footer"))
+        await room.put(batcher, EndOfRun("$p", final))
+        await room.until(lambda: len(room.calls) == 6)
+    status, *edits, answer = room.calls
+    assert status.content["msgtype"] == "m.notice" and "👀 **Working** · 1 s" in status.body
+    assert "✍️ Let me look" in status.body
+    assert status.content["m.relates_to"] == {"m.in_reply_to": {"event_id": "$p"}}
+    assert status.content["org.aiagentchat"] == {"prompt": "$p", "hops": 1, "status": True}
+    assert len(edits) == 4
+    for edit in edits:
+        assert edit.content["m.relates_to"] == {"rel_type": "m.replace", "event_id": "$event1"}
+        assert edit.body.startswith("* ") and edit.content["m.new_content"]["body"] == edit.body[2:]
+    assert edits[2].content["m.new_content"]["body"].split("\n\n")[-1] == (
+        "- 🔧 Bash: `step 2`\n- 🔧 Bash: `step 1`\n- 🔧 Bash: `step 0`"
+    )
+    assert edits[-1].body.startswith("* ✅ Done · 4.0 s") and "```" not in "".join(e.body for e in edits)
+    assert answer.content["msgtype"] == "m.text" and answer.body == "Let me look and here is the answer."
+    assert answer.content["m.relates_to"] == {"m.in_reply_to": {"event_id": "$p"}}
+    assert answer.content["org.aiagentchat"]["final"]["ok"] is True
+    assert not any(key.startswith("org.aiagentchat.") for call in room.calls for key in call.content)
+
+
+async def test_a_run_over_before_its_status_was_due_is_one_answer_with_its_footer() -> None:
+    room = FakeRoom()
+    async with running(room, live_status=True) as batcher:
+        items = [Begin("$p", {}), Text("$p", "quick"), Block("$p", "🔧 Read: `a`", "tool")]
+        await room.put(batcher, *items, Block("$p", "✅ Done · 0.3 s", "footer"), EndOfRun("$p", {"ok": True}))
+        await room.until(lambda: len(room.calls) == 1)
+        await close(room, batcher)
+    (answer,) = room.calls
+    assert answer.body == "quick\n\n✅ Done · 0.3 s\n\n- 🔧 Read: `a`"
+    assert "final" in answer.content["org.aiagentchat"]
+
+
+async def test_a_live_answer_too_long_for_the_room_comes_as_a_file_with_its_first_lines() -> None:
+    room = FakeRoom()
+    lines = "".join(f"line {n:05d} " + "x" * 90 + "\n" for n in range(300))
+    async with running(room, live_status=True) as batcher:
+        await room.put(batcher, Begin("$p", {}), Text("$p", "```\n" + lines + "```\n"), EndOfRun("$p", {"ok": True}))
+        await room.until(lambda: len(room.calls) == 2)
+    inline, attached = room.calls
+    assert inline.body.startswith("```\nline 00000 ") and "line 00299" not in inline.body
+    ((name, mimetype, uploaded),) = room.uploads
+    assert name.startswith("answer-") and mimetype == "text/markdown"
+    assert uploaded == "```\n" + lines + "```\n\n✅ Done"
+    assert inline.body.endswith(f"```\n\n📎 The whole answer ({len(uploaded.encode()):,} bytes) is in the attached file.")
+    assert attached.content["msgtype"] == "m.file" and attached.content["filename"] == "answer.md"
+    assert attached.content["m.relates_to"] == {"m.in_reply_to": {"event_id": "$p"}}
+    assert "final" in attached.content["org.aiagentchat"]
+
+
+async def test_an_edit_of_an_event_sent_before_a_restart_is_dropped(tmp_path: Path) -> None:
+    room = FakeRoom()
+    store = await Store.open(tmp_path / "db.sqlite")
+    try:
+        outbox = Outbox(ROOM, room, store, clock=room.clock)
+        edit = {"msgtype": "m.notice", "body": "* new", "org.aiagentchat.replaces": "status:gone"}
+        await outbox.queue([edit, {"msgtype": "m.text", "body": "next"}], None)
+        while outbox.ready_at() is not None:
+            await outbox.send_next()
+        assert room.bodies() == ["next"] and await store.outbox(ROOM) == []
+    finally:
+        await store.close()

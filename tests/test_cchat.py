@@ -281,6 +281,17 @@ def test_json_object_from_a_faked_answer():
     assert cchat.exit_code(answer.final) == 0
 
 
+def test_a_live_status_and_its_edits_are_not_part_of_the_answer():
+    answer = Answer("$prompt")
+    status = bot_event("$1", "$prompt", "👀 Working · 1 s")
+    status["content"]["org.aiagentchat"]["status"] = True
+    edit = bot_event("$2", "$prompt", "* ✅ Done · 1.5 s")
+    edit["content"]["org.aiagentchat"]["status"] = True
+    taken = [answer.offer(event) for event in (status, edit, bot_event("$3", "$prompt", "hi there", FINAL))]
+    assert taken == [None, None, "hi there"]
+    assert answer.bodies == ["hi there"] and answer.final == FINAL
+
+
 def test_an_agent_error_gives_1_and_a_timeout_gives_3_with_null_fields():
     failed = {"ok": False, "result": "API Error: 400", "cost_usd": None, "duration_ms": 20, "num_turns": 1,
               "session_id": None}  # fmt: skip

@@ -89,11 +89,11 @@ def test_streamed_text_then_tool_then_result():
     assert items == [
         Text("$p", "Let me "),
         Text("$p", "check."),
-        Block("$p", "🔧 Bash: `pytest -q`"),
-        Block("$p", "```\n3 passed\n```"),
+        Block("$p", "🔧 Bash: `pytest -q`", "tool"),
+        Block("$p", "```\n3 passed\n```", "result"),
         Text("$p", "\n\n"),
         Text("$p", "All green."),
-        Block("$p", "✅ Done · 4.2 s · 2 turns · $0.0500"),
+        Block("$p", "✅ Done · 4.2 s · 2 turns · $0.0500", "footer"),
     ]
     assert t.session_id == "S1"
     assert t.result.is_error is False
@@ -107,9 +107,9 @@ def test_unstreamed_assistant_text_is_shown():
 def test_error_result_and_api_retry():
     t = Translator("$p")
     retry = t.feed({"type": "system", "subtype": "api_retry", "attempt": 3, "max_retries": 10, "retry_delay_ms": 4000, "error_status": 529})
-    assert retry == [Block("$p", "⏳ Model API 529; retry 3/10 in 4 s")]
+    assert retry == [Block("$p", "⏳ Model API 529; retry 3/10 in 4 s", "progress")]
     error = t.feed({"type": "result", "subtype": "success", "is_error": True, "result": "API Error: 400 bad"})
-    assert error == [Block("$p", "❌ The agent reported an error: API Error: 400 bad")]
+    assert error == [Block("$p", "❌ The agent reported an error: API Error: 400 bad", "footer")]
     assert t.result.is_error
 
 

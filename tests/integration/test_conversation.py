@@ -10,7 +10,7 @@ from nio import UploadResponse
 
 from aiagentchat.commands import usd
 from aiagentchat.render import MARKER_KEY as MARKER
-from tests.integration.conftest import bot_text, run_ended
+from tests.integration.conftest import bot_events, bot_text, run_ended
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 
@@ -209,3 +209,37 @@ async def test_a_room_over_its_daily_budget_refuses_prompts_until_the_next_day(w
     assert "Prompts are refused" in await command(world, room, "!status")
     assert f"in all: {usd(cost)}" in await command(world, room, "!cost")
     await daemon.wait_for_log("prompt_refused_budget", event_id=refused)
+
+
+def relation_type(event: dict[str, Any]) -> str | None:
+    return (event["content"].get("m.relates_to") or {}).get("rel_type")
+
+
+async def test_a_live_status_is_edited_in_place_and_the_answer_is_one_new_reply(world):
+    room = await world.room()
+    await world.daemon([{"id": room, "live_status": True, "allowed_tools": ["Bash"]}]).start()
+
+    prompt = await world.user.send_text(room, "slow 20")  # 20 words over 4 s
+    events = bot_events(await world.user.wait_for(run_ended(prompt), timeout=60, room_id=room), prompt)
+    (status,) = [e for e in events if e["content"][MARKER].get("status") and relation_type(e) != "m.replace"]
+    edits = [e for e in events if relation_type(e) == "m.replace"]
+    answers = [e for e in events if e not in edits and e is not status]
+    assert len(events) == 1 + len(edits) + 1 and len(edits) >= 3
+    assert status["content"]["msgtype"] == "m.notice" and "Working" in status["content"]["body"]
+    assert status["content"]["m.relates_to"] == {"m.in_reply_to": {"event_id": prompt}}
+    assert {e["content"]["m.relates_to"]["event_id"] for e in edits} == {status["event_id"]}
+    assert edits[-1]["content"]["m.new_content"]["body"].startswith("✅ Done · ")
+    (answer,) = answers
+    assert answer["content"]["msgtype"] == "m.text" and answer["content"]["body"] == " ".join(
+        f"w{n}" for n in range(1, 21)
+    )
+    assert answer["content"]["m.relates_to"] == {"m.in_reply_to": {"event_id": prompt}}
+    assert answer["content"][MARKER]["final"]["ok"] is True
+
+    prompt = await world.user.send_text(room, "bash echo live-tool")
+    events = bot_events(await world.user.wait_for(run_ended(prompt), timeout=60, room_id=room), prompt)
+    answer = next(e for e in events if "final" in e["content"][MARKER])
+    assert "tool said: live-tool" in answer["content"]["body"]
+    # the tool line is in the status (or, for a run over before its status was due, under the answer)
+    assert "🔧 Bash: `echo live-tool`" in "\n".join(e["content"]["body"] for e in events)
+    assert "live-tool\n```" not in answer["content"]["body"]  # the tool's output stays out of the room
