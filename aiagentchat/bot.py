@@ -52,7 +52,7 @@ from aiagentchat.render import MARKER_KEY
 from aiagentchat.runner import RoomWorker
 from aiagentchat.settings import RoomSettings, Settings
 from aiagentchat.store import Prompt, Store
-from aiagentchat.uploads import FileRefused, check_size, save_upload
+from aiagentchat.uploads import FileRefused, check_size, image_type, save_upload
 
 log = structlog.get_logger(__name__)
 
@@ -172,9 +172,12 @@ class MatrixSender:
         return {"url": response.content_uri}
 
 
-def _uploads_note(saved: list[str]) -> str:
+def _uploads_note(saved: list[dict[str, Any]]) -> str:
     """What the agent is told, with the next prompt, of the files uploaded since the last one."""
-    listing = "\n".join(f"- {entry}" for entry in saved)
+    listing = "\n".join(
+        f"- {upload['path']} ({upload['bytes']:,} bytes{', shown below' if upload.get('image') else ''})"
+        for upload in saved
+    )
     return f"Files the user uploaded into the working directory for this prompt:\n{listing}"
 
 
@@ -223,7 +226,6 @@ class Bot:
         self.policies: dict[str, RoomToolPolicy] = {}
         self.creators: dict[str, set[str]] = {}
         self._seen: set[str] = set()  # rooms recorded as watched, so a sync needs no write for them
-        self.uploads: dict[str, list[str]] = {}  # room id → files saved since its last prompt, to tell the agent
         self.commands = Commands(store, data_dir / "outgoing")
         self.ready = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -468,9 +470,10 @@ class Bot:
         command = None if MARKER_KEY in event.source.get("content", {}) else commands.parse(text, room.command_prefix)
         if command is not None and (alias := room.aliases.get(command.word)) is not None:
             text, command = f"{alias} {command.argument}".strip(), None
-        saved = self.uploads.get(room_id) if command is None else None
+        saved = await self.store.uploads(room_id) if command is None else []
         note = _uploads_note(saved) if saved else ""
-        prompt = Prompt(room_id, event.event_id, event.sender, text, hops, note, thread_of(event))
+        images = tuple(upload["path"] for upload in saved if upload.get("image"))
+        prompt = Prompt(room_id, event.event_id, event.sender, text, hops, note, thread_of(event), images)
         if command is not None:
             if await self.store.add_prompt(prompt, "done"):  # recorded: a command is never run twice either
                 await self.commands.run(room_id, room, worker, prompt, command)
@@ -491,7 +494,8 @@ class Bot:
                 hops=hops,
                 synced_at=round(synced_at or time.time(), 6),
             )
-            self.uploads.pop(room_id, None)  # told to the agent with this prompt
+            if saved:
+                await self.store.clear_uploads(room_id)  # told to the agent with this prompt
             if worker.current is not None or worker.inbox.qsize():
                 await worker.batcher.put(React(prompt.event_id, QUEUED))
             worker.inbox.put_nowait(prompt)
@@ -594,8 +598,10 @@ class Bot:
             await worker.batcher.put(Notice(event.event_id, refused, marker, thread=thread_of(event) or None))
             return
         log.info("upload_saved", room_id=room_id, event_id=event.event_id, path=path, bytes=len(data))
-        self.uploads.setdefault(room_id, []).append(f"{path} ({len(data):,} bytes)")
-        notice = f"📎 Saved as `{path}` ({len(data):,} bytes); the next prompt tells the agent where it is."
+        image = isinstance(event, (RoomMessageImage, RoomEncryptedImage)) and image_type(path, len(data)) is not None
+        await self.store.add_upload(room_id, {"path": path, "bytes": len(data), "image": image})
+        told = "shows it to the agent" if image else "tells the agent where it is"
+        notice = f"📎 Saved as `{path}` ({len(data):,} bytes); the next prompt {told}."
         await worker.batcher.put(Notice(event.event_id, notice, marker, thread=thread_of(event) or None))
 
     async def _download(self, event: Any) -> bytes:

@@ -23,6 +23,7 @@ from aiagentchat.processes import start_time, terminate_tree
 from aiagentchat.protocol import OverlongLine, Translator, parse_line, read_lines, run_summary
 from aiagentchat.settings import ClaudeSettings
 from aiagentchat.store import Prompt, Store
+from aiagentchat.uploads import image_block
 
 log = structlog.get_logger(__name__)
 
@@ -319,9 +320,10 @@ class RoomWorker:
         if self._stopped_by is not None:
             await self.batcher.put(Block(prompt.event_id, f"🛑 Stopped by {self._stopped_by} before it began."))
             return run_summary(None, f"stopped by {self._stopped_by}")
-        content: str | list[dict[str, str]] = prompt.text
+        content: str | list[dict[str, Any]] = prompt.text
         if prompt.note:
-            content = [{"type": "text", "text": prompt.note}, {"type": "text", "text": prompt.text}]
+            images = [block for path in prompt.images if (block := image_block(self.workdir, path)) is not None]
+            content = [{"type": "text", "text": prompt.note}, *images, {"type": "text", "text": prompt.text}]
         await agent.write({"type": "user", "message": {"role": "user", "content": content}})
         failure = None
         try:

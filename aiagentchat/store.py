@@ -25,6 +25,7 @@ class Prompt:
     hops: int = 0  # how many agents this prompt has passed through (agent-to-agent chains)
     note: str = ""  # what the agent is told along with the prompt (where the files uploaded before it are)
     thread: str = ""  # the root of the thread it was posted in; "" for a message in the room's main timeline
+    images: tuple[str, ...] = ()  # uploaded images (paths in the working directory) the agent is shown with it
 
     def output_thread(self, reply_mode: str) -> str | None:
         """The thread its run's output goes in: the one it was posted in, or with `reply_mode = "thread"` one
@@ -153,7 +154,11 @@ async def _v5(db: aiosqlite.Connection) -> None:
     await db.execute("ALTER TABLE prompts ADD COLUMN thread TEXT NOT NULL DEFAULT ''")
 
 
-MIGRATIONS: list[Callable[[aiosqlite.Connection], Awaitable[None]]] = [_v1, _v2, _v3, _v4, _v5]
+async def _v6(db: aiosqlite.Connection) -> None:
+    await db.execute("ALTER TABLE prompts ADD COLUMN images TEXT NOT NULL DEFAULT '[]'")
+
+
+MIGRATIONS: list[Callable[[aiosqlite.Connection], Awaitable[None]]] = [_v1, _v2, _v3, _v4, _v5, _v6]
 
 
 def _now_ms() -> int:
@@ -216,9 +221,9 @@ class Store:
         recorded: an event is never handled twice."""
         now = _now_ms()
         cursor = await self._db.execute(
-            "INSERT OR IGNORE INTO prompts (event_id, room_id, sender, body, hops, note, thread, state, received_ms, "
-            "updated_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (p.event_id, p.room_id, p.sender, p.text, p.hops, p.note, p.thread, state, now, now),
+            "INSERT OR IGNORE INTO prompts (event_id, room_id, sender, body, hops, note, thread, images, state, "
+            "received_ms, updated_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (p.event_id, p.room_id, p.sender, p.text, p.hops, p.note, p.thread, json.dumps(p.images), state, now, now),
         )
         await self._db.commit()
         return cursor.rowcount == 1
@@ -235,11 +240,11 @@ class Store:
     async def prompts(self, room_id: str, state: PromptState) -> list[Prompt]:
         """The room's prompts in `state`, oldest first."""
         async with self._db.execute(
-            "SELECT room_id, event_id, sender, body, hops, note, thread FROM prompts WHERE room_id = ? AND state = ? "
-            "ORDER BY seq",
+            "SELECT room_id, event_id, sender, body, hops, note, thread, images FROM prompts "
+            "WHERE room_id = ? AND state = ? ORDER BY seq",
             (room_id, state),
         ) as cursor:
-            return [Prompt(*row) for row in await cursor.fetchall()]
+            return [Prompt(*row[:-1], tuple(json.loads(row[-1]))) for row in await cursor.fetchall()]
 
     async def prompt_state(self, event_id: str) -> PromptState | None:
         async with self._db.execute("SELECT state FROM prompts WHERE event_id = ?", (event_id,)) as cursor:
@@ -334,6 +339,17 @@ class Store:
         ) as cursor:
             (usd,) = await cursor.fetchone()
         return float(usd)
+
+    async def uploads(self, room_id: str) -> list[dict[str, Any]]:
+        """The files saved in the room since its last accepted prompt, which the next one tells the agent of."""
+        return json.loads(await self._get(f"uploads:{room_id}") or "[]")
+
+    async def add_upload(self, room_id: str, upload: dict[str, Any]) -> None:
+        await self._put(f"uploads:{room_id}", json.dumps([*await self.uploads(room_id), upload]))
+
+    async def clear_uploads(self, room_id: str) -> None:
+        await self._db.execute("DELETE FROM kv WHERE key = ?", (f"uploads:{room_id}",))
+        await self._db.commit()
 
     async def room_model(self, room_id: str) -> str | None:
         """The model chosen for the room with `!model`, if any."""

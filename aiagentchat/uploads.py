@@ -1,16 +1,21 @@
 """Files between the room and the agent's working directory: uploads saved under `uploads/` (sanitised names,
 never overwriting, never through a symlink), and files sent back with `!get` (only from inside the working
-directory)."""
+directory), and uploaded images shown to the agent as image content."""
 
 from __future__ import annotations
 
+import base64
+import mimetypes
 import os
 import re
 import shutil
 import uuid
 from pathlib import Path
+from typing import Any
 
 UPLOADS_DIR = "uploads"
+IMAGE_TYPES = {"image/png", "image/jpeg", "image/gif", "image/webp"}  # what the model API takes as images
+MAX_IMAGE_BYTES = 5_000_000  # the model API's limit for one image
 MAX_NAME_CHARS = 100
 _UNSAFE = re.compile(r"[^\w.\- ()+,@=]")
 
@@ -76,3 +81,23 @@ def copy_for_sending(workdir: Path, requested: str, max_bytes: int, scratch: Pat
     with os.fdopen(source_fd, "rb") as source, copy.open("xb") as destination:
         shutil.copyfileobj(source, destination)
     return copy, target.name
+
+
+def image_type(path: str, size: int) -> str | None:
+    """The media type the agent can be shown the file as (by its name), or None if it cannot be."""
+    mimetype = mimetypes.guess_type(path)[0]
+    return mimetype if mimetype in IMAGE_TYPES and size <= MAX_IMAGE_BYTES else None
+
+
+def image_block(workdir: Path, path: str) -> dict[str, Any] | None:
+    """An image content block of an uploaded image for the agent's next message; None if it is gone, has
+    grown too big, or is no longer a regular file inside the working directory."""
+    target = workdir / path
+    try:
+        if target.is_symlink() or not target.is_file() or (mimetype := image_type(path, target.stat().st_size)) is None:
+            return None
+        data = target.read_bytes()
+    except OSError:
+        return None
+    source = {"type": "base64", "media_type": mimetype, "data": base64.b64encode(data).decode("ascii")}
+    return {"type": "image", "source": source}

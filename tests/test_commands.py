@@ -1,5 +1,6 @@
 """Command parsing, help text, and the file rules of uploads and `!get`."""
 
+import base64
 import os
 from pathlib import Path
 
@@ -7,7 +8,15 @@ import pytest
 
 from aiagentchat.commands import Command, help_text, parse, usd
 from aiagentchat.settings import RoomSettings
-from aiagentchat.uploads import FileRefused, copy_for_sending, safe_name, save_upload
+from aiagentchat.uploads import (
+    MAX_IMAGE_BYTES,
+    FileRefused,
+    copy_for_sending,
+    image_block,
+    image_type,
+    safe_name,
+    save_upload,
+)
 
 
 @pytest.mark.parametrize(
@@ -109,3 +118,15 @@ def test_get_sends_a_copy_of_files_inside_the_working_directory_only(tmp_path: P
 )
 def test_usd(amount: float, shown: str) -> None:
     assert usd(amount) == shown
+
+
+def test_an_uploaded_image_is_an_image_block_while_it_is_a_small_image_in_the_workdir(tmp_path: Path) -> None:
+    (tmp_path / "uploads").mkdir()
+    (tmp_path / "uploads" / "dot.png").write_bytes(b"\x89PNG pixels")
+    block = image_block(tmp_path, "uploads/dot.png")
+    source = {"type": "base64", "media_type": "image/png", "data": base64.b64encode(b"\x89PNG pixels").decode()}
+    assert block == {"type": "image", "source": source}
+    assert image_type("uploads/notes.txt", 10) is None and image_type("a.webp", MAX_IMAGE_BYTES + 1) is None
+    assert image_block(tmp_path, "uploads/gone.png") is None
+    os.symlink("/etc/hostname", tmp_path / "uploads" / "link.png")
+    assert image_block(tmp_path, "uploads/link.png") is None

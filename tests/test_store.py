@@ -126,3 +126,18 @@ async def test_a_prompt_keeps_its_thread_and_names_its_conversation(tmp_path):
     assert top.output_thread("flat") is None and top.output_thread("thread") == "$top"
     assert threaded.conversation("room") == top.conversation("room") == ROOM
     assert threaded.conversation("thread") == f"{ROOM} $root" != top.conversation("thread")
+
+
+async def test_uploads_wait_for_the_next_prompt_across_a_restart_and_images_stay_with_their_prompt(tmp_path):
+    store = await Store.open(tmp_path / "db.sqlite")
+    await store.add_upload(ROOM, {"path": "uploads/a.txt", "bytes": 3, "image": False})
+    await store.add_upload(ROOM, {"path": "uploads/b.png", "bytes": 70, "image": True})
+    await store.add_prompt(Prompt(ROOM, "$p", "@u:x", "look", images=("uploads/b.png",)))
+    await store.close()
+    store = await Store.open(tmp_path / "db.sqlite")
+    assert [upload["path"] for upload in await store.uploads(ROOM)] == ["uploads/a.txt", "uploads/b.png"]
+    assert await store.uploads("!other:x") == []
+    assert (await store.prompts(ROOM, "queued"))[0].images == ("uploads/b.png",)
+    await store.clear_uploads(ROOM)
+    assert await store.uploads(ROOM) == []
+    await store.close()

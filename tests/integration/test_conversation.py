@@ -1,6 +1,7 @@
 """The conversation around a run, end to end: status reactions, 🛑, commands, files and the daily budget
 (real Synapse, real CLI, scripted model)."""
 
+import base64
 import io
 import json
 from typing import Any
@@ -189,6 +190,37 @@ async def test_files_go_into_the_working_directory_and_come_back_with_get(world)
     downloaded = await world.user.client.download(mxc=sent["content"]["url"])
     assert downloaded.body == b"# Report\n"
     assert "outside the working directory" in await command(world, room, "!get ../../etc/passwd")
+
+
+PIXEL = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+)
+
+
+async def test_an_uploaded_image_is_shown_to_the_agent_with_the_next_prompt_even_after_a_restart(world):
+    room = await world.room()
+    daemon = world.daemon([{"id": room}])
+    await daemon.start()
+    response, _ = await world.user.client.upload(io.BytesIO(PIXEL), "image/png", "dot.png", filesize=len(PIXEL))
+    assert isinstance(response, UploadResponse), response
+    content = {"msgtype": "m.image", "body": "dot.png", "url": response.content_uri,
+               "info": {"mimetype": "image/png", "size": len(PIXEL)}}  # fmt: skip
+    image = await world.user.send(room, "m.room.message", content)
+    assert "the next prompt shows it to the agent" in (await reply_to(world, room, image))["content"]["body"]
+    await daemon.stop()
+    await daemon.start()
+
+    await world.ask(room, "say seen")
+    (request,) = [r for r in await world.model.requests(full=True) if r["latest_user_text"] == "say seen"]
+    blocks = [block for message in request["body"]["messages"] for block in message.get("content") or []]
+    images = [block for block in blocks if isinstance(block, dict) and block.get("type") == "image"]
+    assert [(i["source"]["media_type"], base64.b64decode(i["source"]["data"])) for i in images] == [
+        ("image/png", PIXEL)
+    ]
+    assert "uploads/dot.png (70 bytes, shown below)" in json.dumps(request["body"]["messages"])
+    await world.ask(room, "say again")
+    (later,) = [r for r in await world.model.requests(full=True) if r["latest_user_text"] == "say again"]
+    assert json.dumps(later["body"]["messages"]).count('"type": "image"') == 1  # told once, kept in the history
 
 
 async def test_a_room_over_its_daily_budget_refuses_prompts_until_the_next_day(world):
