@@ -107,8 +107,8 @@ async def test_stop_reactions_stop_a_running_prompt_and_drop_a_queued_one_from_a
     await daemon.wait_for_log("prompt_ignored", event_id=spoof, reason="sender not in allowed_users")
     await react(world.user, room, waiting, "🛑")
     await react(world.user, room, long_run, "🛑")
-    # `slow 100` streams for 20 s; ending well before that proves the stop
-    events = await world.user.wait_for(run_ended(long_run), timeout=6, room_id=room)
+    # `slow 100` streams for 20 s; the issue asks for the stop within 2 s (measured: 0.15-0.18 s)
+    events = await world.user.wait_for(run_ended(long_run), timeout=2, room_id=room)
     assert f"🛑 Stopped by {world.user.user_id}" in bot_text(events, long_run)
     assert "w100" not in bot_text(events, long_run)
     events = await world.user.wait_for(run_ended(waiting), timeout=30, room_id=room)
