@@ -117,10 +117,15 @@ class Outbox:
         self._trouble: str | None = None
         self._attempts = 0
         self._notices: set[str] = set()  # transaction ids of notices standing in for refused events
-        self._refs: dict[str, str] = {}  # the event ids of sent events that carry a ref, until redacted
+        # the event ids of sent events that carry a ref, until taken back, edited for the last time or forgotten;
+        # kept in the store, so that what a run left in the room before a restart can still be edited or taken back
+        self._refs: dict[str, str] = {}
+        self._ref_changes: dict[str, str | None] = {}  # recorded with the next delivered event
 
     async def load(self) -> int:
-        """Take up what an earlier run of the daemon left unsent; how many events that is."""
+        """Take up what an earlier run of the daemon left unsent, and the refs it left; how many events that
+        is."""
+        self._refs = await self._store.refs(self.room_id)
         rows = await self._store.outbox(self.room_id)
         self._rows.extend(rows)
         if rows:
@@ -143,6 +148,7 @@ class Outbox:
         return self._refs.get(ref)
 
     def forget(self, ref: str) -> str | None:
+        self._ref_changes[ref] = None
         return self._refs.pop(ref, None)
 
     @property
@@ -169,26 +175,28 @@ class Outbox:
         event_type = row.content.get(TYPE_KEY, "m.room.message")
         if event_type == REDACTION:
             target = self._refs.get(row.content[REDACTS_KEY])
-            if target is None:  # its event was sent before a restart, or never: nothing to take back
+            if target is None:  # its event was never sent (refused for good): nothing to take back
                 await self._store.dropped(row)
                 self._rows.popleft()
                 return
             outcome = await self._sender.redact(self.room_id, target, row.txn_id)
             if isinstance(outcome, Sent):
                 del self._refs[row.content[REDACTS_KEY]]
+                self._ref_changes[row.content[REDACTS_KEY]] = None
         else:
             content = {key: value for key, value in row.content.items() if key not in _LOCAL_KEYS}
             if (replaces := row.content.get(REPLACES_KEY)) is not None:
-                if (original := self._refs.get(replaces)) is None:  # sent before a restart, or never: no edit
+                if (original := self._refs.get(replaces)) is None:  # never sent (refused for good): no edit
                     await self._store.dropped(row)
                     self._rows.popleft()
                     return
                 content["m.relates_to"] = {"rel_type": "m.replace", "event_id": original}
             outcome = await self._sender.send(self.room_id, content, row.txn_id, event_type)
             if isinstance(outcome, Sent) and (ref := row.content.get(REF_KEY)) is not None:
-                self._refs[ref] = outcome.event_id
+                self._refs[ref] = self._ref_changes[ref] = outcome.event_id
             if isinstance(outcome, Sent) and replaces is not None and row.content.get(LAST_EDIT_KEY):
                 del self._refs[replaces]
+                self._ref_changes[replaces] = None
         await self._settle(row, outcome)
 
     async def _settle(self, row: OutboxRow, outcome: SendOutcome) -> None:
@@ -200,7 +208,8 @@ class Outbox:
                 self.stats.bytes_sent += render.content_size(row.content)
                 self._rows.popleft()
                 self._recovered()
-                await self._store.delivered(row)
+                changes, self._ref_changes = self._ref_changes, {}
+                await self._store.delivered(row, self.room_id, changes)
             case RateLimited(retry_after_s=retry_after_s):
                 self.stats.rate_limited += 1
                 self._in_trouble("rate_limited", retry_in_s=self._back_off(retry_after_s))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -158,7 +158,20 @@ async def _v6(db: aiosqlite.Connection) -> None:
     await db.execute("ALTER TABLE prompts ADD COLUMN images TEXT NOT NULL DEFAULT '[]'")
 
 
-MIGRATIONS: list[Callable[[aiosqlite.Connection], Awaitable[None]]] = [_v1, _v2, _v3, _v4, _v5, _v6]
+async def _v7(db: aiosqlite.Connection) -> None:
+    await db.executescript(
+        """
+        CREATE TABLE refs (  -- sent events a later event will edit or take back, by the name the batcher gave
+            room_id TEXT NOT NULL,
+            ref TEXT NOT NULL,
+            event_id TEXT NOT NULL,
+            PRIMARY KEY (room_id, ref)
+        );
+        """
+    )
+
+
+MIGRATIONS: list[Callable[[aiosqlite.Connection], Awaitable[None]]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7]
 
 
 def _now_ms() -> int:
@@ -281,14 +294,27 @@ class Store:
         ) as cursor:
             return [OutboxRow(txn, json.loads(content), prompt) for txn, content, prompt in await cursor.fetchall()]
 
-    async def delivered(self, row: OutboxRow) -> None:
-        """The event reached the room: forget it, and count it for its prompt."""
+    async def delivered(self, row: OutboxRow, room_id: str = "", refs: Mapping[str, str | None] | None = None) -> None:
+        """The event reached the room: forget it, count it for its prompt, and in the same transaction record
+        the room's `refs` (a ref to its event id; None: the ref is done with)."""
         await self._db.execute("DELETE FROM outbox WHERE txn_id = ?", (row.txn_id,))
+        for ref, event_id in (refs or {}).items():
+            if event_id is None:
+                await self._db.execute("DELETE FROM refs WHERE room_id = ? AND ref = ?", (room_id, ref))
+            else:
+                await self._db.execute(
+                    "INSERT OR REPLACE INTO refs (room_id, ref, event_id) VALUES (?, ?, ?)", (room_id, ref, event_id)
+                )
         if row.prompt_id is not None:
             await self._db.execute(
                 "UPDATE prompts SET events_sent = events_sent + 1 WHERE event_id = ?", (row.prompt_id,)
             )
         await self._db.commit()
+
+    async def refs(self, room_id: str) -> dict[str, str]:
+        """The room's refs recorded by `delivered`: ref → event id."""
+        async with self._db.execute("SELECT ref, event_id FROM refs WHERE room_id = ?", (room_id,)) as cursor:
+            return {ref: event_id for ref, event_id in await cursor.fetchall()}
 
     async def dropped(self, row: OutboxRow) -> None:
         """The event can never be delivered: forget it."""

@@ -141,3 +141,19 @@ async def test_uploads_wait_for_the_next_prompt_across_a_restart_and_images_stay
     await store.clear_uploads(ROOM)
     assert await store.uploads(ROOM) == []
     await store.close()
+
+
+async def test_refs_are_recorded_with_the_delivery_and_survive_a_restart(tmp_path):
+    path = tmp_path / "db.sqlite"
+    store = await Store.open(path)
+    rows = [OutboxRow(f"txn{i}", {"body": f"part {i}"}, None) for i in range(3)]
+    await store.queue_outbox(ROOM, rows)
+    await store.delivered(rows[0], ROOM, {"reaction:$1:👀": "$e0"})
+    await store.delivered(rows[1], ROOM, {"status:$1": "$e1"})
+    await store.delivered(rows[2], ROOM, {"reaction:$1:👀": None})  # taken back
+    await store.close()
+
+    store = await Store.open(path)
+    assert await store.refs(ROOM) == {"status:$1": "$e1"} and await store.refs("!b:x") == {}
+    assert await store.outbox(ROOM) == []
+    await store.close()
