@@ -30,6 +30,7 @@ import getpass
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import uuid
@@ -362,7 +363,7 @@ class Follower:
             )
             if not isinstance(response, RoomMessagesResponse):
                 raise failure(response, "reading the room's history")
-            found += [dict(event.source) for event in response.chunk if marker_of(dict(event.source))]
+            found += [dict(event.source) for event in response.chunk if output_marker(dict(event.source))]
             token = response.end if response.chunk and response.end != token else None
         latest = found[:count][::-1]
         return [event for event in latest if self._is_new(event.get("event_id"))]
@@ -394,6 +395,13 @@ def marker_of(event: dict[str, Any]) -> dict[str, Any] | None:
     return marker if isinstance(marker, dict) and isinstance(content.get("body"), str) else None
 
 
+def output_marker(event: dict[str, Any]) -> dict[str, Any] | None:
+    """The marker of a bot event that is part of a run's output; None for anything else, a live status message
+    and its edits included."""
+    marker = marker_of(event)
+    return None if marker is None or marker.get("status") is True else marker
+
+
 class Answer:
     """The bot events answering one prompt, collected in order; `final` once the run's last event arrived."""
 
@@ -405,10 +413,8 @@ class Answer:
     def offer(self, event: dict[str, Any]) -> str | None:
         """Take `event` if it answers this prompt (before the final); returns its body. A live status message
         and its edits are not part of the answer."""
-        marker = marker_of(event)
+        marker = output_marker(event)
         if marker is None or marker.get("prompt") != self.prompt_id or self.final is not None:
-            return None
-        if marker.get("status") is True:
             return None
         body = event["content"]["body"]
         self.bodies.append(body)
@@ -610,6 +616,25 @@ def show_tail_event(body: str, marker: dict[str, Any], as_json: bool) -> None:
 
 
 async def run_tail(room: str, as_json: bool, lines: int, config: Path | None) -> int:
+    """Tail until Ctrl-C, caught by a handler of our own: the cancellation asyncio.run sends instead can be lost
+    on Python 3.11 when it lands just as a sync request ends, and tail would then go on."""
+    interrupted = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, interrupted.set)
+    tailing = asyncio.ensure_future(tail_room(room, as_json, lines, config))
+    waiting = asyncio.ensure_future(interrupted.wait())
+    try:
+        await asyncio.wait((tailing, waiting), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+        waiting.cancel()
+    if tailing.done():
+        return tailing.result()
+    tailing.cancel()  # asyncio.run cancels it again, and waits for it, if this one is lost
+    return EXIT_OK
+
+
+async def tail_room(room: str, as_json: bool, lines: int, config: Path | None) -> int:
     credentials = load_credentials(credentials_path())
     settings = read_settings(config)
     client = connect(credentials)
@@ -621,7 +646,7 @@ async def run_tail(room: str, as_json: bool, lines: int, config: Path | None) ->
         events = await follower.recent(lines)
         while True:
             for event in events:
-                if (marker := marker_of(event)) is not None:
+                if (marker := output_marker(event)) is not None:
                     show_tail_event(event["content"]["body"], marker, as_json)
             events = await follower.poll(30_000)
     finally:
