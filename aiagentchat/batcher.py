@@ -8,7 +8,6 @@ import hashlib
 import math
 import os
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from aiagentchat.outbox import (
     reaction_content,
     redaction_content,
 )
-from aiagentchat.status import ANSWER_INLINE_BYTES, BlockKind, LiveRun, edit_content
+from aiagentchat.status import ANSWER_INLINE_BYTES, AnswerText, BlockKind, LiveRun, edit_content
 from aiagentchat.store import PromptState
 
 
@@ -98,6 +97,7 @@ class EndOfRun:
 
 Item = Begin | Text | Block | EndOfRun | React | Notice
 DONE, FAILED, WORKING, QUEUED, WAITING = "✅", "❌", "👀", "⏳", "✋"
+STATUS_REACTIONS = (QUEUED, WORKING, WAITING)  # the ones taken back when the next comes
 TRANSCRIPT_TYPE = "text/markdown"
 ITEMS_BUFFERED = 1024  # a full queue makes the room's runner wait: back-pressure, and the event loop stays fair
 
@@ -447,12 +447,14 @@ class Batcher:
     def _accept_live(self, item: Begin | Text | Block | EndOfRun) -> None:
         now = self._clock()
         if isinstance(item, Begin):
-            self._live[item.prompt_id] = LiveRun(item.prompt_id, item.marker, item.thread, now)
+            run = self._live[item.prompt_id] = self._live_run(item.prompt_id, item.marker, item.thread, now)
+            if self._outbox.event_of(status_ref := f"status:{item.prompt_id}") is not None:
+                run.ref = status_ref  # shown before a restart: the run's end edits that one
             if item.react:
                 self._react(item.prompt_id, WORKING)
             return
         run = self._live.get(item.prompt_id) or self._live.setdefault(
-            item.prompt_id, LiveRun(item.prompt_id, {}, None, now)
+            item.prompt_id, self._live_run(item.prompt_id, {}, None, now)
         )
         match item:
             case Text(text=text):
@@ -469,7 +471,7 @@ class Batcher:
         marker = {"prompt": run.prompt_id, **run.marker, "status": True}
         markdown = run.status(now, final)
         if run.ref is None:
-            run.ref = f"status:{uuid.uuid4().hex}"
+            run.ref = f"status:{run.prompt_id}"
             reply = {"m.relates_to": relation(run.prompt_id, run.thread, fallback=False), "msgtype": "m.notice"}
             contents = [content | reply for content in render.message_contents(markdown, marker)]
             contents[0][REF_KEY] = run.ref
@@ -478,39 +480,38 @@ class Batcher:
         self._built.append((contents, run.prompt_id, None))
         run.shown_at, run.dirty = now, False
 
+    def _live_run(self, prompt_id: str, marker: dict[str, Any], thread: str | None, now: float) -> LiveRun:
+        name = hashlib.sha256(f"{self.room_id} {prompt_id}".encode()).hexdigest()[:16]
+        return LiveRun(prompt_id, marker, thread, now, AnswerText(self._transcripts / f"answer-{name}.md"))
+
     def _end_live(self, run: LiveRun, final: dict[str, Any], state: PromptState, now: float) -> None:
-        """The run's status shows its footer; its answer goes out as a new event in reply to the prompt (the
-        status itself when the run ended before its status message was due), as a file when too long."""
-        answer = run.text().strip("\n")
+        """The run's status shows its footer; its answer goes out as a new event in reply to the prompt (with
+        the footer and tool lines under it when the run ended before its status message was due), as a file
+        with its beginning inline when too long for one event."""
         if run.ref is not None:
             self._show_status(run, now, final)
-            answer = answer or run.status(now, final).split("\n\n")[0]
+            closing = "" if run.answer.size else run.status(now, final).split("\n\n")[0]
         else:
-            answer = "\n\n".join(part for part in (answer, run.status(now, final)) if part)
+            closing = run.status(now, final, head=not run.answer.size)
+        if closing:
+            run.add_block("", closing)
+        run.answer.close()
         marker = {"prompt": run.prompt_id, **run.marker}
         reply = {"m.relates_to": relation(run.prompt_id, run.thread, fallback=False)}
-        size = render.utf8_size(answer)
         attachment = None
-        if size > render.MAX_CHUNK_BYTES:
-            attachment = self._answer_file(run.prompt_id, answer)
-            inline = _within(answer, ANSWER_INLINE_BYTES)
+        if run.answer.in_file:
+            attachment = run.answer.path
+            inline = _within(run.answer.head.lstrip("\n"), ANSWER_INLINE_BYTES)
             if (fence := render.fence_left_open(inline)) is not None:
                 inline += ("" if inline.endswith("\n") else "\n") + fence[1]
-            answer = f"{inline.rstrip()}\n\n📎 The whole answer ({size:,} bytes) is in the attached file."
+            answer = f"{inline.rstrip()}\n\n📎 The whole answer ({run.answer.size:,} bytes) is in the attached file."
+        else:
+            answer = run.answer.text().strip("\n")
         contents = [content | reply for content in render.message_contents(answer, marker)]
         if attachment is not None:
             contents.append(render.with_marker(file_content(attachment, name="answer.md"), marker) | reply)
-        closing = {**marker, "final": render.bounded_final(final)}
-        self._built.append((_closed_with(contents, closing), run.prompt_id, state))
-
-    def _answer_file(self, prompt_id: str, answer: str) -> Path:
-        name = hashlib.sha256(f"{self.room_id} {prompt_id}".encode()).hexdigest()[:16]
-        path = self._transcripts / f"answer-{name}.md"
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(answer)
-        return path
+        closing_marker = {**marker, "final": render.bounded_final(final)}
+        self._built.append((_closed_with(contents, closing_marker), run.prompt_id, state))
 
     def _tick_live(self, now: float) -> None:
         for run in self._live.values():
@@ -518,12 +519,19 @@ class Batcher:
                 self._show_status(run, now)
 
     def _react(self, prompt_id: str, key: str, *, final: bool = False) -> None:
-        """Give the prompt its new status reaction and take back the earlier one; a final one stays."""
+        """Give the prompt its new status reaction and take back the earlier one (also one shown before a
+        restart); a final one stays."""
         if not self._reactions:
             return
-        ref = None if final else uuid.uuid4().hex
+        earlier = self._reacted.pop(prompt_id, None) or next(
+            (ref for shown in STATUS_REACTIONS if self._outbox.event_of(ref := f"reaction:{prompt_id}:{shown}")), None
+        )
+        ref = None if final else f"reaction:{prompt_id}:{key}"
+        if ref is not None and ref == earlier:  # shown already, before a restart
+            self._reacted[prompt_id] = ref
+            return
         contents = [reaction_content(prompt_id, key, ref)]
-        if (earlier := self._reacted.pop(prompt_id, None)) is not None:
+        if earlier is not None:
             contents.append(redaction_content(earlier))
         if ref is not None:
             self._reacted[prompt_id] = ref

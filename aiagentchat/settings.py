@@ -94,7 +94,8 @@ class RoomSettings(_Strict):
     unlisted_tools: Literal["ask", "deny"] = "ask"  # a tool neither allowed nor denied: ask the room, or deny
     approvers: list[str] = Field(default_factory=list)  # who may answer approval requests (default allowed_users)
     approval_timeout_s: float = Field(default=300.0, gt=0)  # then the request is denied and the room told
-    live_status: bool = False  # one status message per run, edited in place, and the answer as one new event
+    live_status: bool = True  # one status message per run, edited in place, and the answer as one new event;
+    # false: the run's text and tool lines stream as messages
     reply_mode: Literal["flat", "thread"] = "flat"  # thread: each prompt's output in a thread rooted at it
     session_scope: Literal["room", "thread"] = "room"  # thread: each thread is its own Claude conversation
     binary: str | None = None

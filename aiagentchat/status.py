@@ -3,8 +3,10 @@ and the final answer as one new event in reply to the prompt."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from pathlib import Path
+from typing import IO, Any, Literal
 
 from aiagentchat import render
 from aiagentchat.outbox import REPLACES_KEY
@@ -14,6 +16,7 @@ STATUS_TOOLS = 8  # tool lines shown, most recent first
 ACTIVITY_CHARS = 120
 REFRESH_S = 30.0  # the elapsed time is brought up to date this often when nothing else changes
 ANSWER_INLINE_BYTES = 3_000  # of an answer too long for one event: what is shown above its file
+TAIL_CHARS = 2_000  # of an answer kept in memory once it went to its file: enough for its last line
 
 
 def _elapsed(seconds: float) -> str:
@@ -26,6 +29,52 @@ def _last_line(text: str) -> str:
     return line if len(line) <= ACTIVITY_CHARS else "…" + line[-(ACTIVITY_CHARS - 1) :]
 
 
+class AnswerText:
+    """A run's answer as it grows: in memory while it fits one event, then in the file `path` (mode 0600), with
+    only its beginning and its end kept in memory, so a run writing megabytes holds kilobytes."""
+
+    def __init__(self, path: Path, keep_bytes: int = render.MAX_CHUNK_BYTES) -> None:
+        self.path = path
+        self._keep_bytes = keep_bytes
+        self._parts: list[str] = []
+        self._size = 0
+        self._file: IO[str] | None = None
+        self.head = ""  # once in the file: its first `keep_bytes` or so
+        self.tail = ""  # the last TAIL_CHARS characters
+
+    def add(self, text: str) -> None:
+        self._size += render.utf8_size(text)
+        self.tail = (self.tail + text)[-TAIL_CHARS:]
+        if self._file is not None:
+            self._file.write(text)
+            return
+        self._parts.append(text)
+        if self._size > self._keep_bytes:
+            whole, self._parts = "".join(self._parts), []
+            self.head = whole[: self._keep_bytes]
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            self._file = os.fdopen(fd, "w", encoding="utf-8")
+            self._file.write(whole)
+
+    @property
+    def in_file(self) -> bool:
+        return self._file is not None
+
+    @property
+    def size(self) -> int:
+        """Its UTF-8 bytes."""
+        return self._size
+
+    def text(self) -> str:
+        """The whole answer (only while it is in memory)."""
+        return "".join(self._parts)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
 @dataclass
 class LiveRun:
     """What one run has done so far, for its status message, and its answer, for the final event."""
@@ -34,7 +83,7 @@ class LiveRun:
     marker: dict[str, Any]
     thread: str | None
     started: float
-    answer: list[str] = field(default_factory=list)
+    answer: AnswerText
     tools: list[str] = field(default_factory=list)
     progress: str = ""  # the latest model retry or stall notice, until the next tool line
     footer: str = ""
@@ -46,7 +95,7 @@ class LiveRun:
     def add_text(self, text: str) -> None:
         if self._after_block and not text.startswith("\n"):
             text = "\n" + text
-        self.answer.append(text)
+        self.answer.add(text)
         self._after_block = False
         self.dirty = True
 
@@ -64,14 +113,11 @@ class LiveRun:
             case "result":
                 return
             case _:
-                text = self.text()
+                text = self.answer.tail
                 separator = "" if not text or text.endswith("\n\n") else "\n" if text.endswith("\n") else "\n\n"
-                self.answer.append(separator + markdown.strip() + "\n")
+                self.answer.add(separator + markdown.strip() + "\n")
                 self._after_block = True
         self.dirty = True
-
-    def text(self) -> str:
-        return "".join(self.answer)
 
     def due(self, interval_s: float) -> float | None:
         """When the status message is next worth building: one interval after the last, once something
@@ -80,22 +126,24 @@ class LiveRun:
             return (self.shown_at or self.started) + interval_s
         return self.shown_at + REFRESH_S
 
-    def status(self, now: float, final: dict[str, Any] | None = None) -> str:
+    def status(self, now: float, final: dict[str, Any] | None = None, *, head: bool = True) -> str:
         """The status message's Markdown: what the agent does now and its tool lines, most recent first; at
-        the end, the footer instead."""
-        if final is not None:
+        the end, the footer instead (without `head`: only the footer the run reported, if any)."""
+        if final is not None and not head:
+            head_lines = [self.footer] if self.footer else []
+        elif final is not None:
             failed = f"❌ {final.get('result') or 'the run ended without a result'}"
-            head = [self.footer or ("✅ Done" if final.get("ok") else failed)]
+            head_lines = [self.footer or ("✅ Done" if final.get("ok") else failed)]
         else:
-            head = [f"👀 **Working** · {_elapsed(now - self.started)}"]
+            head_lines = [f"👀 **Working** · {_elapsed(now - self.started)}"]
             if self.progress:
-                head.append(self.progress)
-            elif last := _last_line(self.text()):
-                head.append(f"✍️ {last}")
+                head_lines.append(self.progress)
+            elif last := _last_line(self.answer.tail):
+                head_lines.append(f"✍️ {last}")
         shown = [f"- {line}" for line in self.tools[::-1][:STATUS_TOOLS]]
         if len(self.tools) > STATUS_TOOLS:
             shown.append(f"- … and {len(self.tools) - STATUS_TOOLS} earlier tool calls")
-        return "\n\n".join(head + (["\n".join(shown)] if shown else []))
+        return "\n\n".join(head_lines + (["\n".join(shown)] if shown else []))
 
 
 def edit_content(markdown: str, marker: dict[str, Any], replaces: str) -> dict[str, Any]:

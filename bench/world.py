@@ -94,7 +94,8 @@ class Homeserver:
                 "claude": {"timeout_s": 900} | claude,
                 "output": output or {},
             },
-            [{"id": room, "allowed_users": [allowed]} for room in rooms],
+            # the streamed output mode: every byte of a flood goes out as it comes, which is what is measured
+            [{"id": room, "allowed_users": [allowed], "live_status": False} for room in rooms],
         )
         env = claude_env(self.model.base_url, str(directory / "home"), LANG="C.UTF-8")
         daemon = Daemon(config, env | {"AIAGENTCHAT_MATRIX__PASSWORD": bot[1]})

@@ -17,6 +17,7 @@ from aiagentchat.batcher import Batcher, Begin, Block, EndOfRun, Item, Notice, P
 from aiagentchat.outbox import Outbox, RateLimited, SendFailed, SendOutcome, Sent, redaction_content
 from aiagentchat.render import MAX_CHUNK_BYTES, MAX_CONTENT_BYTES, content_size
 from aiagentchat.store import Store
+from aiagentchat.status import TAIL_CHARS, AnswerText
 
 pytestmark = pytest.mark.anyio
 ROOM = "!room:example.org"
@@ -638,7 +639,42 @@ async def test_a_notice_goes_out_at_once_mid_run_as_a_reply_and_leaves_the_run_a
     assert room.uploads == [("copy", "text/plain", "file body")] and not file.exists()
 
 
-async def test_a_redaction_of_an_event_sent_before_a_restart_is_dropped(tmp_path: Path) -> None:
+async def test_after_a_restart_the_end_of_a_run_edits_its_status_and_takes_back_its_reaction(tmp_path: Path) -> None:
+    room = FakeRoom()
+    store = await Store.open(tmp_path / "db.sqlite")
+
+    def a_daemons_batcher() -> Batcher:
+        outbox = Outbox(ROOM, room, store, clock=room.clock, jitter=lambda d: d)
+        options = {"reactions": True, "live_status": True, "clock": room.clock, "sleep": room.sleep}
+        return Batcher(ROOM, outbox, transcripts=tmp_path, **options)
+
+    try:
+        first = a_daemons_batcher()
+        task = asyncio.create_task(first.run())
+        await room.put(first, Begin("$p", {}), Text("$p", "half way"))
+        await room.until(lambda: len(room.calls) == 2)  # 👀 on the prompt, then its status
+        await room.settled()  # and both recorded as delivered
+        task.cancel()  # the daemon dies
+        await asyncio.gather(task, return_exceptions=True)
+
+        second = a_daemons_batcher()
+        task = asyncio.create_task(second.run())
+        interrupted = EndOfRun("$p", {"ok": False, "result": "interrupted"}, "interrupted")
+        await room.put(second, Begin("$p", {}), Block("$p", "⚠️ Interrupted by a restart."), interrupted)
+        await room.until(lambda: len(room.calls) == 6)
+        await close(room, second)
+        await asyncio.gather(task, return_exceptions=True)
+        assert await store.refs(ROOM) == {}
+    finally:
+        await store.close()
+    assert kinds(room.calls) == ["react 👀 to $p", "m.notice", "m.notice", "m.text", "react ❌ to $p", "redact $event1"]
+    edit = room.calls[2]
+    assert edit.content["m.relates_to"] == {"rel_type": "m.replace", "event_id": "$event2"}
+    assert edit.content["m.new_content"]["body"] == "❌ interrupted"
+    assert room.calls[3].body == "⚠️ Interrupted by a restart."
+
+
+async def test_a_redaction_of_an_event_never_sent_is_dropped(tmp_path: Path) -> None:
     room = FakeRoom()
     store = await Store.open(tmp_path / "db.sqlite")
     try:
@@ -736,6 +772,31 @@ async def test_a_run_over_before_its_status_was_due_is_one_answer_with_its_foote
     assert "final" in answer.content["org.aiagentchat"]
 
 
+async def test_a_refused_prompt_in_live_mode_is_answered_once_without_a_second_failure_line() -> None:
+    room = FakeRoom()
+    async with running(room, live_status=True) as batcher:
+        items = [Begin("$p", {}, react=False), Block("$p", "⛔ Not run: busy.")]
+        await room.put(batcher, *items, EndOfRun("$p", {"ok": False, "result": "busy"}, "refused"))
+        await room.until(lambda: len(room.calls) == 1)
+        await close(room, batcher)
+    (answer,) = room.calls
+    assert answer.body == "⛔ Not run: busy."
+    assert answer.content["org.aiagentchat"]["final"]["ok"] is False
+
+
+def test_a_long_live_answer_is_kept_in_its_file_with_only_its_ends_in_memory(tmp_path: Path) -> None:
+    answer = AnswerText(tmp_path / "answer.md", keep_bytes=1_000)
+    pieces = [f"word{n} " + ("\n" if n % 10 == 9 else "") for n in range(100_000)]
+    for piece in pieces:
+        answer.add(piece)
+    answer.close()
+    whole = "".join(pieces)
+    assert answer.in_file and answer.size == len(whole.encode())
+    assert answer.text() == "" and answer.head == whole[:1_000] and answer.tail == whole[-TAIL_CHARS:]
+    assert (tmp_path / "answer.md").read_text() == whole
+    assert (tmp_path / "answer.md").stat().st_mode & 0o777 == 0o600
+
+
 async def test_a_live_answer_too_long_for_the_room_comes_as_a_file_with_its_first_lines() -> None:
     room = FakeRoom()
     lines = "".join(f"line {n:05d} " + "x" * 90 + "\n" for n in range(300))
@@ -746,14 +807,14 @@ async def test_a_live_answer_too_long_for_the_room_comes_as_a_file_with_its_firs
     assert inline.body.startswith("```\nline 00000 ") and "line 00299" not in inline.body
     ((name, mimetype, uploaded),) = room.uploads
     assert name.startswith("answer-") and mimetype == "text/markdown"
-    assert uploaded == "```\n" + lines + "```\n\n✅ Done"
+    assert uploaded == "```\n" + lines + "```\n"
     assert inline.body.endswith(f"```\n\n📎 The whole answer ({len(uploaded.encode()):,} bytes) is in the attached file.")
     assert attached.content["msgtype"] == "m.file" and attached.content["filename"] == "answer.md"
     assert attached.content["m.relates_to"] == {"m.in_reply_to": {"event_id": "$p"}}
     assert "final" in attached.content["org.aiagentchat"]
 
 
-async def test_an_edit_of_an_event_sent_before_a_restart_is_dropped(tmp_path: Path) -> None:
+async def test_an_edit_of_an_event_never_sent_is_dropped(tmp_path: Path) -> None:
     room = FakeRoom()
     store = await Store.open(tmp_path / "db.sqlite")
     try:

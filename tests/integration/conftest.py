@@ -43,12 +43,16 @@ async def model():
         yield server
 
 
-def bot_events(events: list[dict[str, Any]], prompt_id: str) -> list[dict[str, Any]]:
-    return [e for e in events if (e.get("content", {}).get(MARKER) or {}).get("prompt") == prompt_id]
+def bot_events(events: list[dict[str, Any]], prompt_id: str, *, status: bool = False) -> list[dict[str, Any]]:
+    """The bot's events for a prompt: its output, and with `status` also its live status message and edits."""
+    marked = [e for e in events if (e.get("content", {}).get(MARKER) or {}).get("prompt") == prompt_id]
+    return marked if status else [e for e in marked if e["content"][MARKER].get("status") is not True]
 
 
-def bot_text(events: list[dict[str, Any]], prompt_id: str) -> str:
-    return "".join(e["content"]["body"] for e in bot_events(events, prompt_id))
+def bot_text(events: list[dict[str, Any]], prompt_id: str, *, status: bool = False) -> str:
+    """The bodies of the bot's events for a prompt, joined; with `status`, its live status and edits too (where
+    a tool line or the footer is, when the run lasted long enough to show one)."""
+    return "".join(e["content"]["body"] for e in bot_events(events, prompt_id, status=status))
 
 
 def run_ended(prompt_id: str):
@@ -153,10 +157,10 @@ class World:
         return daemon
 
     async def ask(self, room_id: str, text: str, timeout: float = 60) -> str:
-        """Post a prompt and wait until its run ends; the bot's whole output for it."""
+        """Post a prompt and wait until its run ends; the bot's whole output for it, live status included."""
         prompt_id = await self.user.send_text(room_id, text)
         events = await self.user.wait_for(run_ended(prompt_id), timeout=timeout, room_id=room_id)
-        return bot_text(events, prompt_id)
+        return bot_text(events, prompt_id, status=True)
 
     async def close(self) -> None:
         for daemon in self.daemons:

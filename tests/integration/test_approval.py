@@ -42,7 +42,7 @@ async def reply(user, room: str, target: str, text: str) -> str:
 
 async def ended(world, room: str, prompt_id: str, timeout: float = 60, user=None) -> str:
     events = await (user or world.user).wait_for(run_ended(prompt_id), timeout=timeout, room_id=room)
-    return bot_text(events, prompt_id)
+    return bot_text(events, prompt_id, status=True)
 
 
 async def served_with_workdir(world, **settings: Any) -> tuple[str, Path]:

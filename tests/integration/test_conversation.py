@@ -72,7 +72,7 @@ async def react(user, room: str, target: str, key: str) -> str:
 async def running(world, room: str, prompt: str) -> str:
     """Post `prompt` and wait until the bot's first output for it is in the room."""
     prompt_id = await world.user.send_text(room, prompt)
-    await world.user.wait_for(lambda ev: bot_text(ev, prompt_id), timeout=60, room_id=room)
+    await world.user.wait_for(lambda ev: bot_text(ev, prompt_id, status=True), timeout=60, room_id=room)
     return prompt_id
 
 
@@ -112,7 +112,7 @@ async def test_stop_reactions_stop_a_running_prompt_and_drop_a_queued_one_from_a
     assert f"🛑 Stopped by {world.user.user_id}" in bot_text(events, long_run)
     assert "w100" not in bot_text(events, long_run)
     events = await world.user.wait_for(run_ended(waiting), timeout=30, room_id=room)
-    assert bot_text(events, waiting) == f"🛑 Dropped by {world.user.user_id} before it ran.\n"
+    assert bot_text(events, waiting) == f"🛑 Dropped by {world.user.user_id} before it ran."
     assert "say never run" not in [r["latest_user_text"] for r in await world.model.requests()]
 
 
@@ -249,10 +249,10 @@ def relation_type(event: dict[str, Any]) -> str | None:
 
 async def test_a_live_status_is_edited_in_place_and_the_answer_is_one_new_reply(world):
     room = await world.room()
-    await world.daemon([{"id": room, "live_status": True, "allowed_tools": ["Bash"]}]).start()
+    await world.daemon([{"id": room, "allowed_tools": ["Bash"]}]).start()  # live status is the default
 
     prompt = await world.user.send_text(room, "slow 20")  # 20 words over 4 s
-    events = bot_events(await world.user.wait_for(run_ended(prompt), timeout=60, room_id=room), prompt)
+    events = bot_events(await world.user.wait_for(run_ended(prompt), timeout=60, room_id=room), prompt, status=True)
     (status,) = [e for e in events if e["content"][MARKER].get("status") and relation_type(e) != "m.replace"]
     edits = [e for e in events if relation_type(e) == "m.replace"]
     answers = [e for e in events if e not in edits and e is not status]
@@ -269,7 +269,7 @@ async def test_a_live_status_is_edited_in_place_and_the_answer_is_one_new_reply(
     assert answer["content"][MARKER]["final"]["ok"] is True
 
     prompt = await world.user.send_text(room, "bash echo live-tool")
-    events = bot_events(await world.user.wait_for(run_ended(prompt), timeout=60, room_id=room), prompt)
+    events = bot_events(await world.user.wait_for(run_ended(prompt), timeout=60, room_id=room), prompt, status=True)
     answer = next(e for e in events if "final" in e["content"][MARKER])
     assert "tool said: live-tool" in answer["content"]["body"]
     # the tool line is in the status (or, for a run over before its status was due, under the answer)

@@ -17,10 +17,10 @@ async def test_a_prompt_is_answered_with_html_and_no_mentions(world):
     await daemon.start()
     prompt_id = await world.user.send_text(room, "say hello from the agent")
     events = await world.user.wait_for(run_ended(prompt_id), timeout=60, room_id=room)
-    text = bot_text(events, prompt_id)
+    text = bot_text(events, prompt_id, status=True)
     assert "hello from the agent" in text
     assert "✅ Done" in text
-    for event in bot_events(events, prompt_id):
+    for event in bot_events(events, prompt_id, status=True):
         assert event["sender"] == world.bot_id
         assert event["content"]["m.mentions"] == {}
         assert event["content"]["format"] == "org.matrix.custom.html"
@@ -59,9 +59,9 @@ async def test_after_a_restart_the_conversation_continues_and_nothing_runs_twice
     assert "say before restart" in answer and "say while down" in answer
 
     events = world.user.room_events(room)
-    assert bot_text(events, first).count("✅ Done") == 1
-    assert bot_text(events, while_down).count("✅ Done") == 1
-    assert bot_events(events, old) == []
+    assert bot_text(events, first, status=True).count("✅ Done") == 1
+    assert bot_text(events, while_down, status=True).count("✅ Done") == 1
+    assert bot_events(events, old, status=True) == []
     assert "sent before the bot ever looked" not in answer
     runs = [r["latest_user_text"] for r in await world.model.requests() if r["has_tools"] and not r["continuation"]]
     assert runs.count("say before restart") == 1
@@ -81,9 +81,9 @@ async def test_two_rooms_never_see_each_others_conversation(world):
     assert "banana" not in "\n".join(str(e.get("content", {}).get("body")) for e in a_events)
 
 
-async def test_a_tool_call_shows_as_a_tool_line_with_its_result(world):
+async def test_streamed_a_tool_call_shows_as_a_tool_line_with_its_result(world):
     room = await world.room()
-    await world.daemon([{"id": room}], claude={"allowed_tools": ["Bash"]}).start()
+    await world.daemon([{"id": room, "live_status": False}], claude={"allowed_tools": ["Bash"]}).start()
     answer = await world.ask(room, "bash echo tool-output-42")
     assert "🔧 Bash: `echo tool-output-42`" in answer
     assert "```\ntool-output-42\n```" in answer
@@ -110,9 +110,9 @@ async def test_a_hanging_agent_is_stopped_at_the_timeout(world):
     assert "alive again" in after
 
 
-async def test_text_streams_into_the_room_while_the_model_writes(world):
+async def test_streamed_text_comes_into_the_room_while_the_model_writes(world):
     room = await world.room()
-    await world.daemon([{"id": room}]).start()
+    await world.daemon([{"id": room, "live_status": False}]).start()
     prompt_id = await world.user.send_text(room, "slow 12")
     events = await world.user.wait_for(run_ended(prompt_id), timeout=60, room_id=room)
     bodies = [e["content"]["body"] for e in bot_events(events, prompt_id)]

@@ -19,6 +19,7 @@ from aiagentchat.processes import start_time
 from tests.harness.faulty_proxy import FaultyProxy
 from tests.harness.synapse import running_synapse
 from tests.integration.conftest import MARKER, World, bot_events, bot_text, run_ended
+from tests.integration.test_conversation import relation_type, shown
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 
@@ -33,9 +34,11 @@ def finals(events: list[dict[str, Any]], prompt_id: str) -> list[dict[str, Any]]
 
 
 def assert_no_duplicates(events: list[dict[str, Any]]) -> None:
-    """No event id twice, and no bot body twice (every body of a run holds different words)."""
+    """No event id twice, and no bot output body twice (every body of a run holds different words; a live status
+    may say the same twice)."""
     assert len({e["event_id"] for e in events}) == len(events)
-    bodies = Counter(e["content"]["body"] for e in events if MARKER in e.get("content", {}))
+    output = [e for e in events if MARKER in e.get("content", {}) and not e["content"][MARKER].get("status")]
+    bodies = Counter(e["content"]["body"] for e in output)
     assert [body for body, seen in bodies.items() if seen > 1 and not body.startswith("✅ Done")] == []
 
 
@@ -82,17 +85,25 @@ async def test_kill_9_mid_run_with_a_prompt_queued_then_each_is_answered_or_repo
     daemon = world.daemon([{"id": room}])
     await daemon.start()
     running = await world.user.send_text(room, "slow 40")
-    await world.user.wait_for(lambda evs: bot_events(evs, running) != [], timeout=60, room_id=room)
+    await world.user.wait_for(lambda evs: bot_events(evs, running, status=True) != [], timeout=60, room_id=room)
     queued = await world.user.send_text(room, "say queued before the crash")
     await daemon.wait_for_log("prompt_accepted", event_id=queued)
     daemon.proc.kill()
     assert await daemon.wait() == -9
 
     await daemon.start()
+
+    def settled(evs: list[dict[str, Any]]) -> bool:  # each ended, with only its final reaction left on it
+        return [shown(evs, world.bot_id, prompt) for prompt in (running, queued)] == [["❌"], ["✅"]]
+
     events = await world.user.wait_for(
-        lambda evs: run_ended(running)(evs) and run_ended(queued)(evs), timeout=90, room_id=room
+        lambda evs: run_ended(running)(evs) and run_ended(queued)(evs) and settled(evs), timeout=90, room_id=room
     )
     assert len(finals(events, running)) == 1 and len(finals(events, queued)) == 1
+    status, *edits = bot_events(events, running, status=True)[:-1]  # the status shown before the crash, its edits
+    assert status["content"][MARKER]["status"] is True and edits
+    assert {relation_type(edit) for edit in edits} == {"m.replace"}
+    assert edits[-1]["content"]["m.new_content"]["body"].startswith("❌ interrupted: the daemon stopped")
     assert "⚠️ Interrupted: the daemon stopped while this prompt ran" in bot_text(events, running)
     assert finals(events, running)[0]["content"][MARKER]["final"]["ok"] is False
     assert "queued before the crash" in bot_text(events, queued)
@@ -131,7 +142,7 @@ async def test_outages_of_every_kind_mid_stream_lose_nothing_and_log_once_per_ep
     )
     await daemon.start()
     prompt = await world.user.send_text(room, "slow 200")
-    await world.user.wait_for(lambda evs: bot_events(evs, prompt) != [], timeout=60, room_id=room)
+    await world.user.wait_for(lambda evs: bot_events(evs, prompt, status=True) != [], timeout=60, room_id=room)
     episodes = 0
     for fault in ("bad_gateway", "refuse", "blackhole"):
         await proxy.fault(fault, sends_only=fault == "blackhole")
@@ -154,7 +165,7 @@ async def test_synapse_stopped_mid_stream_then_started_delivers_everything_in_or
     daemon = world.daemon([{"id": room}])
     await daemon.start()
     prompt = await world.user.send_text(room, "slow 100")
-    await world.user.wait_for(lambda evs: bot_events(evs, prompt) != [], timeout=60, room_id=room)
+    await world.user.wait_for(lambda evs: bot_events(evs, prompt, status=True) != [], timeout=60, room_id=room)
     await world.synapse.stop()
     try:
         await daemon.wait_for_log("sync_failing", timeout=60)
@@ -218,7 +229,7 @@ async def test_a_flood_beyond_the_inbox_bound_gets_a_busy_reply(world):
     for prompt in flood[:2]:
         assert f"flood {flood.index(prompt)}" in bot_text(events, prompt)
     for prompt in flood[2:]:
-        assert bot_text(events, prompt) == "⛔ Not run: busy: 2 prompts are queued in this room; send it again later.\n"
+        assert bot_text(events, prompt) == "⛔ Not run: busy: 2 prompts are queued in this room; send it again later."
         assert finals(events, prompt)[0]["content"][MARKER]["final"]["ok"] is False
     assert [e["event_id"] for e in daemon.logged("prompt_refused_busy")] == flood[2:]
     assert [e["run_id"] for e in daemon.logged("run_started")] == [running, *flood[:2]]

@@ -30,10 +30,11 @@ def run_ended_or_refused(prompt_id: str):
 
 
 async def ask(user: E2EUser, room: str, text: str, timeout: float = 60) -> tuple[str, list[dict[str, Any]]]:
-    """Send an encrypted prompt; its id and the bot's (decrypted) events once the run ended."""
+    """Send an encrypted prompt; its id and the bot's (decrypted) events, live status included, once the run
+    ended."""
     prompt = await user.send_text(room, text)
     events = await user.wait_for(run_ended(prompt), timeout=timeout, room_id=room)
-    return prompt, bot_events(events, prompt)
+    return prompt, bot_events(events, prompt, status=True)
 
 
 async def test_an_encrypted_prompt_is_answered_encrypted(world):
@@ -41,7 +42,7 @@ async def test_an_encrypted_prompt_is_answered_encrypted(world):
     room, _ = await encrypted_room(world, user)
     prompt, answer = await ask(user, room, "say hello in private")
     assert "hello in private" in "".join(e["content"]["body"] for e in answer)
-    assert "✅ Done" in answer[-1]["content"]["body"]
+    assert answer[-1]["content"]["org.aiagentchat"]["final"]["ok"] is True
     for event_id in [prompt, *(e["event_id"] for e in answer)]:
         wire = await user.raw_event(room, event_id)
         assert wire["type"] == "m.room.encrypted", wire

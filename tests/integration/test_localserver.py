@@ -149,7 +149,7 @@ async def ask(daemon: LocalDaemon, user: MatrixUser, room_id: str, text: str) ->
     except AssertionError as exc:
         tail = "\n".join(daemon.raw[-20:])
         raise AssertionError(f"{exc}\ndaemon log tail:\n{tail}") from None
-    return bot_text(events, prompt_id)
+    return bot_text(events, prompt_id, status=True)
 
 
 async def test_first_run_makes_everything_and_a_second_run_reuses_it(model, tmp_path: Path) -> None:

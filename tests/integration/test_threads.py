@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import bot_events, run_ended
+from tests.integration.conftest import MARKER, bot_events, run_ended
 from tests.integration.test_approval import asked, ended, served_with_workdir
 from tests.integration.test_conversation import replies
 
@@ -27,14 +27,17 @@ def in_thread(root: str, latest: str, *, fallback: bool = True) -> dict[str, Any
 async def test_a_runs_output_its_approval_request_and_command_answers_stay_in_the_prompts_thread(world):
     room, workdir = await served_with_workdir(world, reply_mode="thread")
 
-    first = await world.user.send_text(room, "slow 12")
+    first = await world.user.send_text(room, "slow 20")  # 4 s: a live status, edited, then the answer
     events = await world.user.wait_for(run_ended(first), timeout=60, room_id=room)
-    output = bot_events(events, first)
-    assert len(output) >= 2 and "w12" in "".join(e["content"]["body"] for e in output)
-    for event in output:
+    output = bot_events(events, first, status=True)
+    edits = [e for e in output if e["content"]["m.relates_to"].get("rel_type") == "m.replace"]
+    status, answer = [e for e in output if e not in edits]
+    assert status["content"][MARKER]["status"] is True and "w20" in answer["content"]["body"]
+    for event in (status, answer):
         relation = event["content"]["m.relates_to"]
-        assert relation == {"rel_type": "m.thread", "event_id": first, "is_falling_back": True,
+        assert relation == {"rel_type": "m.thread", "event_id": first, "is_falling_back": False,
                             "m.in_reply_to": {"event_id": first}}  # fmt: skip
+    assert edits and {e["content"]["m.relates_to"]["event_id"] for e in edits} == {status["event_id"]}
 
     target = workdir / "threaded.txt"
     prompt, request = await asked(world, room, f"write {target} in a thread")
