@@ -22,6 +22,8 @@ holds only tool_result blocks continues the script of the turn that started it.
 - `slow <n>`        -> text `w1 w2 ... wn`, one word per delta every 0.2 s.
 - `hang`            -> sends nothing (not even headers) and holds the request until the client disconnects.
 - `fail400`         -> HTTP 400 with an Anthropic-style error JSON.
+- `overloaded <n> <words...>` -> HTTP 529 `overloaded_error` for the first n requests with this text (the CLI
+                       retries them, each time writing a `system/api_retry` line), then text `<words...>`.
 - `big <n>`         -> n lines `line 000001 xxxx...` of 100 characters each (99 + newline).
 - `drip <n> <ms>`   -> the same n lines, one line per delta every `ms` milliseconds (a steady stream).
 - anything else     -> text `ok`.
@@ -232,6 +234,8 @@ def script_answer(parsed: Parsed) -> Answer:
         return Answer([], hang=True)
     if word == "fail400":
         return Answer([], error_status=400)
+    if word == "overloaded" and len(rest.split(maxsplit=1)) == 2 and rest.split()[0].isdigit():
+        return text_answer(rest.split(maxsplit=1)[1])
     if word == "big":
         n = int(rest) if rest.isdigit() else 100
         lines = numbered_lines(n)
@@ -245,6 +249,7 @@ def script_answer(parsed: Parsed) -> Answer:
 # --- HTTP --------------------------------------------------------------------------------------------------
 
 RECORDS = web.AppKey("records", list)
+OVERLOADED = web.AppKey("overloaded", dict)  # latest user text → 529s answered so far (`overloaded`)
 HITS = web.AppKey("hits", dict)
 
 
@@ -346,6 +351,14 @@ async def messages(request: web.Request) -> web.StreamResponse:
         "body": body,
     }
     request.app[RECORDS].append(record)
+    word, _, rest = parsed.latest_user_text.partition(" ")
+    count = rest.split()[0] if rest.split() else ""
+    if has_tools and not parsed.continuation and word.lower() == "overloaded" and count.isdigit():
+        answered = request.app[OVERLOADED].get(parsed.latest_user_text, 0)
+        if answered < int(count):
+            request.app[OVERLOADED][parsed.latest_user_text] = answered + 1
+            error = {"type": "overloaded_error", "message": "Overloaded"}
+            return web.json_response({"type": "error", "error": error}, status=529)
     answer = script_answer(parsed) if has_tools else side_answer(body)
     model = body.get("model", "claude-test")
     try:
@@ -387,6 +400,7 @@ async def list_requests(request: web.Request) -> web.Response:
 async def clear_requests(request: web.Request) -> web.Response:
     request.app[RECORDS].clear()
     request.app[HITS].clear()
+    request.app[OVERLOADED].clear()
     return web.json_response([])
 
 
@@ -406,6 +420,7 @@ def make_app() -> web.Application:
     app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[count_hits])
     app[RECORDS] = []
     app[HITS] = {}
+    app[OVERLOADED] = {}
     app.router.add_get("/", root)  # add_get also answers HEAD
     app.router.add_post("/v1/messages", messages)
     app.router.add_post("/v1/messages/count_tokens", count_tokens)

@@ -4,6 +4,7 @@
 import base64
 import io
 import json
+import secrets
 from typing import Any
 
 import pytest
@@ -245,6 +246,19 @@ async def test_a_room_over_its_daily_budget_refuses_prompts_until_the_next_day(w
 
 def relation_type(event: dict[str, Any]) -> str | None:
     return (event["content"].get("m.relates_to") or {}).get("rel_type")
+
+
+async def test_a_live_status_shows_the_model_retries_while_the_model_api_is_overloaded(world):
+    room = await world.room()
+    await world.daemon([{"id": room}]).start()
+    text = f"overloaded 2 back after retries {secrets.token_hex(3)}"  # 529 twice, then the answer
+    prompt = await world.user.send_text(room, text)
+    events = await world.user.wait_for(run_ended(prompt), timeout=90, room_id=room)
+    events = bot_events(events, prompt, status=True)
+    statuses = [e["content"].get("m.new_content", e["content"])["body"] for e in events[:-1]]
+    assert any("⏳ Model API 529; retry " in body for body in statuses), statuses
+    assert events[-1]["content"]["body"].startswith(text.split(maxsplit=2)[2])
+    assert [r["latest_user_text"] for r in await world.model.requests() if r["has_tools"]].count(text) == 3
 
 
 async def test_a_live_status_is_edited_in_place_and_the_answer_is_one_new_reply(world):
