@@ -78,6 +78,9 @@ async def measure(args: argparse.Namespace, scratch: Path, command: str) -> Resu
         largest = max(args.pipeline_mb)
         pipeline = [await throughput.in_process(floods[size], profiler if (size, run) == (largest, 0) else None)
                     for size in args.pipeline_mb for run in range(args.pipeline_runs)]
+        progress("(3) parser + batcher in process, live status")
+        pipeline_live = [await throughput.in_process(floods[size], live=True)
+                         for size in args.pipeline_mb for _ in range(args.pipeline_runs)]
         async with homeserver(model, scratch) as server:
             progress("(1) floor")
             floor_result = await floor.measure(server, scratch / "floor", args.matrix_runs, args.cli_cold,
@@ -93,7 +96,7 @@ async def measure(args: argparse.Namespace, scratch: Path, command: str) -> Resu
             progress("(4) rate-limited delivery")
             limited = await ratelimit.measure(server, args.drip_seconds)
     return Results(command, described, machine.load_average(), time.monotonic() - started, floor_result, first,
-                   pipeline, end_to_end, limited, scaled, profiler.profiles if profiler else [])
+                   pipeline, pipeline_live, end_to_end, limited, scaled, profiler.profiles if profiler else [])
 
 
 def main(argv: list[str]) -> None:

@@ -1,10 +1,11 @@
 """Parser + batcher throughput in one process, the daemon's own code from the CLI's pipe to the sender.
 
-`python -m bench.pipeline FLOOD_FILE NUMBERS` runs one prompt through a RoomWorker (a real CLI pipe, read_lines,
-parse_line, Translator, Batcher with its 2 s interval, render) whose agent is the fake CLI copying FLOOD_FILE to
-stdout as fast as it can; the sender is in-process and answers at once, checking every body as it goes. Prints
-one JSON object: wall and CPU seconds, peak RSS, and the verdict. Run in its own process so that its peak
-memory is its own.
+`python -m bench.pipeline FLOOD_FILE NUMBERS [--live]` runs one prompt through a RoomWorker (a real CLI pipe,
+read_lines, parse_line, Translator, Batcher with its 2 s interval, render) whose agent is the fake CLI copying
+FLOOD_FILE to stdout as fast as it can; the sender is in-process and answers at once, checking every body as it
+goes (with --live, a live status instead of streamed output: the answer's text lines are checked in the file
+it comes as). Prints one JSON object: wall and CPU seconds, peak RSS, and the verdict. Run in its own process
+so that its peak memory is its own.
 """
 
 from __future__ import annotations
@@ -34,17 +35,18 @@ UNCAPPED = 10**12  # max_run_bytes that lets every byte of a flood into the room
 
 
 class CheckingSender:
-    """Accepts every event at once and hands its body to the verifier."""
+    """Accepts every event at once and hands its body to the verifier; with `live`, the answer's file instead."""
 
-    def __init__(self, verifier: Verifier) -> None:
+    def __init__(self, verifier: Verifier, live: bool) -> None:
         self.verifier = verifier
+        self.live = live
         self.events = 0
 
     async def send(
         self, room_id: str, content: dict[str, Any], txn_id: str, event_type: str = "m.room.message"
     ) -> SendOutcome:
         self.events += 1
-        if content.get("msgtype") == "m.text":
+        if content.get("msgtype") == "m.text" and not self.live:
             self.verifier.feed(content["body"])
         return Sent(f"$event{self.events}")
 
@@ -52,7 +54,12 @@ class CheckingSender:
         return SendFailed("the benchmark's rooms have no reactions to take back", retryable=False)
 
     async def upload(self, room_id: str, path: Path, mimetype: str) -> dict[str, Any] | SendOutcome:
-        return SendFailed("no transcript is expected: the output cap is lifted", retryable=False)
+        if not self.live:
+            return SendFailed("no transcript is expected: the output cap is lifted", retryable=False)
+        with path.open(encoding="utf-8") as answer:
+            for chunk in iter(lambda: answer.read(1 << 16), ""):
+                self.verifier.feed(chunk)
+        return {"url": "mxc://bench/answer"}
 
 
 @dataclass(frozen=True)
@@ -67,14 +74,15 @@ class PipelineRun:
     verdict: str
 
 
-async def run(flood: Path, numbers: int) -> PipelineRun:
+async def run(flood: Path, numbers: int, live: bool = False) -> PipelineRun:
     with tempfile.TemporaryDirectory(prefix="aiagentchat-pipeline-") as scratch:
         data = Path(scratch)
         store = await Store.open(data / "bench.db")
         claude = ClaudeSettings(binary=str(FAKE_CLAUDE), env_passthrough=["PATH"])
-        verifier = Verifier(numbers)
-        sender = CheckingSender(verifier)
-        batcher = Batcher(ROOM, Outbox(ROOM, sender, store), transcripts=data / "transcripts", max_run_bytes=UNCAPPED)
+        verifier = Verifier(numbers, text_only=live)
+        sender = CheckingSender(verifier, live)
+        batcher = Batcher(ROOM, Outbox(ROOM, sender, store), transcripts=data / "transcripts", max_run_bytes=UNCAPPED,
+                          live_status=live)
         worker = RoomWorker(ROOM, claude, data / "work", store, batcher, RoomToolPolicy(claude),
                             ToolGuard(data, data / "work", False))
         sending = asyncio.create_task(batcher.run())
@@ -90,7 +98,7 @@ async def run(flood: Path, numbers: int) -> PipelineRun:
 
 
 def main() -> None:
-    result = asyncio.run(run(Path(sys.argv[1]), int(sys.argv[2])))
+    result = asyncio.run(run(Path(sys.argv[1]), int(sys.argv[2]), live=sys.argv[3:] == ["--live"]))
     print(json.dumps(asdict(result)))
 
 

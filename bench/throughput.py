@@ -41,9 +41,9 @@ def flood(scratch: Path, megabytes: float) -> Flood:
     return Flood(path, write_flood(path, megabytes))
 
 
-async def in_process(source: Flood, profiler: Profiler | None = None) -> PipelineRun:
+async def in_process(source: Flood, profiler: Profiler | None = None, live: bool = False) -> PipelineRun:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.pipeline", str(source.path), str(source.numbers),
+        sys.executable, "-m", "bench.pipeline", str(source.path), str(source.numbers), *(["--live"] if live else []),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
     )
     async with maybe(profiler, proc.pid, f"parser + batcher in process, {source.megabytes:.0f} MB"):

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from bench.stats import Distribution
-from bench.streamgen import Verifier, text_line, write_flood
+from bench.streamgen import LINES_PER_MESSAGE, Verifier, text_line, write_flood
 from tests.harness.model_server import Parsed, numbered_lines, script_answer
 
 FAKE = Path(__file__).parent / "fakes" / "fake_claude.py"
@@ -37,6 +37,18 @@ def test_the_verifier_reports_a_lost_a_duplicated_and_a_changed_line() -> None:
     changed = lines[:at] + [lines[at].replace(" ", "  ", 1)] + lines[at + 1 :]
     for broken in (lines[:at] + lines[at + 1 :], lines[: at + 1] + lines[at:], changed):
         verifier = Verifier(10)
+        verifier.feed("".join(broken))
+        assert not verifier.verdict().startswith("ok")
+
+
+def test_the_text_only_verifier_checks_an_answer_without_its_tool_calls_and_results() -> None:
+    numbers = 3 * (LINES_PER_MESSAGE + 2)
+    text = [text_line(seq) for seq in range(numbers) if seq % (LINES_PER_MESSAGE + 2) < LINES_PER_MESSAGE]
+    verifier = Verifier(numbers, text_only=True)
+    verifier.feed("".join(text) + "✅ Done\n\n- 🔧 Bash: `c000000304 cat log`")
+    assert verifier.verdict().startswith("ok")
+    for broken in (text[:150] + text[151:], text[:-1]):
+        verifier = Verifier(numbers, text_only=True)
         verifier.feed("".join(broken))
         assert not verifier.verdict().startswith("ok")
 
