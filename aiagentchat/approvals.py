@@ -337,10 +337,7 @@ class RoomToolPolicy:
 
     def cancel(self, reason: str) -> bool:
         pending = self.pending
-        if pending is None or pending.answer.done():
-            return False
-        pending.answer.set_result(Answer("deny", "", reason))
-        return True
+        return pending is not None and self.answer(pending, Answer("deny", "", reason))
 
     def request_for(self, event_id: str) -> Pending | None:
         """The waiting request that `event_id` (the event of a reaction or reply) is about."""

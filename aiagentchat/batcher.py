@@ -490,7 +490,7 @@ class Batcher:
         with its beginning inline when too long for one event."""
         if run.ref is not None:
             self._show_status(run, now, final)
-            closing = "" if run.answer.size else run.status(now, final).split("\n\n")[0]
+            closing = "" if run.answer.size else run.outcome(final)
         else:
             closing = run.status(now, final, head=not run.answer.size)
         if closing:

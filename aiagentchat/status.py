@@ -126,14 +126,18 @@ class LiveRun:
             return (self.shown_at or self.started) + interval_s
         return self.shown_at + REFRESH_S
 
+    def outcome(self, final: dict[str, Any]) -> str:
+        """How the run ended, in one line: the footer it reported, else done or the failure."""
+        failed = f"❌ {final.get('result') or 'the run ended without a result'}"
+        return self.footer or ("✅ Done" if final.get("ok") else failed)
+
     def status(self, now: float, final: dict[str, Any] | None = None, *, head: bool = True) -> str:
         """The status message's Markdown: what the agent does now and its tool lines, most recent first; at
         the end, the footer instead (without `head`: only the footer the run reported, if any)."""
         if final is not None and not head:
             head_lines = [self.footer] if self.footer else []
         elif final is not None:
-            failed = f"❌ {final.get('result') or 'the run ended without a result'}"
-            head_lines = [self.footer or ("✅ Done" if final.get("ok") else failed)]
+            head_lines = [self.outcome(final)]
         else:
             head_lines = [f"👀 **Working** · {_elapsed(now - self.started)}"]
             if self.progress:
