@@ -412,8 +412,9 @@ class RoomWorker:
             return event
         silent_s = 0.0
         while True:
-            try:
-                return await asyncio.wait_for(agent.next_event(), self.claude.stall_notice_s)
+            try:  # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the run deadline's cancellation
+                async with asyncio.timeout(self.claude.stall_notice_s):  # (🛑) when it lands as an event arrives
+                    return await agent.next_event()
             except TimeoutError:
                 silent_s += self.claude.stall_notice_s
                 if self.claude.stall_interrupt:
