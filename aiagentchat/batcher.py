@@ -4,6 +4,7 @@ hand them to the room's outbox (which sends them in order, durably)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import math
 import os
@@ -99,6 +100,7 @@ Item = Begin | Text | Block | EndOfRun | React | Notice
 DONE, FAILED, WORKING, QUEUED, WAITING = "✅", "❌", "👀", "⏳", "✋"
 STATUS_REACTIONS = (QUEUED, WORKING, WAITING)  # the ones taken back when the next comes
 TRANSCRIPT_TYPE = "text/markdown"
+INTERNAL_ERROR = "⚠️ Internal error; this room restarts."  # a room's task failed and its supervisor restarts it
 ITEMS_BUFFERED = 1024  # a full queue makes the room's runner wait: back-pressure, and the event loop stays fair
 
 
@@ -245,18 +247,19 @@ def relation(reply_to: str, thread: str | None, *, fallback: bool) -> dict[str, 
 
 
 def _notice_contents(notice: Notice) -> list[dict[str, Any]]:
-    """A notice's events: its text as `m.notice` replies to the event it answers, then its file if any."""
-    reply = relation(notice.reply_to, notice.thread, fallback=False)
+    """A notice's events: its text as `m.notice` replies to the event it answers (if any), then its file if
+    any."""
+    reply = relation(notice.reply_to, notice.thread, fallback=False) if notice.reply_to else {}
     mentions = {"m.mentions": {"user_ids": notice.mentions}, "msgtype": "m.text"} if notice.mentions else {}
     contents = [
-        content | {"msgtype": "m.notice", "m.relates_to": reply} | mentions
+        content | {"msgtype": "m.notice"} | ({"m.relates_to": reply} if reply else {}) | mentions
         for content in render.message_contents(notice.markdown, notice.marker)
     ]
     if notice.ref is not None:
         contents[0][REF_KEY] = notice.ref
     if notice.file is not None:
         file = render.with_marker(file_content(notice.file, notice.mimetype, notice.file_name), notice.marker)
-        contents.append(file | {"m.relates_to": reply})
+        contents.append(file | ({"m.relates_to": reply} if reply else {}))
     return contents
 
 
@@ -348,6 +351,12 @@ class Batcher:
             self._closing = True
             await self._queue.put(_Close())
         await self._closed.wait()
+
+    async def crashed(self) -> None:
+        """After run() failed unexpectedly (its supervisor starts it again, from what the outbox holds): the
+        room is told."""
+        with contextlib.suppress(asyncio.QueueFull):
+            self._queue.put_nowait(Notice("", INTERNAL_ERROR, {}))
 
     async def run(self) -> None:
         """The room's sending task: first what an earlier run of the daemon left unsent, then new output;

@@ -58,11 +58,9 @@ from typer.core import TyperGroup
 from aiagentchat.crypto import store_key, upkeep
 from aiagentchat.private import Credentials
 from aiagentchat.settings import ConfigError, RoomSettings, Settings, load_settings
+from aiagentchat.wire import HOPS_KEY, HOPS_VARIABLE, MARKER_KEY
 
 EXIT_OK, EXIT_AGENT_ERROR, EXIT_USAGE, EXIT_TIMEOUT, EXIT_FORBIDDEN, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
-MARKER = "org.aiagentchat"
-HOPS_KEY = "org.aiagentchat.hops"
-HOPS_ENV = "AIAGENTCHAT_HOPS"
 DEFAULT_SETTINGS = Path("settings.toml")
 NETWORK_ERRORS = (aiohttp.ClientError, TimeoutError, OSError)
 SEND_ATTEMPTS = 5
@@ -391,7 +389,7 @@ def marker_of(event: dict[str, Any]) -> dict[str, Any] | None:
     content = event.get("content")
     if event.get("type") != "m.room.message" or not isinstance(content, dict):
         return None
-    marker = content.get(MARKER)
+    marker = content.get(MARKER_KEY)
     return marker if isinstance(marker, dict) and isinstance(content.get("body"), str) else None
 
 
@@ -455,10 +453,10 @@ def exit_code(final: dict[str, Any] | None) -> int:
 
 def prompt_content(text: str, env: Mapping[str, str] = os.environ) -> dict[str, Any]:
     content: dict[str, Any] = {"msgtype": "m.text", "body": text}
-    hops = env.get(HOPS_ENV, "").strip()
+    hops = env.get(HOPS_VARIABLE, "").strip()
     if hops:
         if not hops.isdigit():
-            raise Fail(EXIT_USAGE, f"{HOPS_ENV} must be a whole number, not {hops!r}")
+            raise Fail(EXIT_USAGE, f"{HOPS_VARIABLE} must be a whole number, not {hops!r}")
         content[HOPS_KEY] = int(hops) + 1
     return content
 

@@ -1,13 +1,14 @@
 """`aiagentchat` / `python -m aiagentchat`: start the daemon; `aiagentchat verify`: verify the bot's device.
 Exit codes: 2 bad settings (or the bot's device in use by another process), 3 Matrix login refused, 4 the
-built-in homeserver failed to start, 5 the access token was revoked while running; `verify` exits 1 when the
-device was not verified."""
+built-in homeserver failed to start, 5 the access token was revoked while running, 6 the database failed
+(it cannot be read or written); `verify` exits 1 when the device was not verified."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import signal
+import sqlite3
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
@@ -17,16 +18,18 @@ import structlog
 import typer
 
 from aiagentchat import logs
-from aiagentchat.bot import Bot, LoginFailed, TokenRevoked
+from aiagentchat.bot import Bot
 from aiagentchat.localserver import HomeserverError, LocalHomeserver
 from aiagentchat.settings import ConfigError, Settings, check_safety, load_settings
 from aiagentchat.store import Store
+from aiagentchat.transport import LoginFailed, TokenRevoked
 from aiagentchat.verify import Target, verify
 
 EXIT_CONFIG = 2
 EXIT_LOGIN = 3
 EXIT_HOMESERVER = 4
 EXIT_TOKEN_REVOKED = 5
+EXIT_DATABASE = 6
 DEFAULT_CONFIG = Path("settings.toml")
 
 app = typer.Typer(add_completion=False, help="Drive Claude Code from Matrix rooms: with no command, run the daemon.")
@@ -114,6 +117,9 @@ def with_settings(config: Path | None, main: Callable[[Settings], Awaitable[None
     except* ConfigError as group:
         print(f"aiagentchat: {group.exceptions[0]}", file=sys.stderr)
         raise typer.Exit(EXIT_CONFIG) from None
+    except* sqlite3.DatabaseError as group:
+        log.error("database_failed", reason=f"{type(group.exceptions[0]).__name__}: {group.exceptions[0]}")
+        raise typer.Exit(EXIT_DATABASE) from None
     except* HomeserverError as group:
         print(f"aiagentchat: the built-in homeserver failed: {group.exceptions[0]}", file=sys.stderr)
         raise typer.Exit(EXIT_HOMESERVER) from None

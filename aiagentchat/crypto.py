@@ -229,6 +229,7 @@ class Crypto:
             return
         share = olm.share_group_session_parallel
         accept_forward = olm._should_accept_forward
+        decrypt = olm._decrypt_megolm_no_error
 
         def share_trusted(room_id: str, users: list[str], ignore_unverified_devices: bool = False) -> Any:
             session = olm.outbound_group_sessions.get(room_id)
@@ -241,8 +242,17 @@ class Crypto:
         def accept_own_forward(sender: str, sender_key: str, event: ForwardedRoomKeyEvent) -> bool:
             return self._forwarded_by_owner(sender, sender_key, event) or accept_forward(sender, sender_key, event)
 
+        def decrypt_or_none(event: MegolmEvent, room_id: str | None = None) -> Any:
+            """nio asserts that an encrypted event names its session and sender key: an event from any room
+            member without them would raise in the middle of nio's sync handling. Left undecrypted, it goes
+            to the intake, which calls it malformed."""
+            if not event.session_id or not event.sender_key:
+                return None
+            return decrypt(event, room_id)
+
         olm.share_group_session_parallel = share_trusted
         olm._should_accept_forward = accept_own_forward
+        olm._decrypt_megolm_no_error = decrypt_or_none
         self.client.add_to_device_callback(self._decline_verification, (KeyVerificationStart, UnknownToDeviceEvent))
         if self._waiting_path.exists():
             for data in json.loads(read_private(self._waiting_path)):

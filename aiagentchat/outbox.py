@@ -17,6 +17,7 @@ import structlog
 
 from aiagentchat import render
 from aiagentchat.store import OutboxRow, PromptState, Store
+from aiagentchat.wire import MARKER_KEY
 
 log = structlog.get_logger(__name__)
 
@@ -123,11 +124,11 @@ class Outbox:
         self._ref_changes: dict[str, str | None] = {}  # recorded with the next delivered event
 
     async def load(self) -> int:
-        """Take up what an earlier run of the daemon left unsent, and the refs it left; how many events that
-        is."""
+        """Take up what an earlier run of the daemon (or of the room's sending task, restarted after a crash)
+        left unsent, and the refs it left; how many events that is."""
         self._refs = await self._store.refs(self.room_id)
         rows = await self._store.outbox(self.room_id)
-        self._rows.extend(rows)
+        self._rows = deque(rows)
         if rows:
             log.info("outbox_resumed", room_id=self.room_id, events=len(rows))
         return len(rows)
@@ -236,7 +237,7 @@ class Outbox:
         """What the room sees instead of an event the homeserver refused for good; it keeps the event's
         marker (and so a run's `final`), so a client waiting for the end of a run still sees it."""
         body = f"⚠️ {size} bytes of output could not be delivered to this room ({reason})."
-        content = render.notice_content(body, row.content.get(render.MARKER_KEY) or {})
+        content = render.notice_content(body, row.content.get(MARKER_KEY) or {})
         return OutboxRow(uuid.uuid4().hex, content, row.prompt_id)
 
     def _in_trouble(self, state: str, **details: Any) -> None:

@@ -16,7 +16,8 @@ from markdown_it.renderer import RendererHTML
 from markdown_it.token import Token
 from markdown_it.utils import EnvType, OptionsDict
 
-MARKER_KEY = "org.aiagentchat"  # marks every event the bot sends as agent output
+from aiagentchat.wire import MARKER_KEY
+
 MAX_CHUNK_BYTES = 12_000
 MAX_CONTENT_BYTES = 45_000
 MAX_FINAL_BYTES = 16_000  # a run's final summary in its last event's marker

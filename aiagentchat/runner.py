@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import fnmatch
 import json
 import os
@@ -17,13 +18,15 @@ from typing import Any
 import structlog
 
 from aiagentchat.approvals import ToolDecision, ToolPolicy
-from aiagentchat.batcher import Batcher, Begin, Block, EndOfRun
+from aiagentchat.batcher import INTERNAL_ERROR, Batcher, Begin, Block, EndOfRun
+from aiagentchat.desk import Desk
 from aiagentchat.guard import ToolGuard
 from aiagentchat.processes import start_time, terminate_tree
 from aiagentchat.protocol import OverlongLine, Translator, parse_line, read_lines, run_summary
 from aiagentchat.settings import ClaudeSettings
 from aiagentchat.store import Prompt, Store
-from aiagentchat.uploads import image_block
+from aiagentchat.uploads import image_block, uploads_note
+from aiagentchat.wire import HOPS_VARIABLE
 
 log = structlog.get_logger(__name__)
 
@@ -31,7 +34,6 @@ STDERR_TAIL_LINES = 20
 EVENTS_BUFFERED = 256
 KILL_WAIT_S = 3.0
 GUARD_HOOK = "aiagentchat-guard"
-HOPS_VARIABLE = "AIAGENTCHAT_HOPS"
 
 
 def agent_environment(patterns: list[str], source: Mapping[str, str]) -> dict[str, str]:
@@ -197,6 +199,7 @@ class RoomWorker:
         guard: ToolGuard,
         reply_mode: str = "flat",
         session_scope: str = "room",
+        desk: Desk | None = None,
     ) -> None:
         self.room_id = room_id
         self.reply_mode = reply_mode
@@ -207,6 +210,7 @@ class RoomWorker:
         self.batcher = batcher
         self.policy = policy
         self.guard = guard
+        self.desk = desk  # the room's uploads are saved there; a prompt waits for the ones sent before it
         self.inbox: asyncio.Queue[Prompt] = asyncio.Queue()
         self.agent: AgentProcess | None = None
         self.model = claude.model  # `!model` changes it for the next agent process
@@ -254,6 +258,17 @@ class RoomWorker:
         if self.inbox.qsize():
             log.info("queue_resumed", room_id=self.room_id, prompts=self.inbox.qsize())
 
+    async def crashed(self) -> None:
+        """After run() failed unexpectedly (its supervisor starts it again): the prompt it ran is answered as
+        failed, never left running."""
+        prompt, self.current = self.current, None
+        if prompt is None:
+            return
+        log.warning("run_failed_by_crash", room_id=self.room_id, run_id=prompt.event_id)
+        text = f"{INTERNAL_ERROR} This prompt failed; send it again if you still want it."
+        await self.batcher.put(Block(prompt.event_id, text))
+        await self.batcher.put(EndOfRun(prompt.event_id, run_summary(None, "internal error in aiagentchat"), "failed"))
+
     async def refuse(self, prompt: Prompt, reason: str) -> None:
         """Answer a prompt that will not run (already recorded as refused)."""
         await self.batcher.put(self._begin(prompt, react=False))
@@ -293,7 +308,7 @@ class RoomWorker:
         await self.store.set_prompt_state(prompt.event_id, "running")
         await self.batcher.put(self._begin(prompt))
         try:
-            final = await self._run(prompt)
+            final = await self._run(await self._told_of_uploads(prompt))
         except asyncio.CancelledError:
             queued = self.inbox.qsize()
             later = f" {queued} queued prompt{'s' * (queued != 1)} will run when it is back." if queued else ""
@@ -311,6 +326,17 @@ class RoomWorker:
             self.current = None
             structlog.contextvars.unbind_contextvars("run_id")
         await self.batcher.put(EndOfRun(prompt.event_id, final, "done" if final["ok"] else "failed"))
+
+    async def _told_of_uploads(self, prompt: Prompt) -> Prompt:
+        """The prompt with the files uploaded since the last one run (once those sent before it are saved)."""
+        if self.desk is not None:
+            await self.desk.settled()
+        saved = await self.store.uploads(self.room_id)
+        if not saved:
+            return prompt
+        await self.store.clear_uploads(self.room_id)
+        images = tuple(upload["path"] for upload in saved if upload.get("image"))
+        return dataclasses.replace(prompt, note=uploads_note(saved), images=images)
 
     async def _run(self, prompt: Prompt) -> dict[str, Any]:
         agent = await self._ensure_agent(prompt)

@@ -10,6 +10,7 @@ from typing import IO, Any, Literal
 
 from aiagentchat import render
 from aiagentchat.outbox import REPLACES_KEY
+from aiagentchat.wire import MARKER_KEY
 
 BlockKind = Literal["", "tool", "result", "progress", "footer"]
 STATUS_TOOLS = 8  # tool lines shown, most recent first
@@ -153,7 +154,7 @@ class LiveRun:
 def edit_content(markdown: str, marker: dict[str, Any], replaces: str) -> dict[str, Any]:
     """An `m.replace` edit of the status message named `replaces` (a ref the outbox resolves)."""
     (new,) = render.message_contents(markdown, {})[:1]
-    new = {key: value for key, value in new.items() if key != render.MARKER_KEY} | {"msgtype": "m.notice"}
+    new = {key: value for key, value in new.items() if key != MARKER_KEY} | {"msgtype": "m.notice"}
     return {
         "msgtype": "m.notice",
         "body": f"* {new['body']}",
@@ -161,6 +162,6 @@ def edit_content(markdown: str, marker: dict[str, Any], replaces: str) -> dict[s
         "formatted_body": f"* {new['formatted_body']}",
         "m.new_content": new,
         "m.mentions": {},
-        render.MARKER_KEY: marker,
+        MARKER_KEY: marker,
         REPLACES_KEY: replaces,
     }

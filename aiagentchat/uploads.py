@@ -101,3 +101,12 @@ def image_block(workdir: Path, path: str) -> dict[str, Any] | None:
         return None
     source = {"type": "base64", "media_type": mimetype, "data": base64.b64encode(data).decode("ascii")}
     return {"type": "image", "source": source}
+
+
+def uploads_note(saved: list[dict[str, Any]]) -> str:
+    """What the agent is told, with the next prompt, of the files uploaded since the last one."""
+    listing = "\n".join(
+        f"- {upload['path']} ({upload['bytes']:,} bytes{', shown below' if upload.get('image') else ''})"
+        for upload in saved
+    )
+    return f"Files the user uploaded into the working directory for this prompt:\n{listing}"

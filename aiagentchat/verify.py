@@ -26,10 +26,9 @@ from nio import (
 )
 from nio.crypto import OlmDevice, Sas
 
-from aiagentchat.bot import Bot
-from aiagentchat.crypto import NETWORK_ERRORS, describe, upkeep
+from aiagentchat.crypto import NETWORK_ERRORS, DeviceLock, describe, upkeep
 from aiagentchat.settings import Settings
-from aiagentchat.store import Store
+from aiagentchat.transport import login, make_client
 
 log = structlog.get_logger(__name__)
 
@@ -173,21 +172,19 @@ def say_now(text: str) -> None:
 
 async def verify(settings: Settings, target: Target, timeout_s: float, say: Callable[[str], None] = say_now) -> int:
     """Run one verification as the bot's device; VERIFIED or NOT_VERIFIED."""
-    store = await Store.open(settings.paths.data_dir / "aiagentchat.db")
+    lock = DeviceLock(settings)
+    client = make_client(settings)
     try:
-        bot = Bot(settings, store)
-        try:
-            return await _verify_as(bot, settings, target, time.monotonic() + timeout_s, say)
-        finally:
-            await bot.client.close()
-            bot.device_lock.release()
+        return await _verify_as(client, settings, target, time.monotonic() + timeout_s, say)
     finally:
-        await store.close()
+        await client.close()
+        lock.release()
 
 
-async def _verify_as(bot: Bot, settings: Settings, target: Target, deadline: float, say: Callable[[str], None]) -> int:
-    await bot.login()
-    client = bot.client
+async def _verify_as(
+    client: AsyncClient, settings: Settings, target: Target, deadline: float, say: Callable[[str], None]
+) -> int:
+    await login(client, settings)
     say(f"Bot {client.user_id}, device {client.device_id}")
     say(f"  fingerprint (ed25519): {fingerprint(client.olm.account.identity_keys['ed25519'])}")
     allowed = {user for room in settings.rooms for user in room.allowed_users}

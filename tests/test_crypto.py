@@ -9,7 +9,7 @@ from nio import AsyncClient, AsyncClientConfig, GroupEncryptionError, MegolmEven
 from nio.crypto import OlmDevice
 from structlog.testing import capture_logs
 
-from aiagentchat.bot import MatrixSender
+from aiagentchat.transport import MatrixSender
 from aiagentchat.crypto import Crypto, DeviceLock, DeviceTrust, Waiting, pickle_key
 from aiagentchat.outbox import SendFailed
 from aiagentchat.settings import ConfigError, RoomSettings, Settings

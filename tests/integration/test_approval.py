@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from aiagentchat.render import MARKER_KEY as MARKER
+from aiagentchat.wire import MARKER_KEY as MARKER
 from tests.integration.conftest import bot_text, encrypted_room, run_ended
 from tests.integration.test_conversation import command, react, shown
 

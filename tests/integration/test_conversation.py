@@ -11,7 +11,7 @@ import pytest
 from nio import UploadResponse
 
 from aiagentchat.commands import usd
-from aiagentchat.render import MARKER_KEY as MARKER
+from aiagentchat.wire import MARKER_KEY as MARKER
 from tests.integration.conftest import bot_events, bot_text, run_ended
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
