@@ -170,7 +170,8 @@ class AgentProcess:
         if self.proc.stdin and not self.proc.stdin.is_closing():
             self.proc.stdin.close()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.proc.wait(), wait_s)
+            async with asyncio.timeout(wait_s):
+                await self.proc.wait()
         await terminate_tree(self.proc, KILL_WAIT_S)
         for task in self._tasks:
             task.cancel()
@@ -222,7 +223,8 @@ class RoomWorker:
         try:
             while True:
                 try:
-                    prompt = await asyncio.wait_for(self.inbox.get(), self.claude.idle_close_s)
+                    async with asyncio.timeout(self.claude.idle_close_s):
+                        prompt = await self.inbox.get()
                 except TimeoutError:
                     await self._close_agent("idle")
                     continue

@@ -208,6 +208,19 @@ async def test_an_idle_agent_process_is_closed_and_the_next_prompt_resumes(tmp_p
     assert argv[argv.index("--resume") + 1] == await store.session_id("!room:x")
 
 
+async def test_a_worker_cancelled_as_a_prompt_arrives_ends_without_running_it(tmp_path, store):
+    worker, recorder = make_worker(tmp_path, store, fake_claude(tmp_path))
+    task = asyncio.create_task(worker.run())
+    for _ in range(5):  # let the worker reach its wait on the empty inbox
+        await asyncio.sleep(0)
+    worker.inbox.put_nowait(Prompt("!room:x", "$late", "@u:x", "say hi"))
+    task.cancel()  # in the same step: asyncio.wait_for (Python 3.11) returned the prompt and lost this
+    async with asyncio.timeout(5):
+        await asyncio.gather(task, return_exceptions=True)
+    assert task.cancelled()
+    assert recorder.items == [] and worker.inbox.qsize() == 1
+
+
 async def test_every_run_ends_with_a_summary_for_clients(tmp_path, store):
     worker, recorder = make_worker(tmp_path, store, fake_claude(tmp_path, timeout_s=1))
     ok, hung, crashed = await run_prompts(worker, recorder, "say fine", "hang", "crash")
