@@ -265,7 +265,8 @@ class RoomToolPolicy:
         )
         await batcher.put(React(prompt.event_id, WAITING))
         try:
-            answer = await asyncio.wait_for(pending.answer, room.approval_timeout_s)
+            async with asyncio.timeout(room.approval_timeout_s):
+                answer = await pending.answer
         except TimeoutError:
             answer = Answer("deny", "", f"nobody answered within {room.approval_timeout_s:g} s")
         finally:

@@ -89,11 +89,14 @@ class Notice:
 class EndOfRun:
     """The prompt's run ended: everything of it is flushed now, including a partial last line. `final`
     (ok, result, cost...) goes into the marker of the run's last event, so clients know the run is over, and
-    `state` is recorded for the prompt together with that event."""
+    `state` is recorded for the prompt together with that event. With `react`, the prompt gets its final
+    status reaction, ✅ when `state` is done, else ❌ (when the room has reactions on); without, there is no
+    prompt to react to (a notice about no message)."""
 
     prompt_id: str
     final: dict[str, Any] | None = None
     state: PromptState = "done"
+    react: bool = True
 
 
 Item = Begin | Text | Block | EndOfRun | React | Notice
@@ -447,11 +450,12 @@ class Batcher:
                 self._pending.add(markdown if markdown.endswith("\n") else markdown + "\n")
                 self._after_block = True
                 self._line_since = None
-            case EndOfRun(state=state):
+            case EndOfRun(state=state, react=react):
                 self._flush(self._clock(), everything=True, end=item)
                 self._markers.pop(item.prompt_id, None)
                 self._threads.pop(item.prompt_id, None)
-                self._react(item.prompt_id, DONE if state == "done" else FAILED, final=True)
+                if react:
+                    self._react(item.prompt_id, DONE if state == "done" else FAILED, final=True)
 
     def _accept_live(self, item: Begin | Text | Block | EndOfRun) -> None:
         now = self._clock()
@@ -470,10 +474,11 @@ class Batcher:
                 run.add_text(text)
             case Block(markdown=markdown, kind=kind):
                 run.add_block(kind, markdown)
-            case EndOfRun(final=final, state=state):
+            case EndOfRun(final=final, state=state, react=react):
                 del self._live[item.prompt_id]
                 self._end_live(run, final or {}, state, now)
-                self._react(item.prompt_id, DONE if state == "done" else FAILED, final=True)
+                if react:
+                    self._react(item.prompt_id, DONE if state == "done" else FAILED, final=True)
 
     def _show_status(self, run: LiveRun, now: float, final: dict[str, Any] | None = None) -> None:
         """Build the run's status message, or an edit of it."""

@@ -122,6 +122,11 @@ async def upkeep(client: AsyncClient) -> None:
     await client.send_to_device_messages()
 
 
+def refused(event_id: str, text: str) -> EndOfRun:
+    """The end of a message that was not run: refused, like a prompt its room's worker refuses (❌)."""
+    return EndOfRun(event_id, {"ok": False, "result": text}, "refused")
+
+
 def describe(device: OlmDevice) -> str:
     name = f" ({device.display_name})" if device.display_name else ""
     return f"{device.user_id}'s device {device.id}{name}"
@@ -317,7 +322,7 @@ class Crypto:
             ]
             heading = f'🔐 These devices cannot read my messages in this room (trust = "{room.trust}"):'
             text = "\n".join([heading, *lines])
-            await self._notice(room_id, f"trust-{secrets.token_hex(4)}", text)
+            await self._notice(room_id, text, EndOfRun(f"trust-{secrets.token_hex(4)}", react=False))
 
     # --- receiving: whose prompts count ---------------------------------------------------------------------
 
@@ -340,7 +345,7 @@ class Crypto:
             )
             fix = VERIFY_HINT.format(user=device.user_id, device=device.id)
         text = f"🔐 I did not run the message {event.sender} sent: it was {reason}. To fix this, {fix}."
-        await self._notice(room_id, event.event_id, text, final={"ok": False, "result": text})
+        await self._notice(room_id, text, refused(event.event_id, text))
         return reason
 
     def _sending_device(self, room_id: str, event: Any) -> OlmDevice | None:
@@ -426,20 +431,21 @@ class Crypto:
             "sessions\" off), or verify my device with `aiagentchat verify`."
         )
         log.warning("room_key_never_arrived", room_id=waiting.room_id, event_id=event.event_id, sender=event.sender)
-        await self._notice(waiting.room_id, event.event_id, text, final={"ok": False, "result": text})
+        await self._notice(waiting.room_id, text, refused(event.event_id, text))
 
     def _save_waiting(self) -> None:
         write_private(self._waiting_path, json.dumps([w.to_json() for w in self._waiting.values()]))
 
     # --- the room and the requester hear about it -----------------------------------------------------------
 
-    async def _notice(self, room_id: str, prompt_id: str, text: str, final: dict[str, Any] | None = None) -> None:
+    async def _notice(self, room_id: str, text: str, end: EndOfRun) -> None:
+        """Tell the room `text` as the whole output of `end`'s prompt."""
         batcher = self._batcher_of(room_id)
         if batcher is None:
             log.warning("notice_dropped", room_id=room_id, text=text)
             return
-        await batcher.put(Block(prompt_id, text))
-        await batcher.put(EndOfRun(prompt_id, final))
+        await batcher.put(Block(end.prompt_id, text))
+        await batcher.put(end)
 
     async def _decline_verification(self, event: Any) -> None:
         """The daemon cannot show emoji to anyone: cancel, saying what to run instead (sent at upkeep)."""

@@ -73,7 +73,8 @@ async def terminate_tree(proc: asyncio.subprocess.Process, wait_s: float) -> Non
     tree = descendants(proc.pid) if proc.returncode is None else []
     _signal_all(proc.pid, tree, signal.SIGTERM)
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(proc.wait(), wait_s)
+        async with asyncio.timeout(wait_s):
+            await proc.wait()
     if proc.returncode is None:
         tree += [pid for pid in descendants(proc.pid) if pid not in tree]
     _signal_all(proc.pid, tree, signal.SIGKILL)

@@ -97,6 +97,7 @@ class AgentProcess:
         self.events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=EVENTS_BUFFERED)
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         self.saw_output = False
+        self.conversation_gone = False  # it was to resume a conversation the CLI no longer has
         self._tasks = [asyncio.create_task(self._read_stdout()), asyncio.create_task(self._read_stderr())]
 
     @classmethod
@@ -138,6 +139,11 @@ class AgentProcess:
                 if line.strip():
                     log.warning("agent_line_not_json", line=line[:200].decode("utf-8", "replace"))
                 continue
+            if self.resumed and not self.saw_output and event.get("type") == "result" and event.get("is_error"):
+                # an error result before anything else: the CLI could not take up the conversation (2.1.197:
+                # "No conversation found with session ID: <id>" on stderr and in `errors`, 0 turns, exit 1)
+                self.conversation_gone = True
+                continue
             self.saw_output = True
             await self.events.put(event)
         await self.events.put(None)
@@ -172,7 +178,8 @@ class AgentProcess:
         if self.proc.stdin and not self.proc.stdin.is_closing():
             self.proc.stdin.close()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.proc.wait(), wait_s)
+            async with asyncio.timeout(wait_s):
+                await self.proc.wait()
         await terminate_tree(self.proc, KILL_WAIT_S)
         for task in self._tasks:
             task.cancel()
@@ -226,7 +233,8 @@ class RoomWorker:
         try:
             while True:
                 try:
-                    prompt = await asyncio.wait_for(self.inbox.get(), self.claude.idle_close_s)
+                    async with asyncio.timeout(self.claude.idle_close_s):
+                        prompt = await self.inbox.get()
                 except TimeoutError:
                     await self._close_agent("idle")
                     continue
@@ -350,7 +358,8 @@ class RoomWorker:
         if prompt.note:
             images = [block for path in prompt.images if (block := image_block(self.workdir, path)) is not None]
             content = [{"type": "text", "text": prompt.note}, *images, {"type": "text", "text": prompt.text}]
-        await agent.write({"type": "user", "message": {"role": "user", "content": content}})
+        with contextlib.suppress(AgentExited):  # it may have ended already: what it wrote says why
+            await agent.write({"type": "user", "message": {"role": "user", "content": content}})
         failure = None
         try:
             async with asyncio.timeout(self.claude.timeout_s) as self._deadline:
@@ -550,17 +559,12 @@ class RoomWorker:
     async def _report_exit(self, agent: AgentProcess, prompt: Prompt) -> dict[str, Any]:
         await self._close_agent("exited")
         description = agent.exit_description()
-        log.warning("agent_exited", detail=description)
-        if agent.resumed and not agent.saw_output:
+        if agent.conversation_gone:
+            log.warning("conversation_gone", detail=description)
             await self.store.new_conversation(agent.conversation)
-            await self.batcher.put(
-                Block(
-                    prompt.event_id,
-                    "⚠️ The earlier conversation could not be resumed "
-                    f"({description}); starting a new one.",
-                )
-            )
+            await self.batcher.put(Block(prompt.event_id, "ℹ️ The earlier conversation is gone; starting a new one."))
             return await self._run(prompt)
+        log.warning("agent_exited", detail=description)
         await self.batcher.put(Block(prompt.event_id, f"❌ The agent stopped unexpectedly ({description})."))
         return run_summary(None, f"the agent stopped unexpectedly ({description})")
 

@@ -176,6 +176,18 @@ async def test_a_request_names_the_tool_and_mentions_who_may_answer(store):
     assert (record.what, record.verdict, record.by) == ("Bash `touch a.txt`", "allow", "@boss:x")
 
 
+async def test_a_wait_cancelled_as_its_answer_arrives_ends_cancelled(store):
+    recorder = AskingRecorder()
+    policy = policy_for(store, recorder)
+    asked = asyncio.ensure_future(policy.decide(PROMPT, "Bash", TOUCH))
+    notice = await asyncio.wait_for(recorder.asked.get(), 5)
+    assert policy.answer(policy.request_for(recorder.event_of(notice.ref)), Answer("allow", "@u:x"))
+    asked.cancel()  # in the same step: asyncio.wait_for (Python 3.11) returned the answer and lost this
+    with pytest.raises(asyncio.CancelledError):
+        await asked
+    assert policy.pending is None and await store.approvals(ROOM) == []
+
+
 async def test_a_denial_carries_its_reason_to_the_agent(store):
     recorder = AskingRecorder()
     policy = policy_for(store, recorder)

@@ -3,6 +3,7 @@
 import asyncio
 import stat
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from nio import AsyncClient, AsyncClientConfig, GroupEncryptionError, MegolmEvent
@@ -13,6 +14,7 @@ from aiagentchat.transport import MatrixSender
 from aiagentchat.crypto import Crypto, DeviceLock, DeviceTrust, Waiting, pickle_key
 from aiagentchat.outbox import SendFailed
 from aiagentchat.settings import ConfigError, RoomSettings, Settings
+from tests.test_batcher import FakeRoom, close, kinds, running
 
 ALICE = "@alice:localhost"
 ROOM = "!room:localhost"
@@ -106,6 +108,52 @@ def test_room_keys_leave_out_the_devices_the_room_does_not_trust(tmp_path, trust
     assert client.olm.outbound_group_sessions[ROOM].users_ignored == left_out
     unreadable = [entry for entry in logs if entry["event"] == "no_allowed_user_can_read"]
     assert len(unreadable) == len(left_out)  # alice's only device left out: the operator is warned
+
+
+def encrypted_event(event_id: str) -> MegolmEvent:
+    source = {
+        "type": "m.room.encrypted",
+        "event_id": event_id,
+        "sender": ALICE,
+        "origin_server_ts": 1,
+        "content": {"algorithm": "m.megolm.v1.aes-sha2", "sender_key": "k", "ciphertext": "c", "session_id": "s",
+                    "device_id": "PHONE"},
+    }  # fmt: skip
+    return MegolmEvent.from_dict(source)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("live_status", [False, True])
+async def test_a_message_not_run_ends_with_a_cross_and_a_notice_about_no_message_gets_no_reaction(
+    tmp_path, live_status
+):
+    client = bot_client(tmp_path)
+    known(client, device("PHONE"))
+    rooms = {ROOM: RoomSettings(id=ROOM, trust="verified", allowed_users=[ALICE], key_wait_s=0.01)}
+    room = FakeRoom()
+    async with running(room, reactions=True, live_status=live_status) as batcher:
+        crypto = Crypto(client, settings_for(tmp_path), rooms, lambda _: batcher, None)
+        crypto.attach()
+        untrusted = SimpleNamespace(
+            decrypted=True, sender=ALICE, sender_key="cu-UNKNOWN", session_id="s", event_id="$untrusted"
+        )
+        assert await crypto.refusal(ROOM, rooms[ROOM], untrusted) == "sent from a device whose keys I do not know"
+        crypto.hold(ROOM, rooms[ROOM], encrypted_event("$undecryptable"))  # its key never comes
+        list(client.olm.share_group_session_parallel(ROOM, [ALICE]))  # alice's PHONE is left out: the room is told
+        upkeep = asyncio.create_task(crypto.run())
+        try:
+            await room.until(lambda: sum(call.event_type == "m.room.message" for call in room.calls) == 3)
+        finally:
+            upkeep.cancel()
+            await asyncio.gather(upkeep, return_exceptions=True)
+        await close(room, batcher)
+    notices = "\n".join(call.body for call in room.calls if call.event_type == "m.room.message")
+    for start in ("🔐 I did not run the message", "🔒 I could not decrypt the message", "🔐 These devices cannot"):
+        assert notices.count(start) == 1
+    assert [kind for kind in kinds(room.calls) if kind.startswith("react")] == [
+        "react ❌ to $untrusted",
+        "react ❌ to $undecryptable",
+    ]
 
 
 def test_a_waiting_event_survives_a_restart():

@@ -44,6 +44,22 @@ async def test_a_process_that_already_exited_is_fine():
     assert proc.returncode == 0
 
 
+async def test_a_cancellation_that_lands_as_the_process_exits_is_not_lost():
+    proc = await asyncio.create_subprocess_exec("sleep", "300", start_new_session=True)
+    reap = proc.wait
+    exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    proc.wait = lambda: exited  # the test decides when the exit is seen
+    ending = asyncio.create_task(terminate_tree(proc, wait_s=5))
+    for _ in range(5):  # let it signal the process and wait for its exit
+        await asyncio.sleep(0)
+    exited.set_result(0)
+    ending.cancel()  # in the same step: asyncio.wait_for (Python 3.11) returned the exit and lost this
+    async with asyncio.timeout(5):
+        await asyncio.gather(ending, return_exceptions=True)
+        assert await reap() == -15  # the SIGTERM it got before the wait
+    assert ending.cancelled()
+
+
 async def test_a_leftover_agent_is_killed_only_while_its_pid_names_the_same_process(tmp_path):
     pids = tmp_path / "pids"
     proc = await asyncio.create_subprocess_exec(

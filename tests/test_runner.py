@@ -160,13 +160,26 @@ async def test_missing_binary_is_reported(tmp_path, store):
     assert "Install the Claude Code CLI or set `claude.binary`" in recorder.output(prompt)
 
 
-async def test_a_lost_session_starts_a_new_conversation(tmp_path, store):
+async def test_a_conversation_the_cli_no_longer_has_is_started_anew_and_the_room_told_once(tmp_path, store):
     await store.set_session_id("!room:x", "bad")
     worker, recorder = make_worker(tmp_path, store, fake_claude(tmp_path))
-    (prompt,) = await run_prompts(worker, recorder, "say fresh")
-    assert "could not be resumed" in recorder.output(prompt)
-    assert "fresh" in recorder.output(prompt)
-    assert await store.session_id("!room:x") not in (None, "bad")
+    first, second = await run_prompts(worker, recorder, "say fresh", "say again")
+    output = recorder.output(first)
+    assert output.startswith("\nℹ️ The earlier conversation is gone; starting a new one.\nfresh")
+    assert output.count("conversation is gone") == 1 and "❌" not in output
+    assert "gone" not in recorder.output(second)
+    assert recorder.states == {first: "done", second: "done"}
+    session = await store.session_id("!room:x")
+    assert session != "bad" and recorder.finals[first]["session_id"] == recorder.finals[second]["session_id"] == session
+
+
+async def test_a_resumed_agent_that_cannot_start_keeps_its_conversation(tmp_path, store):
+    await store.set_session_id("!room:x", "1234-abcd")
+    claude = fake_claude(tmp_path, extra_args=["--settings", str(tmp_path / "missing.json")])
+    worker, recorder = make_worker(tmp_path, store, claude)
+    (prompt,) = await run_prompts(worker, recorder, "say hi")
+    assert "❌ The agent stopped unexpectedly (exit code 1: Error: Settings file not found" in recorder.output(prompt)
+    assert await store.session_id("!room:x") == "1234-abcd"
 
 
 async def test_a_stored_session_is_resumed(tmp_path, store):
@@ -206,6 +219,19 @@ async def test_an_idle_agent_process_is_closed_and_the_next_prompt_resumes(tmp_p
         task.cancel()
     argv = json.loads(recorder.output("$two").split("\n")[0])
     assert argv[argv.index("--resume") + 1] == await store.session_id("!room:x")
+
+
+async def test_a_worker_cancelled_as_a_prompt_arrives_ends_without_running_it(tmp_path, store):
+    worker, recorder = make_worker(tmp_path, store, fake_claude(tmp_path))
+    task = asyncio.create_task(worker.run())
+    for _ in range(5):  # let the worker reach its wait on the empty inbox
+        await asyncio.sleep(0)
+    worker.inbox.put_nowait(Prompt("!room:x", "$late", "@u:x", "say hi"))
+    task.cancel()  # in the same step: asyncio.wait_for (Python 3.11) returned the prompt and lost this
+    async with asyncio.timeout(5):
+        await asyncio.gather(task, return_exceptions=True)
+    assert task.cancelled()
+    assert recorder.items == [] and worker.inbox.qsize() == 1
 
 
 async def test_every_run_ends_with_a_summary_for_clients(tmp_path, store):

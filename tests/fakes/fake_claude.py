@@ -6,7 +6,8 @@ environment; `argv` answers with its arguments as JSON; `tool NAME` asks permiss
 answers with the decision it got; `hang` never answers; `crash` exits with code 3; `bigline N` writes
 one non-JSON line of N bytes, then answers `survived`; `drip N MS` streams N lines `line 000001 xxx...` (100
 characters each), one every MS milliseconds; `flood PATH` copies the stream-json lines in PATH to stdout as fast
-as it can, then ends the turn. `--resume bad` fails like the real CLI.
+as it can, then ends the turn. Like the real CLI (2.1.197): `--resume bad` (a conversation it does not have)
+writes one error result and exits 1; `--settings` naming a missing file exits 1 with only an error on stderr.
 """
 
 import json
@@ -16,18 +17,26 @@ import sys
 import time
 import uuid
 
-session = str(uuid.uuid4())
-if "--resume" in sys.argv:
-    resumed = sys.argv[sys.argv.index("--resume") + 1]
-    if resumed == "bad":
-        print(f"No conversation found with session ID: {resumed}", file=sys.stderr)
-        sys.exit(1)
-    session = resumed
 
 
 def emit(event):
     sys.stdout.write(json.dumps(event) + "\n")
     sys.stdout.flush()
+
+
+session = str(uuid.uuid4())
+if "--settings" in sys.argv and not os.path.exists(settings := sys.argv[sys.argv.index("--settings") + 1]):
+    print(f"Error: Settings file not found: {settings}", file=sys.stderr)
+    sys.exit(1)
+if "--resume" in sys.argv:
+    resumed = sys.argv[sys.argv.index("--resume") + 1]
+    if resumed == "bad":
+        gone = f"No conversation found with session ID: {resumed}"
+        print(gone, file=sys.stderr)
+        emit({"type": "result", "subtype": "error_during_execution", "duration_ms": 0, "is_error": True,
+              "num_turns": 0, "session_id": resumed, "total_cost_usd": 0, "errors": [gone]})
+        sys.exit(1)
+    session = resumed
 
 
 def answer(text, turns=1, chunks=None, delay_s=0.0):

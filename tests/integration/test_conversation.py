@@ -117,6 +117,33 @@ async def test_stop_reactions_stop_a_running_prompt_and_drop_a_queued_one_from_a
     assert "say never run" not in [r["latest_user_text"] for r in await world.model.requests()]
 
 
+async def test_a_conversation_the_cli_no_longer_has_is_started_anew_and_the_room_told_once(world):
+    room = await world.room()
+    daemon = world.daemon([{"id": room}])
+    await daemon.start()
+    tag = secrets.token_hex(3)
+    assert "✅ Done" in await world.ask(room, f"say before the loss {tag}")
+    assert await daemon.stop() == 0
+    # the CLI keeps a conversation in ~/.claude/projects/<working directory, "/" as "-">/<session id>.jsonl
+    transcripts = list((world.tmp_path / "home" / ".claude" / "projects").glob("*/*.jsonl"))
+    assert len(transcripts) == 1
+    transcripts[0].unlink()
+
+    await daemon.start()
+    first = await world.user.send_text(room, f"say after the loss {tag}")
+    await world.user.wait_for(run_ended(first), timeout=60, room_id=room)
+    second = await world.user.send_text(room, f"recall {tag}")
+    events = await world.user.wait_for(run_ended(second), timeout=60, room_id=room)
+    for prompt in (first, second):
+        final = next(marker["final"] for e in bot_events(events, prompt) if "final" in (marker := e["content"][MARKER]))
+        assert final["ok"] is True and "✅ Done" in bot_text(events, prompt, status=True)
+    gone = "ℹ️ The earlier conversation is gone; starting a new one."
+    assert bot_text(events, first).count(gone) == 1 and gone not in bot_text(events, second, status=True)
+    await daemon.wait_for_log("conversation_gone", run_id=first)
+    # the model saw the recall in the new conversation, after the prompt that started it
+    assert bot_text(events, second).split("\n")[0] == f"I remember: say after the loss {tag}"
+
+
 async def test_commands_answer_at_once_even_while_a_prompt_runs(world):
     room = await world.room()
     rooms = [{"id": room, "aliases": {"t": "say alias worked"}, "allowed_models": ["claude-test-model"]}]
