@@ -47,6 +47,7 @@ log = structlog.get_logger(__name__)
 
 SYNC_TIMEOUT_MS = 30_000
 MAX_SYNC_BACKOFF_S = 30.0
+RESTART_BACKOFF_S = 1.0  # the first restart of a failed room task; doubled on each failure after
 MAX_RESTART_BACKOFF_S = 60.0
 SLOW_COMMANDS = {"get"}  # done in the room's own task, not in the sync loop
 HEALTHY_AFTER_S = 60.0  # a room task that ran this long before failing starts its back-off afresh
@@ -59,6 +60,45 @@ def fatal(exc: BaseException) -> bool:
         return True
     statement = (sqlite3.ProgrammingError, sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError)
     return isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, statement)
+
+
+async def supervise(
+    room_id: str,
+    task: str,
+    run: Callable[[], Awaitable[None]],
+    recover: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Run one of a room's tasks. When it fails unexpectedly, log it, let `recover` tell the room (the
+    prompt it ran is answered as failed, never lost) and start it again with back-off; the daemon's
+    other rooms never notice. What the daemon cannot recover from ends it."""
+    loop = asyncio.get_running_loop()
+    failures = 0
+    while True:
+        started = loop.time()
+        try:
+            await run()
+            return
+        except Exception as exc:
+            if fatal(exc):
+                raise
+            failures = 1 if loop.time() - started >= HEALTHY_AFTER_S else failures + 1
+            delay = min(MAX_RESTART_BACKOFF_S, RESTART_BACKOFF_S * 2 ** (failures - 1))
+            log.exception("room_task_failed", room_id=room_id, task=task, failures=failures, restart_in_s=delay)
+        if recover is not None:
+            await guarded(recover(), "room_recovery_failed", room_id=room_id, task=task)
+        await asyncio.sleep(delay)
+        log.info("room_task_restarted", room_id=room_id, task=task)
+
+
+async def guarded(step: Awaitable[None], failed: str, **context: Any) -> None:
+    """Await one step (handling one event, a room's recovery); an unexpected exception is logged with its
+    traceback as `failed` and goes no further, unless the daemon cannot recover from it."""
+    try:
+        await step
+    except Exception as exc:
+        if fatal(exc):
+            raise
+        log.exception(failed, **context)
 
 
 class Bot:
@@ -147,10 +187,10 @@ class Bot:
             async with asyncio.TaskGroup() as group:
                 intake_tasks = [
                     group.create_task(self._sync_loop()),
-                    group.create_task(self._supervise("", "crypto", self.crypto.run)),
+                    group.create_task(supervise("", "crypto", self.crypto.run)),
                 ]
                 runs = [
-                    group.create_task(self._supervise(room_id, task, run, recover))
+                    group.create_task(supervise(room_id, task, run, recover))
                     for room_id, worker in self.workers.items()
                     for task, run, recover in (
                         ("worker", worker.run, worker.crashed),
@@ -158,7 +198,7 @@ class Bot:
                     )
                 ]
                 sends = [
-                    group.create_task(self._supervise(room_id, "batcher", worker.batcher.run, worker.batcher.crashed))
+                    group.create_task(supervise(room_id, "batcher", worker.batcher.run, worker.batcher.crashed))
                     for room_id, worker in self.workers.items()
                 ]
                 await self._stopping.wait()
@@ -166,44 +206,6 @@ class Bot:
         finally:
             await self.client.close()
             self.device_lock.release()
-
-    async def _supervise(
-        self,
-        room_id: str,
-        task: str,
-        run: Callable[[], Awaitable[None]],
-        recover: Callable[[], Awaitable[None]] | None = None,
-    ) -> None:
-        """Run one of a room's tasks. When it fails unexpectedly, log it, let `recover` tell the room (the
-        prompt it ran is answered as failed, never lost) and start it again with back-off; the daemon's
-        other rooms never notice. What the daemon cannot recover from ends it."""
-        loop = asyncio.get_running_loop()
-        failures = 0
-        while True:
-            started = loop.time()
-            try:
-                await run()
-                return
-            except Exception as exc:
-                if fatal(exc):
-                    raise
-                failures = 1 if loop.time() - started >= HEALTHY_AFTER_S else failures + 1
-                delay = min(MAX_RESTART_BACKOFF_S, 2.0 ** (failures - 1))
-                log.exception("room_task_failed", room_id=room_id, task=task, failures=failures, restart_in_s=delay)
-            if recover is not None:
-                await self._guarded(recover(), "room_recovery_failed", room_id=room_id, task=task)
-            await asyncio.sleep(delay)
-            log.info("room_task_restarted", room_id=room_id, task=task)
-
-    async def _guarded(self, step: Awaitable[None], failed: str, **context: Any) -> None:
-        """Await one step (handling one event, a room's recovery); an unexpected exception is logged with its
-        traceback as `failed` and goes no further, unless the daemon cannot recover from it."""
-        try:
-            await step
-        except Exception as exc:
-            if fatal(exc):
-                raise
-            log.exception(failed, **context)
 
     async def _shut_down(
         self, intake: list[asyncio.Task[None]], runs: list[asyncio.Task[None]], sends: list[asyncio.Task[None]]
@@ -274,7 +276,7 @@ class Bot:
     async def _handle_sync(self, response: SyncResponse, history: bool) -> None:
         synced_at = time.time()  # when this batch arrived: the start of every prompt's dispatch in it
         for room_id, info in response.rooms.invite.items():
-            await self._guarded(self._consider_invite(room_id, info.invite_state), "invite_failed", room_id=room_id)
+            await guarded(self._consider_invite(room_id, info.invite_state), "invite_failed", room_id=room_id)
         for room_id, info in response.rooms.join.items():
             room = self.rooms.get(room_id)
             if room is None:
@@ -327,7 +329,7 @@ class Bot:
         """Consider one event; whatever goes wrong stays with that event (logged with its traceback), so the
         sync position still moves past it and a poison event is never read twice."""
         event_id, sender = getattr(event, "event_id", None), getattr(event, "sender", None)
-        await self._guarded(
+        await guarded(
             self._consider_event(room_id, room, event, synced_at),
             "event_failed",
             room_id=room_id,

@@ -161,6 +161,9 @@ class Commands:
             copy, name = copy_for_sending(worker.workdir, arg, room.max_upload_bytes, self._scratch)
         except FileRefused as refused:
             return _answer(f"⛔ {refused}.")
+        except OSError as exc:
+            log.warning("get_failed", room_id=room_id, path=arg, error=str(exc))
+            return _answer(f"⛔ `{arg}` could not be read: {exc.strerror or exc}.")
         mimetype = mimetypes.guess_type(name)[0] or "application/octet-stream"
         return Notice("", f"📄 `{arg}`", {}, copy, name, mimetype)
 

@@ -9,6 +9,7 @@ import mimetypes
 import os
 import re
 import shutil
+import stat
 import uuid
 from pathlib import Path
 from typing import Any
@@ -74,12 +75,16 @@ def copy_for_sending(workdir: Path, requested: str, max_bytes: int, scratch: Pat
         raise FileRefused(f"`{requested}` is outside the working directory")
     if not target.is_file():
         raise FileRefused(f"`{requested}` is not a file in the working directory")
-    check_size(target.stat().st_size, max_bytes, f"`{requested}`")
-    scratch.mkdir(parents=True, exist_ok=True, mode=0o700)
-    copy = scratch / uuid.uuid4().hex
-    source_fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW)
-    with os.fdopen(source_fd, "rb") as source, copy.open("xb") as destination:
-        shutil.copyfileobj(source, destination)
+    source_fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # never waits on a swapped-in FIFO
+    with os.fdopen(source_fd, "rb") as source:
+        status = os.fstat(source_fd)
+        if not stat.S_ISREG(status.st_mode):
+            raise FileRefused(f"`{requested}` is not a file in the working directory")
+        check_size(status.st_size, max_bytes, f"`{requested}`")
+        scratch.mkdir(parents=True, exist_ok=True, mode=0o700)
+        copy = scratch / uuid.uuid4().hex
+        with copy.open("xb") as destination:
+            shutil.copyfileobj(source, destination)
     return copy, target.name
 
 

@@ -3,9 +3,11 @@
 import base64
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from aiagentchat import commands
 from aiagentchat.commands import Command, help_text, parse, usd
 from aiagentchat.settings import RoomSettings
 from aiagentchat.uploads import (
@@ -130,3 +132,18 @@ def test_an_uploaded_image_is_an_image_block_while_it_is_a_small_image_in_the_wo
     assert image_block(tmp_path, "uploads/gone.png") is None
     os.symlink("/etc/hostname", tmp_path / "uploads" / "link.png")
     assert image_block(tmp_path, "uploads/link.png") is None
+
+
+@pytest.mark.anyio
+async def test_get_of_a_file_that_cannot_be_read_is_answered_with_the_reason(tmp_path: Path, monkeypatch) -> None:
+    def unreadable(*args: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(commands, "copy_for_sending", unreadable)
+    answer = await commands.Commands(None, tmp_path / "scratch")._get(
+        "!r:x", RoomSettings(id="!r:x"), SimpleNamespace(workdir=tmp_path), "@u:x", "secret.txt"
+    )
+    assert answer.markdown == "⛔ `secret.txt` could not be read: Permission denied."
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(FileRefused, match="not a file"):
+        copy_for_sending(tmp_path, "pipe", 1000, tmp_path / "scratch")
