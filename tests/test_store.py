@@ -1,6 +1,9 @@
+import asyncio
+
 import aiosqlite
 import pytest
 
+from aiagentchat import store as store_module
 from aiagentchat.store import MIGRATIONS, OutboxRow, Prompt, Store
 
 pytestmark = pytest.mark.anyio
@@ -157,3 +160,97 @@ async def test_refs_are_recorded_with_the_delivery_and_survive_a_restart(tmp_pat
     assert await store.refs(ROOM) == {"status:$1": "$e1"} and await store.refs("!b:x") == {}
     assert await store.outbox(ROOM) == []
     await store.close()
+
+
+async def test_a_migration_that_fails_half_way_leaves_the_old_version_and_the_next_start_migrates(
+    tmp_path, monkeypatch
+):
+    path = tmp_path / "db.sqlite"
+
+    async def crashing(db: aiosqlite.Connection) -> None:
+        await MIGRATIONS[-1](db)
+        raise RuntimeError("killed in the middle of the migration")
+
+    monkeypatch.setattr(store_module, "MIGRATIONS", [*MIGRATIONS[:-1], crashing])
+    with pytest.raises(RuntimeError, match="killed"):
+        await Store.open(path)
+    async with aiosqlite.connect(path) as db:
+        assert list(await db.execute_fetchall("PRAGMA user_version")) == [(len(MIGRATIONS) - 1,)]
+        assert list(await db.execute_fetchall("SELECT name FROM sqlite_master WHERE name = 'refs'")) == []
+
+    monkeypatch.undo()
+    store = await Store.open(path)
+    try:
+        row = OutboxRow("txn", {"body": "b"}, None)
+        await store.queue_outbox(ROOM, [row])
+        await store.delivered(row, ROOM, {"status:$1": "$e1"})
+        assert await store.refs(ROOM) == {"status:$1": "$e1"}
+    finally:
+        await store.close()
+    async with aiosqlite.connect(path) as db:
+        assert list(await db.execute_fetchall("PRAGMA user_version")) == [(len(MIGRATIONS),)]
+
+
+async def committed_outbox(path) -> list[tuple[str, str]]:
+    """The outbox as another connection sees it: only what is committed."""
+    async with aiosqlite.connect(path) as db:
+        return list(await db.execute_fetchall("SELECT room_id, txn_id FROM outbox ORDER BY seq"))
+
+
+async def test_another_tasks_write_waits_for_an_open_transaction_and_survives_its_rollback(store, tmp_path):
+    for event_id in ("$a", "$b"):
+        await store.add_prompt(prompt(event_id), "running")
+    a_wrote, b_done = asyncio.Event(), asyncio.Event()
+
+    async def task_a() -> None:
+        with pytest.raises(RuntimeError, match="fails"):
+            async with store.transaction():
+                await store.queue_outbox(ROOM, [OutboxRow("txn-a", {"body": "a"}, "$a")], ended=("$a", "done"))
+                a_wrote.set()
+                for _ in range(5):
+                    await asyncio.sleep(0)  # task B tries its write now
+                assert not b_done.is_set()
+                raise RuntimeError("A fails after B tried its write")
+
+    async def task_b() -> None:
+        await a_wrote.wait()
+        await store.queue_outbox("!b:x", [OutboxRow("txn-b", {"body": "b"}, "$b")], ended=("$b", "done"))
+        b_done.set()
+
+    await asyncio.gather(task_a(), task_b())
+    assert await committed_outbox(tmp_path / "db.sqlite") == [("!b:x", "txn-b")]
+    assert await store.prompt_state("$a") == "running" and await store.prompt_state("$b") == "done"
+
+
+async def test_a_read_never_sees_another_tasks_uncommitted_rows(store):
+    a_wrote = asyncio.Event()
+
+    async def task_a() -> None:
+        with pytest.raises(RuntimeError, match="rolled back"):
+            async with store.transaction():
+                await store.queue_outbox(ROOM, [OutboxRow("txn-a", {"body": "a"}, None)])
+                a_wrote.set()
+                for _ in range(5):
+                    await asyncio.sleep(0)  # task B reads now
+                raise RuntimeError("rolled back")
+
+    async def task_b() -> list[OutboxRow]:
+        await a_wrote.wait()
+        return await store.outbox(ROOM)
+
+    _, seen = await asyncio.gather(task_a(), task_b())
+    assert seen == []
+
+
+async def test_store_calls_inside_a_transaction_land_together_or_not_at_all(store):
+    async with asyncio.timeout(10):  # a transaction that waited for itself would hang here
+        with pytest.raises(RuntimeError, match="crash"):
+            async with store.transaction():
+                await store.add_prompt(prompt("$1"))
+                await store.set_session_id(ROOM, "sess")
+                raise RuntimeError("crash before the end")
+        assert await store.prompt_state("$1") is None and await store.session_id(ROOM) is None
+        async with store.transaction():
+            await store.add_prompt(prompt("$1"))
+            await store.set_session_id(ROOM, "sess")
+    assert await store.prompt_state("$1") == "queued" and await store.session_id(ROOM) == "sess"
