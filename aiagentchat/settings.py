@@ -69,7 +69,8 @@ class OutputSettings(_Strict):
 
 
 class DaemonSettings(_Strict):
-    shutdown_timeout_s: float = Field(default=10.0, gt=0)
+    # SIGTERM to exit, the built-in homeserver's stop included, fits the 10 s podman and Docker give by default
+    shutdown_timeout_s: float = Field(default=5.0, gt=0)
     log_level: LogLevel = "info"
 
 
