@@ -211,20 +211,30 @@ class Bot:
         self, intake: list[asyncio.Task[None]], runs: list[asyncio.Task[None]], sends: list[asyncio.Task[None]]
     ) -> None:
         """Stop taking prompts, interrupt the running ones (their rooms are told, their process trees end),
-        deliver what is queued; whatever is not delivered by the deadline stays in the outbox for the next
-        start."""
-        deadline = asyncio.get_running_loop().time() + self.settings.daemon.shutdown_timeout_s
-        log.info("stopping", deadline_s=self.settings.daemon.shutdown_timeout_s)
+        deliver what is queued, all by one deadline for every room; whatever is not delivered by then stays in
+        the outbox for the next start. A task still running at the deadline is cancelled again (a cancellation
+        can be swallowed) and its room named in the log."""
+        timeout = self.settings.daemon.shutdown_timeout_s
+        log.info("stopping", deadline_s=timeout)
+        rooms = list(zip(self.workers.values(), runs, strict=True))
         for task in [*intake, *runs]:
             task.cancel()
-        await asyncio.gather(*intake, *runs, return_exceptions=True)
+
+        async def end_room(worker: RoomWorker, run: asyncio.Task[None]) -> None:
+            await asyncio.wait([run])
+            await worker.batcher.close()
+
         try:
-            async with asyncio.timeout_at(deadline):
-                await asyncio.gather(*(worker.batcher.close() for worker in self.workers.values()))
+            async with asyncio.timeout(timeout):
+                await asyncio.wait(intake)  # it may still queue notices: the batchers close after it
+                await asyncio.gather(*(end_room(worker, run) for worker, run in rooms))
         except TimeoutError:
-            left = sum(worker.batcher.backlog() for worker in self.workers.values())
-            log.warning("shutdown_deadline", undelivered_events=left)
-            for task in sends:
+            log.warning(
+                "shutdown_deadline",
+                undelivered_events=sum(worker.batcher.backlog() for worker in self.workers.values()),
+                rooms_still_running=[worker.room_id for worker, run in rooms if not run.done()],
+            )
+            for task in [*intake, *runs, *sends]:
                 task.cancel()
 
     async def _sync_loop(self) -> None:

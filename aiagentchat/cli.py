@@ -57,7 +57,7 @@ async def serve(settings: Settings) -> None:
 @app.callback(invoke_without_command=True)
 def run(ctx: typer.Context, config: ConfigOption = None) -> None:
     """Run the daemon until SIGTERM or Ctrl-C (with no command)."""
-    logs.configure()
+    logs.configure()  # until the settings are read: with_settings applies their log_level
     ctx.obj = config
     if ctx.invoked_subcommand is None:
         with_settings(config, serve)
@@ -104,6 +104,7 @@ def with_settings(config: Path | None, main: Callable[[Settings], Awaitable[None
     except ConfigError as exc:
         print(f"aiagentchat: {exc}", file=sys.stderr)
         raise typer.Exit(EXIT_CONFIG) from None
+    logs.configure(settings.daemon.log_level)
     for warning in warnings:
         log.warning("unsafe_setting", detail=warning)
     try:

@@ -54,7 +54,10 @@ REQUIREMENTS = Path(__file__).with_name("synapse-requirements.txt")
 PYTHON_ENV = "AIAGENTCHAT_LOCAL_SYNAPSE_PYTHON"
 VENV_MARKER = "aiagentchat-requirements.txt"  # a copy of the requirements a finished install came from
 START_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 10.0
+# Stopping: SIGTERM, SIGKILL after STOP_TIMEOUT_S (Synapse exits in about 0.05 s), then at most KILLED_WAIT_S.
+# With the daemon's own shutdown_timeout_s (5 s) that keeps SIGTERM to exit under the 10 s podman and Docker give.
+STOP_TIMEOUT_S = 2.0
+KILLED_WAIT_S = 1.0
 BOT_NAME = "aiagentchat"
 USER_NAME = "you"
 ROOM_NAME = "local"
@@ -277,7 +280,7 @@ class SynapseProcess:
         proc, self._proc = self._proc, None
         if proc is None or proc.poll() is not None:
             return
-        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, KILLED_WAIT_S)):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, sig)
             deadline = time.monotonic() + wait

@@ -9,13 +9,16 @@ import re
 import stat
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 PermissionMode = Literal["default", "acceptEdits", "plan", "bypassPermissions", "dontAsk"]
 Trust = Literal["all", "tofu", "verified"]
+LogLevel = Annotated[
+    Literal["debug", "info", "warning", "error"], BeforeValidator(lambda v: v.lower() if isinstance(v, str) else v)
+]
 
 DEFAULT_ENV_PASSTHROUGH = ["PATH", "HOME", "LANG", "ANTHROPIC_*", "CLAUDE_CODE_*", "DISABLE_*"]
 SECRET_KEYS = ("password", "access_token", "pickle_key")
@@ -66,7 +69,9 @@ class OutputSettings(_Strict):
 
 
 class DaemonSettings(_Strict):
-    shutdown_timeout_s: float = Field(default=10.0, gt=0)
+    # SIGTERM to exit, the built-in homeserver's stop included, fits the 10 s podman and Docker give by default
+    shutdown_timeout_s: float = Field(default=5.0, gt=0)
+    log_level: LogLevel = "info"
 
 
 class RoomSettings(_Strict):

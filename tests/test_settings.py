@@ -62,6 +62,13 @@ def test_environment_overrides_the_file(tmp_path, monkeypatch):
     assert "from-env" not in repr(settings)
 
 
+def test_log_level_in_any_case_from_the_file_or_the_environment(tmp_path, monkeypatch):
+    assert load_settings(None).daemon.log_level == "info"
+    assert load_settings(write(tmp_path, '[daemon]\nlog_level = "Warning"\n')).daemon.log_level == "warning"
+    monkeypatch.setenv("AIAGENTCHAT_DAEMON__LOG_LEVEL", "DEBUG")
+    assert load_settings(write(tmp_path, '[daemon]\nlog_level = "error"\n')).daemon.log_level == "debug"
+
+
 def test_defaults_without_a_file(monkeypatch):
     monkeypatch.delenv("AIAGENTCHAT_CLAUDE__TIMEOUT_S", raising=False)
     settings = load_settings(None)
@@ -78,6 +85,10 @@ def test_defaults_without_a_file(monkeypatch):
         ('[[rooms]]\nid = "!a:x"\n[[rooms]]\nid = "!b:x"\ncolour = 3\n', "settings.toml:5: rooms.1.colour: Extra inputs"),
         ("[claude]\npermission_mode = \"yolo\"\n", "settings.toml:2: claude.permission_mode: Input should be"),
         ("[matrix\n", "invalid TOML"),
+        (
+            '[daemon]\nlog_level = "loud"\n',
+            "settings.toml:2: daemon.log_level: Input should be 'debug', 'info', 'warning' or 'error'",
+        ),
         (
             '[[rooms]]\nid = "!a:x"\nsession_scope = "thread"\n',
             'rooms.0: Value error, session_scope = "thread" needs reply_mode = "thread"',

@@ -8,6 +8,7 @@ import asyncio
 import json
 import re
 import secrets
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from tests.integration.conftest import MARKER, World, bot_events, bot_text, run_
 from tests.integration.test_conversation import relation_type, shown
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
+CONTAINER_GRACE_S = 10.0  # what `podman stop` and `docker stop` wait before SIGKILL
 
 
 def words(count: int) -> str:
@@ -180,16 +182,14 @@ async def test_synapse_stopped_mid_stream_then_started_delivers_everything_in_or
 
 async def test_sigterm_mid_run_tells_the_room_and_leaves_no_process_behind(world):
     room = await world.room()
-    daemon = world.daemon(
-        [{"id": room}], claude={"allowed_tools": ["Bash"]}, settings={"daemon": {"shutdown_timeout_s": 5}}
-    )
+    daemon = world.daemon([{"id": room}], claude={"allowed_tools": ["Bash"]})
     await daemon.start()
     sleeps = (f"sleep {1000 + secrets.randbelow(8000)}1", f"sleep {1000 + secrets.randbelow(8000)}2")
     prompt = await world.user.send_text(room, f"bash setsid {sleeps[0]} & {sleeps[1]}")
     async with asyncio.timeout(60):
         while len(live_processes(*sleeps)) < 2:
             await asyncio.sleep(0.05)
-    assert await daemon.stop(timeout=9) == 0  # the agent's kill (3 s at most) and the 5 s delivery deadline
+    assert await daemon.stop(timeout=9) == 0  # the agent's kill and the delivery share the 5 s default deadline
     assert await until_gone(*sleeps, timeout=5) == []
     events = await world.user.wait_for(run_ended(prompt), timeout=30, room_id=room)
     assert "⚠️ Interrupted: the daemon is shutting down." in bot_text(events, prompt)
@@ -273,5 +273,38 @@ async def test_a_minute_of_output_under_the_default_rate_limit_arrives_whole_wit
         assert not re.search("⚠️|❌", text)
         assert_no_duplicates(events)
         assert daemon.logged("rate_limited"), "Synapse's default rc_message was met"
+    finally:
+        await world.close()
+
+
+async def test_sigterm_while_output_waits_behind_the_rate_limit_exits_within_the_grace_and_keeps_the_output(
+    limited_synapse, model, tmp_path
+):
+    world = World(limited_synapse, model, tmp_path)
+    await world.setup()
+    try:
+        room = await world.room()
+        daemon = world.daemon([{"id": room, "live_status": False}], claude={"timeout_s": 150})
+        await daemon.start()
+        prompt = await world.user.send_text(room, "slow 200")
+        await daemon.wait_for_log("rate_limited", room_id=room, timeout=60)
+        started = time.monotonic()
+        code = await daemon.stop(timeout=30)
+        took = time.monotonic() - started
+        assert code == 0
+        assert took < CONTAINER_GRACE_S, f"SIGTERM to exit took {took:.1f} s"
+        (deadline,) = daemon.logged("shutdown_deadline")
+        assert deadline["undelivered_events"] >= 1 and deadline["rooms_still_running"] == []
+
+        await daemon.start()
+        resumed = await daemon.wait_for_log("outbox_resumed", room_id=room)
+        assert 1 <= resumed["events"] <= deadline["undelivered_events"]
+        events = await world.user.wait_for(run_ended(prompt), timeout=180, room_id=room)
+        before, notice, _ = bot_text(events, prompt).partition("⚠️ Interrupted: the daemon is shutting down.")
+        assert notice, bot_text(events, prompt)
+        assert before.split() == words(len(before.split())).split() != []  # every word up to the stop, in order
+        (final,) = finals(events, prompt)
+        assert final["content"][MARKER]["final"]["result"] == "interrupted: the daemon is shutting down"
+        assert_no_duplicates(events)
     finally:
         await world.close()
