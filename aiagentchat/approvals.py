@@ -273,17 +273,18 @@ class RoomToolPolicy:
             self.pending = None
         decision, outcome = self._decision(pending, answer)
         decision = dataclasses.replace(decision, told=True)
-        if answer.verdict == "always" and not pending.question:
-            rule = rule_for(pending.tool_name, pending.tool_input)
-            await self._store.add_tool_rule(prompt.conversation(room.session_scope), rule, answer.by)
         request_event = batcher.forget(pending.ref)
         if request_event is not None:
             self._closed[request_event] = outcome
             while len(self._closed) > CLOSED_KEPT:
                 self._closed.popitem(last=False)
-        await self._store.add_approval(
-            self._room_id, prompt.event_id, pending.what(), answer.verdict, answer.by, answer.text
-        )
+        async with self._store.transaction():  # a 🔁 rule is never kept without the decision that made it
+            if answer.verdict == "always" and not pending.question:
+                rule = rule_for(pending.tool_name, pending.tool_input)
+                await self._store.add_tool_rule(prompt.conversation(room.session_scope), rule, answer.by)
+            await self._store.add_approval(
+                self._room_id, prompt.event_id, pending.what(), answer.verdict, answer.by, answer.text
+            )
         log.info("approval_answered", tool=pending.tool_name, verdict=answer.verdict, by=answer.by or None)
         await batcher.put(Block(prompt.event_id, outcome, "tool"))
         await batcher.put(React(prompt.event_id, WORKING))

@@ -185,17 +185,14 @@ class Bot:
             await worker.recover()
         try:
             async with asyncio.TaskGroup() as group:
-                intake_tasks = [
+                intake_tasks = [  # the sync loop and everything that may still queue a notice for a room
                     group.create_task(self._sync_loop()),
                     group.create_task(supervise("", "crypto", self.crypto.run)),
+                    *(group.create_task(supervise(room_id, "desk", desk.run)) for room_id, desk in self.desks.items()),
                 ]
                 runs = [
-                    group.create_task(supervise(room_id, task, run, recover))
+                    group.create_task(supervise(room_id, "worker", worker.run, worker.crashed))
                     for room_id, worker in self.workers.items()
-                    for task, run, recover in (
-                        ("worker", worker.run, worker.crashed),
-                        ("desk", self.desks[room_id].run, None),
-                    )
                 ]
                 sends = [
                     group.create_task(supervise(room_id, "batcher", worker.batcher.run, worker.batcher.crashed))

@@ -339,10 +339,9 @@ class RoomWorker:
         """The prompt with the files uploaded since the last one run (once those sent before it are saved)."""
         if self.desk is not None:
             await self.desk.settled()
-        saved = await self.store.uploads(self.room_id)
+        saved = await self.store.take_uploads(self.room_id)
         if not saved:
             return prompt
-        await self.store.clear_uploads(self.room_id)
         images = tuple(upload["path"] for upload in saved if upload.get("image"))
         return dataclasses.replace(prompt, note=uploads_note(saved), images=images)
 

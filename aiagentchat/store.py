@@ -433,16 +433,20 @@ class Store:
         return float(usd)
 
     async def uploads(self, room_id: str) -> list[dict[str, Any]]:
-        """The files saved in the room since its last accepted prompt, which the next one tells the agent of."""
+        """The files saved in the room since its last prompt started, which the next one tells the agent of."""
         return json.loads(await self._get(f"uploads:{room_id}") or "[]")
+
+    async def take_uploads(self, room_id: str) -> list[dict[str, Any]]:
+        """The room's saved files for the prompt that starts now, and the list emptied, in one transaction."""
+        async with self.transaction():
+            saved = await self.uploads(room_id)
+            await self._write("DELETE FROM kv WHERE key = ?", (f"uploads:{room_id}",))
+        return saved
 
     async def add_upload(self, room_id: str, upload: dict[str, Any]) -> None:
         """Add a saved file to the room's list, read and written in one transaction so none is lost."""
         async with self.transaction():
             await self._put(f"uploads:{room_id}", json.dumps([*await self.uploads(room_id), upload]))
-
-    async def clear_uploads(self, room_id: str) -> None:
-        await self._write("DELETE FROM kv WHERE key = ?", (f"uploads:{room_id}",))
 
     async def room_model(self, room_id: str) -> str | None:
         """The model chosen for the room with `!model`, if any."""

@@ -141,8 +141,8 @@ async def test_uploads_wait_for_the_next_prompt_across_a_restart_and_images_stay
     assert [upload["path"] for upload in await store.uploads(ROOM)] == ["uploads/a.txt", "uploads/b.png"]
     assert await store.uploads("!other:x") == []
     assert (await store.prompts(ROOM, "queued"))[0].images == ("uploads/b.png",)
-    await store.clear_uploads(ROOM)
-    assert await store.uploads(ROOM) == []
+    assert [upload["path"] for upload in await store.take_uploads(ROOM)] == ["uploads/a.txt", "uploads/b.png"]
+    assert await store.uploads(ROOM) == [] and await store.take_uploads(ROOM) == []
     await store.close()
 
 
