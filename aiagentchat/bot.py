@@ -364,12 +364,13 @@ class Bot:
         decision = intake.decide(room, incoming, self._room_state(room_id, incoming.sender))
         if isinstance(decision, intake.Ignore):
             return
-        answering = isinstance(decision, intake.ApprovalAnswer) or (
-            isinstance(decision, intake.Refuse) and decision.answering
-        )
-        refusal = (
-            decision.reason if isinstance(decision, intake.Refuse) else await self.crypto.refusal(room_id, room, event)
-        )
+        if isinstance(decision, intake.Refuse):
+            answering, refusal = decision.answering, decision.reason
+        elif self.crypto.await_keys(room_id, room, event):
+            return  # considered again once its sender's device list is known
+        else:
+            answering = isinstance(decision, intake.ApprovalAnswer)
+            refusal = await self.crypto.refusal(room_id, room, event)
         if refusal is not None:
             ignored = "approval_answer_ignored" if answering else "prompt_ignored"
             log.info(ignored, room_id=room_id, event_id=incoming.event_id, sender=incoming.sender, reason=refusal)

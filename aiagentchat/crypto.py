@@ -9,7 +9,6 @@ which devices are left out (nio's own outbound session keeps them in `users_igno
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import hashlib
 import json
@@ -45,6 +44,7 @@ from aiagentchat.settings import ConfigError, RoomSettings, Settings, Trust
 log = structlog.get_logger(__name__)
 
 NETWORK_ERRORS = (aiohttp.ClientError, TimeoutError, OSError)
+KEYS_WAIT_S = 10.0  # how long a prompt waits for its sender's device list before it is judged on the devices known
 CRYPTO_ERRORS = (LocalProtocolError, EncryptionError, GroupEncryptionError, OlmTrustError)  # room_send may raise
 VERIFY_HINT = "stop the daemon and run `aiagentchat verify {user} {device}` on its machine"
 
@@ -222,6 +222,8 @@ class Crypto:
         self._told: set[tuple[str, str, str]] = set()  # (room, user, device) the room heard is left out
         self._left_out: dict[str, list[OlmDevice]] = {}
         self._kicked = asyncio.Event()
+        self._unkeyed: list[tuple[str, RoomSettings, Any, float]] = []  # prompts waiting for a device list
+        self._keys_checked: set[str] = set()  # the ids of those released from that wait, considered now
 
     # --- wiring ---------------------------------------------------------------------------------------------
 
@@ -276,13 +278,15 @@ class Crypto:
     async def run(self) -> None:
         """Retry waiting prompts when keys arrive, give up on them at their deadline, post notices."""
         while True:
-            due = min((w.deadline for w in self._waiting.values()), default=None)
+            deadlines = [*(w.deadline for w in self._waiting.values()), *(held[-1] for held in self._unkeyed)]
+            due = min(deadlines, default=None)
             try:
                 async with asyncio.timeout(None if due is None else max(due - time.time(), 0)):
                     await self._kicked.wait()
             except TimeoutError:
                 pass
             self._kicked.clear()
+            await self._release_unkeyed()
             await self._retry_waiting()
             await self._post_left_out()
 
@@ -326,13 +330,36 @@ class Crypto:
 
     # --- receiving: whose prompts count ---------------------------------------------------------------------
 
+    def await_keys(self, room_id: str, room: RoomSettings, event: Any) -> bool:
+        """True when the room's trust policy must judge the sending device of this decrypted event but its
+        sender's device list is out of date: the event waits for the key query the upkeep after this sync
+        makes (up to KEYS_WAIT_S; then it is judged on the devices known), so the sync loop never waits for one."""
+        if room.trust == "all" or not getattr(event, "decrypted", False) or event.event_id in self._keys_checked:
+            return False
+        if event.sender not in self.client.olm.users_for_key_query:
+            return False
+        self._unkeyed.append((room_id, room, event, time.time() + KEYS_WAIT_S))
+        log.info("waiting_for_device_list", room_id=room_id, event_id=event.event_id, sender=event.sender)
+        self._kicked.set()  # its deadline counts from now
+        return True
+
+    async def _release_unkeyed(self) -> None:
+        """Take up, in order, the events whose sender's device list is known now or that waited long enough."""
+        held, self._unkeyed = self._unkeyed, []
+        for room_id, room, event, deadline in held:
+            if event.sender in self.client.olm.users_for_key_query and deadline > time.time():
+                self._unkeyed.append((room_id, room, event, deadline))
+                continue
+            self._keys_checked.add(event.event_id)
+            try:
+                await self._deliver(room_id, room, event)
+            finally:
+                self._keys_checked.discard(event.event_id)
+
     async def refusal(self, room_id: str, room: RoomSettings, event: Any) -> str | None:
         """Why this decrypted prompt must not run under the room's trust policy, or None; the room is told."""
         if room.trust == "all" or not getattr(event, "decrypted", False):
             return None
-        if event.sender in self.client.olm.users_for_key_query:
-            with contextlib.suppress(*NETWORK_ERRORS):  # then judged on the devices known so far
-                await self.client.keys_query()
         device = self._sending_device(room_id, event)
         if device is None:
             reason = "sent from a device whose keys I do not know"
@@ -340,7 +367,7 @@ class Crypto:
         elif self.trust.accepts(room.trust, device):
             return None
         else:
-            reason = f"sent from {describe(device)}, which trust = \"{room.trust}\" does not accept: " + (
+            reason = f'sent from {describe(device)}, which trust = "{room.trust}" does not accept: ' + (
                 self.trust.why_not(room.trust, device)
             )
             fix = VERIFY_HINT.format(user=device.user_id, device=device.id)
@@ -427,8 +454,8 @@ class Crypto:
             f"🔒 I could not decrypt the message {event.sender} sent at {sent}{device}, so I did not run it: "
             f"its room key did not reach my device {self.client.device_id} within {wait_s}. Please send it again. "
             "If this keeps happening, your client is not sharing room keys with my device: it must not be set "
-            "to send only to verified devices (in Element: \"Never send encrypted messages to unverified "
-            "sessions\" off), or verify my device with `aiagentchat verify`."
+            'to send only to verified devices (in Element: "Never send encrypted messages to unverified '
+            'sessions" off), or verify my device with `aiagentchat verify`.'
         )
         log.warning("room_key_never_arrived", room_id=waiting.room_id, event_id=event.event_id, sender=event.sender)
         await self._notice(waiting.room_id, text, refused(event.event_id, text))

@@ -10,10 +10,11 @@ from nio import AsyncClient, AsyncClientConfig, GroupEncryptionError, MegolmEven
 from nio.crypto import OlmDevice
 from structlog.testing import capture_logs
 
-from aiagentchat.transport import MatrixSender
+from aiagentchat import crypto as crypto_module
 from aiagentchat.crypto import Crypto, DeviceLock, DeviceTrust, Waiting, pickle_key
 from aiagentchat.outbox import SendFailed
 from aiagentchat.settings import ConfigError, RoomSettings, Settings
+from aiagentchat.transport import MatrixSender
 from tests.test_batcher import FakeRoom, close, kinds, running
 
 ALICE = "@alice:localhost"
@@ -196,3 +197,39 @@ async def test_a_send_to_a_room_the_bot_is_not_in_fails_for_good():
     ready.set()
     outcome = await MatrixSender(Client(), ready).send(ROOM, {"body": "x"}, "txn")
     assert outcome == SendFailed("the bot is not in this room", retryable=False)
+
+
+@pytest.mark.anyio
+async def test_a_prompt_waits_for_its_senders_device_list_outside_the_sync_loop(tmp_path, monkeypatch):
+    monkeypatch.setattr(crypto_module, "KEYS_WAIT_S", 0.2)
+
+    async def key_query(client: AsyncClient) -> None:
+        known(client)  # as after the upkeep's key query, with no homeserver
+
+    monkeypatch.setattr(crypto_module, "upkeep", key_query)
+    client = bot_client(tmp_path)
+    client.olm.users_for_key_query.add(ALICE)  # alice has a new device: her device list is out of date
+    room = RoomSettings(id=ROOM, trust="tofu", allowed_users=[ALICE])
+    delivered: asyncio.Queue[str] = asyncio.Queue()
+    crypto: Crypto
+
+    async def deliver(room_id: str, settings: RoomSettings, event) -> None:
+        assert not crypto.await_keys(room_id, settings, event)  # taken up now, never held twice
+        delivered.put_nowait(event.event_id)
+
+    crypto = Crypto(client, settings_for(tmp_path), {ROOM: room}, lambda _: None, deliver)
+    first, second, later = (SimpleNamespace(decrypted=True, sender=ALICE, event_id=e) for e in ("$1", "$2", "$3"))
+    assert crypto.await_keys(ROOM, room, first) and crypto.await_keys(ROOM, room, second)
+    assert not crypto.await_keys(ROOM, room.model_copy(update={"trust": "all"}), later)
+    task = asyncio.create_task(crypto.run())
+    try:
+        await crypto.upkeep()
+        async with asyncio.timeout(5):
+            assert [await delivered.get(), await delivered.get()] == ["$1", "$2"]
+        client.olm.users_for_key_query.add(ALICE)
+        assert crypto.await_keys(ROOM, room, later)  # the query never comes: judged on the devices known
+        async with asyncio.timeout(5):
+            assert await delivered.get() == "$3"
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
