@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import claude_binary
+from tests.harness import claude_binary, coverage_env
 from tests.harness.e2e import E2EUser
 from tests.harness.matrix_user import MatrixUser
 from tests.harness.model_server import model_server
@@ -151,7 +151,7 @@ class World:
             "ANTHROPIC_API_KEY": "test-key",
             "DISABLE_TELEMETRY": "1",
             "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
-        } | (env or {})
+        } | coverage_env() | (env or {})
         daemon = Daemon(config, environment)
         self.daemons.append(daemon)
         return daemon

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness import coverage_env
 from tests.harness.matrix_user import MatrixUser, body, messages
 from tests.integration.conftest import bot_events, encrypted_room, run_ended
 
@@ -41,7 +42,7 @@ class Cchat:
             "HOME": str(root / "home"),
             "LANG": "C.UTF-8",
             "CCHAT_CONFIG_DIR": str(root / "config"),
-        }
+        } | coverage_env()
         self.user_id = ""
 
     @property

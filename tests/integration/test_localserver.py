@@ -25,7 +25,7 @@ from aiagentchat import localserver
 from aiagentchat.cli import missing_claude_login
 from aiagentchat.localserver import REQUIREMENTS, Accounts, LocalHomeserver, add_saved_room, ensure_venv
 from aiagentchat.settings import ConfigError, Settings
-from tests.harness import REPO_ROOT, claude_binary, synapse_python
+from tests.harness import REPO_ROOT, claude_binary, coverage_env, synapse_python
 from tests.harness.matrix_user import MatrixUser
 from tests.integration.conftest import bot_text, run_ended
 from tests.integration.daemon import write_settings
@@ -168,7 +168,7 @@ async def test_first_run_makes_everything_and_a_second_run_reuses_it(model, tmp_
         "CCHAT_CONFIG_DIR": str(cchat_dir),
         "AIAGENTCHAT_CLAUDE__BINARY": claude_binary(),
         "AIAGENTCHAT_LOCAL_SYNAPSE_PYTHON": synapse_python(),
-    }
+    } | coverage_env()
     daemon = LocalDaemon(config, env)
     hs_dir = data / "homeserver"
     synapse_config = hs_dir / "synapse" / "hs.yaml"
