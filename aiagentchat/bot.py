@@ -9,6 +9,7 @@ import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -38,6 +39,7 @@ from aiagentchat.intake import Incoming, Malformed
 from aiagentchat.outbox import Outbox
 from aiagentchat.processes import kill_leftover
 from aiagentchat.runner import RoomWorker
+from aiagentchat.sandbox import wall_for
 from aiagentchat.settings import RoomSettings, Settings
 from aiagentchat.store import Prompt, Store
 from aiagentchat.transport import MatrixSender, TokenRevoked, login, make_client
@@ -163,8 +165,11 @@ class Bot:
         guard = ToolGuard(self.settings.paths.data_dir, workdir, room.allow_claude_config_writes)
         policy = self.policies[room_id] = RoomToolPolicy(claude, room, room_id, self.store, batcher)
         desk = self.desks[room_id] = Desk(room_id)
+        home = self.settings.home_for(room).resolve()
+        wall = wall_for(claude, workdir, home, Path.home()) if claude.sandbox == "bwrap" else None
         return RoomWorker(
-            room_id, claude, workdir, self.store, batcher, policy, guard, room.reply_mode, room.session_scope, desk
+            room_id, claude, workdir, self.store, batcher, policy, guard, room.reply_mode, room.session_scope, desk,
+            wall,
         )
 
     def _batcher_of(self, room_id: str) -> Batcher | None:

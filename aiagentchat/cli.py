@@ -20,6 +20,7 @@ import typer
 from aiagentchat import logs
 from aiagentchat.bot import Bot
 from aiagentchat.localserver import HomeserverError, LocalHomeserver
+from aiagentchat.sandbox import check_bwrap
 from aiagentchat.settings import ConfigError, Settings, check_safety, load_settings
 from aiagentchat.store import Store
 from aiagentchat.transport import LoginFailed, TokenRevoked
@@ -99,6 +100,7 @@ def with_settings(config: Path | None, main: Callable[[Settings], Awaitable[None
     try:
         settings = load_settings(path)
         warnings = check_safety(settings)
+        check_bwrap(settings)
         # no homeserver configured: run the built-in one (it refuses a configured account without a homeserver)
         local = None if settings.matrix.homeserver else LocalHomeserver.for_settings(settings, config=path)
     except ConfigError as exc:
@@ -107,6 +109,13 @@ def with_settings(config: Path | None, main: Callable[[Settings], Awaitable[None
     logs.configure(settings.daemon.log_level)
     for warning in warnings:
         log.warning("unsafe_setting", detail=warning)
+    if unwalled := [room.id for room in settings.rooms if settings.claude_for(room).sandbox == "off"]:
+        log.warning(
+            "sandbox_off",
+            rooms=unwalled,
+            detail="these rooms' agents run unsandboxed, as the daemon's user with its HOME: they can read the "
+            "daemon's data directory, other rooms and the daemon's environment",
+        )
     try:
         asyncio.run(main(settings) if local is None else local.run(settings, main))
     except* LoginFailed as group:

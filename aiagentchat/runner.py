@@ -23,6 +23,7 @@ from aiagentchat.desk import Desk
 from aiagentchat.guard import ToolGuard
 from aiagentchat.processes import start_time, terminate_tree
 from aiagentchat.protocol import OverlongLine, Translator, parse_line, read_lines, run_summary
+from aiagentchat.sandbox import Wall, installation, prepare_home
 from aiagentchat.settings import ClaudeSettings
 from aiagentchat.store import Prompt, Store
 from aiagentchat.uploads import image_block, uploads_note
@@ -57,7 +58,14 @@ def cli_arguments(claude: ClaudeSettings, session_id: str | None) -> list[str]:
         "stdio",
         "--permission-mode",
         claude.permission_mode,
+        # only the settings files and MCP servers the room's settings name: nothing the agent writes into its
+        # working directory or home (.claude/settings.json, .mcp.json, ~/.claude.json) applies on its next start
+        "--setting-sources",
+        ",".join(claude.setting_sources),
+        "--strict-mcp-config",
     ]
+    if claude.mcp_config is not None:
+        args += ["--mcp-config", str(claude.mcp_config)]
     if claude.allowed_tools:
         args += ["--allowedTools", *claude.allowed_tools]
     if claude.disallowed_tools:
@@ -102,11 +110,22 @@ class AgentProcess:
 
     @classmethod
     async def start(
-        cls, claude: ClaudeSettings, workdir: Path, session_id: str | None, hops: int, conversation: str
+        cls,
+        claude: ClaudeSettings,
+        workdir: Path,
+        session_id: str | None,
+        hops: int,
+        conversation: str,
+        wall: Wall | None = None,
     ) -> AgentProcess:
+        """Start the CLI in `workdir`, inside the room's `wall` when it has one (HOME is then the room's)."""
         env = agent_environment(claude.env_passthrough, os.environ) | {HOPS_VARIABLE: str(hops)}
+        command = cli_arguments(claude, session_id)
+        if wall is not None:
+            command = wall.argv([str(installation(claude.binary)), *command[1:]])
+            env["HOME"] = str(wall.home)
         proc = await asyncio.create_subprocess_exec(
-            *cli_arguments(claude, session_id),
+            *command,
             cwd=workdir,
             env=env,
             stdin=asyncio.subprocess.PIPE,
@@ -207,6 +226,7 @@ class RoomWorker:
         reply_mode: str = "flat",
         session_scope: str = "room",
         desk: Desk | None = None,
+        wall: Wall | None = None,
     ) -> None:
         self.room_id = room_id
         self.reply_mode = reply_mode
@@ -218,6 +238,7 @@ class RoomWorker:
         self.policy = policy
         self.guard = guard
         self.desk = desk  # the room's uploads are saved there; a prompt waits for the ones sent before it
+        self.wall = wall  # the room's sandbox; None: `sandbox = "off"`
         self.inbox: asyncio.Queue[Prompt] = asyncio.Queue()
         self.agent: AgentProcess | None = None
         self.model = claude.model  # `!model` changes it for the next agent process
@@ -406,10 +427,14 @@ class RoomWorker:
         if agent is not None:
             await self._close_agent("exited" if not agent.alive else "hops, model or conversation changed")
         self.workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.wall is not None:
+            prepare_home(self.wall)
         session_id = await self.store.session_id(conversation)
         claude = self.claude.model_copy(update={"model": self.model})
         try:
-            self.agent = await AgentProcess.start(claude, self.workdir, session_id, prompt.hops, conversation)
+            self.agent = await AgentProcess.start(
+                claude, self.workdir, session_id, prompt.hops, conversation, self.wall
+            )
         except (FileNotFoundError, PermissionError) as exc:
             log.error("agent_start_failed", binary=self.claude.binary, error=str(exc))
             await self.batcher.put(

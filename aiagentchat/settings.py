@@ -16,6 +16,8 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 PermissionMode = Literal["default", "acceptEdits", "plan", "bypassPermissions", "dontAsk"]
 Trust = Literal["all", "tofu", "verified"]
+Sandbox = Literal["bwrap", "off"]
+SettingSource = Literal["user", "project", "local"]
 LogLevel = Annotated[
     Literal["debug", "info", "warning", "error"], BeforeValidator(lambda v: v.lower() if isinstance(v, str) else v)
 ]
@@ -59,6 +61,9 @@ class ClaudeSettings(_Strict):
     interrupt_grace_s: float = Field(default=5.0, gt=0)
     stall_notice_s: float = Field(default=120.0, gt=0)
     stall_interrupt: bool = False
+    sandbox: Sandbox = "bwrap"  # off: the agent runs as the daemon's user, with its HOME, no wall
+    setting_sources: list[SettingSource] = Field(default_factory=list)  # Claude Code settings files it reads
+    mcp_config: Path | None = None  # the only MCP servers it starts (a JSON file, read-only in the sandbox)
 
 
 class OutputSettings(_Strict):
@@ -113,6 +118,9 @@ class RoomSettings(_Strict):
     env_passthrough: list[str] | None = None
     stall_notice_s: float | None = Field(default=None, gt=0)
     stall_interrupt: bool | None = None
+    sandbox: Sandbox | None = None
+    setting_sources: list[SettingSource] | None = None
+    mcp_config: Path | None = None
 
     @model_validator(mode="after")
     def _threads_for_thread_sessions(self) -> RoomSettings:
@@ -160,8 +168,15 @@ class Settings(BaseSettings):
     def workdir_for(self, room: RoomSettings) -> Path:
         if room.workdir is not None:
             return room.workdir
-        digest = hashlib.sha256(room.id.encode()).hexdigest()[:24]
-        return self.paths.data_dir / "rooms" / digest
+        return self.paths.data_dir / "rooms" / _digest(room.id)
+
+    def home_for(self, room: RoomSettings) -> Path:
+        """The room's own HOME for its sandboxed agent (its ~/.claude: sessions, settings)."""
+        return self.paths.data_dir / "homes" / _digest(room.id)
+
+
+def _digest(room_id: str) -> str:
+    return hashlib.sha256(room_id.encode()).hexdigest()[:24]
 
 
 def check_safety(settings: Settings) -> list[str]:
@@ -201,6 +216,10 @@ def check_safety(settings: Settings) -> list[str]:
                 f"rooms {other.id} and {room.id} share the workdir {workdir}; "
                 "set shared_workdir = true on both if that is intended"
             )
+    for room in settings.rooms:
+        mcp_config = settings.claude_for(room).mcp_config
+        if mcp_config is not None and not (mcp_config.is_absolute() and mcp_config.is_file()):
+            raise ConfigError(f"room {room.id}: mcp_config {mcp_config} must be the absolute path of a file")
     warnings = []
     for room in settings.rooms:
         if settings.claude_for(room).permission_mode == "bypassPermissions":

@@ -197,8 +197,8 @@ async def test_sigterm_mid_run_tells_the_room_and_leaves_no_process_behind(world
 
 
 async def test_a_restart_ends_the_agent_a_killed_daemon_left_running(world):
-    room = await world.room()
-    daemon = world.daemon([{"id": room}], claude={"allowed_tools": ["Bash"]})
+    room = await world.room()  # unsandboxed: in its sandbox the agent ends with the daemon (test_wall.py)
+    daemon = world.daemon([{"id": room}], claude={"allowed_tools": ["Bash"], "sandbox": "off"})
     await daemon.start()
     sleeps = (f"sleep {1000 + secrets.randbelow(8000)}3", f"sleep {1000 + secrets.randbelow(8000)}4")
     await world.user.send_text(room, f"bash setsid {sleeps[0]} & {sleeps[1]}")
