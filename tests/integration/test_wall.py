@@ -108,3 +108,16 @@ async def test_the_agent_and_everything_it_started_end_with_a_killed_daemon(worl
 
     assert await until_gone(*sleeps, timeout=5) == []
     assert start_time(agent_pid) is None
+
+
+async def test_without_bwrap_the_daemon_refuses_to_start_and_an_opted_out_room_is_logged(world, tmp_path):
+    room = await world.room()
+    daemon = world.daemon([{"id": room}], env={"PATH": str(tmp_path / "empty")})
+    await daemon.launch()
+    assert await daemon.wait() == 2
+    assert any("the agent sandbox needs bwrap, which is not on PATH; install bubblewrap" in line for line in daemon.raw)
+
+    opted_out = world.daemon([{"id": room, "sandbox": "off"}], env={"PATH": str(tmp_path / "empty")})
+    await opted_out.start()
+    (entry,) = opted_out.logged("sandbox_off")
+    assert entry["rooms"] == [room] and entry["level"] == "warning"
