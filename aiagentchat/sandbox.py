@@ -25,7 +25,9 @@ class Wall:
     bwrap: str
     workdir: Path
     home: Path  # the room's own HOME: its ~/.claude (sessions, settings), read-write
-    readonly: tuple[Path, ...]  # bound read-only at their own paths: the room's MCP config, the DNS resolver's
+    readonly: tuple[Path, ...]  # bound read-only at their own paths: the room's MCP config, the DNS resolver's,
+    # `sandbox_readonly`
+    writable: tuple[Path, ...]  # bound read-write at their own paths: `sandbox_writable`
     credentials: Path | None  # the daemon's CLI login, bound read-only into the room's home
 
     def argv(self, command: list[str]) -> list[str]:
@@ -36,6 +38,8 @@ class Wall:
         args += ["--tmpfs", "/tmp"]  # before the binds: a room's directories may live under /tmp
         for path in (installed_under(Path(command[0])), *self.readonly):
             args += ["--ro-bind", str(path), str(path)]
+        for path in self.writable:
+            args += ["--bind", str(path), str(path)]
         args += ["--bind", str(self.home), str(self.home)]
         if self.credentials is not None:
             args += ["--ro-bind", str(self.credentials), str(self.home / CREDENTIALS)]
@@ -62,7 +66,7 @@ def installed_under(binary: Path) -> Path:
 
 def wall_for(claude: ClaudeSettings, workdir: Path, home: Path, daemon_home: Path) -> Wall:
     """The wall of a room with these effective settings (`sandbox = "bwrap"`)."""
-    readonly = []
+    readonly = list(claude.sandbox_readonly)
     if claude.mcp_config is not None:
         readonly.append(claude.mcp_config)
     resolver = Path("/etc/resolv.conf").resolve()  # e.g. systemd-resolved's, under /run
@@ -74,6 +78,7 @@ def wall_for(claude: ClaudeSettings, workdir: Path, home: Path, daemon_home: Pat
         workdir=workdir,
         home=home,
         readonly=tuple(readonly),
+        writable=tuple(claude.sandbox_writable),
         credentials=credentials if credentials.is_file() else None,
     )
 

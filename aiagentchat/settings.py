@@ -64,6 +64,8 @@ class ClaudeSettings(_Strict):
     sandbox: Sandbox = "bwrap"  # off: the agent runs as the daemon's user, with its HOME, no wall
     setting_sources: list[SettingSource] = Field(default_factory=list)  # Claude Code settings files it reads
     mcp_config: Path | None = None  # the only MCP servers it starts (a JSON file, read-only in the sandbox)
+    sandbox_readonly: list[Path] = Field(default_factory=list)  # more of the machine in the sandbox, read-only
+    sandbox_writable: list[Path] = Field(default_factory=list)  # ... and read-write (e.g. cchat's config)
 
 
 class OutputSettings(_Strict):
@@ -121,6 +123,8 @@ class RoomSettings(_Strict):
     sandbox: Sandbox | None = None
     setting_sources: list[SettingSource] | None = None
     mcp_config: Path | None = None
+    sandbox_readonly: list[Path] | None = None
+    sandbox_writable: list[Path] | None = None
 
     @model_validator(mode="after")
     def _threads_for_thread_sessions(self) -> RoomSettings:
@@ -220,6 +224,14 @@ def check_safety(settings: Settings) -> list[str]:
         mcp_config = settings.claude_for(room).mcp_config
         if mcp_config is not None and not (mcp_config.is_absolute() and mcp_config.is_file()):
             raise ConfigError(f"room {room.id}: mcp_config {mcp_config} must be the absolute path of a file")
+        claude = settings.claude_for(room)
+        for path in [*claude.sandbox_readonly, *claude.sandbox_writable]:
+            if not (path.is_absolute() and path.exists()):
+                raise ConfigError(f"room {room.id}: sandbox path {path} must be an absolute path that exists")
+            if path.resolve().is_relative_to(data_dir) or data_dir.is_relative_to(path.resolve()):
+                raise ConfigError(
+                    f"room {room.id}: sandbox path {path} would show the agent aiagentchat's data directory {data_dir}"
+                )
     warnings = []
     for room in settings.rooms:
         if settings.claude_for(room).permission_mode == "bypassPermissions":

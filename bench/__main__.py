@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import first_output, floor, machine, ratelimit, scale, throughput
+from bench import first_output, floor, machine, ratelimit, sandbox, scale, throughput
 from bench.profile import Profiler
 from bench.report import Results, render
 from bench.world import cli_environment, homeserver
@@ -25,6 +25,7 @@ from tests.harness.model_server import model_server
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results.md"
+SANDBOX = HERE / "sandbox.md"
 LAST_RUN = HERE / ".last-run.pickle"
 
 
@@ -53,6 +54,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--startup-runs", type=int, default=10, help="restarts with 100 joined rooms")
     parser.add_argument("--quick", action="store_true", help="a smoke run with small counts")
     parser.add_argument("--render-only", action="store_true", help="rewrite results.md from the last run")
+    parser.add_argument("--sandbox", action="store_true",
+                        help="only the sandbox's cost: the CLI floor and first output with and without bwrap "
+                        "(--cli-cold and --cli-warm runs each), written to bench/sandbox.md")
     parser.add_argument("--profile", action="store_true",
                         help="py-spy the largest in-process flood, the largest scale round and one start-up")
     args = parser.parse_args(argv)
@@ -99,8 +103,28 @@ async def measure(args: argparse.Namespace, scratch: Path, command: str) -> Resu
                    pipeline, pipeline_live, end_to_end, limited, scaled, profiler.profiles if profiler else [])
 
 
+async def measure_sandbox(args: argparse.Namespace, scratch: Path, command: str) -> sandbox.SandboxCost:
+    described = machine.describe()
+    async with model_server() as model:
+        cli_environment(model, scratch / "cli-home")
+        async with homeserver(model, scratch) as server:
+            progress("sandbox off and on: CLI floor and first output")
+            modes = await sandbox.measure(server, scratch, args.cli_cold, args.cli_warm)
+    described["load average at end (1/5/15 min)"] = machine.load_average()
+    return sandbox.SandboxCost(described, command, modes)
+
+
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
+    if args.sandbox:
+        scratch = Path(tempfile.mkdtemp(prefix="aiagentchat-bench-"))
+        try:
+            cost = asyncio.run(measure_sandbox(args, scratch, shlex.join(["scripts/bench", *argv])))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        SANDBOX.write_text(sandbox.render(cost))
+        progress(f"wrote {SANDBOX}")
+        return
     if not args.render_only:
         scratch = Path(tempfile.mkdtemp(prefix="aiagentchat-bench-"))
         try:

@@ -46,13 +46,12 @@ async def _warm(user: MatrixUser, room: str, runs: int) -> list[float]:
     return samples
 
 
-async def measure(server: Homeserver, cold_runs: int, warm_runs: int) -> FirstOutput:
+async def measure(server: Homeserver, cold_runs: int, warm_runs: int, sandbox: str = "bwrap") -> FirstOutput:
     user = await server.person()
     bot = await server.account("bot")
     rooms = [await user.create_room(invite=[bot[0]]) for _ in range(cold_runs + 1)]
-    daemon = server.daemon(
-        "first-output", bot, rooms, user.user_id, {"binary": claude_binary(), "idle_close_s": IDLE_CLOSE_S}
-    )
+    claude = {"binary": claude_binary(), "idle_close_s": IDLE_CLOSE_S, "sandbox": sandbox}
+    daemon = server.daemon(f"first-output-{sandbox}", bot, rooms, user.user_id, claude)
     await daemon.start()
     warm = await _warm(user, rooms[0], warm_runs)
     cold = [await _one(user, room) for room in rooms[1:]]

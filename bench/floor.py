@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from aiagentchat.runner import AgentProcess
+from aiagentchat.sandbox import prepare_home, wall_for
 from aiagentchat.settings import ClaudeSettings
 from bench.world import Homeserver
 from tests.harness import claude_binary
@@ -77,17 +78,23 @@ async def _warm_turns(agent: AgentProcess, runs: int) -> list[float]:
     return samples
 
 
-async def cli_first_text(workdir: Path, cold_runs: int, warm_runs: int) -> tuple[list[float], list[float]]:
+async def cli_first_text(
+    workdir: Path, cold_runs: int, warm_runs: int, *, walled: bool = False
+) -> tuple[list[float], list[float]]:
     """Cold: process start (spawn, initialise, prompt) to the first text line. Warm: prompt written to a live
-    process to its first text line. The warm turns run in the first cold run's process."""
+    process to its first text line. The warm turns run in the first cold run's process. `walled`: each process
+    in its room's sandbox (bwrap, a new home per run), as the daemon starts it."""
     claude = ClaudeSettings(binary=claude_binary())
     cold: list[float] = []
     warm: list[float] = []
     for run in range(cold_runs):
         directory = workdir / f"cold{run}"
         directory.mkdir(parents=True)
+        wall = wall_for(claude, directory, workdir / f"home{run}", Path.home()) if walled else None
+        if wall is not None:
+            prepare_home(wall)
         start = time.monotonic()
-        agent = await AgentProcess.start(claude, directory, None, 0, "bench")
+        agent = await AgentProcess.start(claude, directory, None, 0, "bench", wall)
         await agent.write(PROMPT)
         await _next_text(agent)
         cold.append(time.monotonic() - start)
@@ -100,5 +107,5 @@ async def cli_first_text(workdir: Path, cold_runs: int, warm_runs: int) -> tuple
 
 async def measure(server: Homeserver, workdir: Path, matrix_runs: int, cold_runs: int, warm_runs: int) -> Floor:
     matrix = await matrix_round_trips(server, matrix_runs)
-    cold, warm = await cli_first_text(workdir, cold_runs, warm_runs)
+    cold, warm = await cli_first_text(workdir, cold_runs, warm_runs, walled=True)  # as the daemon runs it
     return Floor(matrix, cold, warm)

@@ -17,6 +17,7 @@ def wall(**overrides) -> Wall:
         "workdir": Path("/data/rooms/abc"),
         "home": Path("/data/homes/abc"),
         "readonly": (),
+        "writable": (),
         "credentials": None,
     }
     return Wall(**(values | overrides))
@@ -85,13 +86,20 @@ def test_installed_under_is_the_outermost_node_modules_or_the_binary_folder():
     )
 
 
-def test_wall_for_binds_the_mcp_config_and_a_login_only_when_there_is_one(tmp_path):
+def test_paths_the_settings_add_are_bound_as_they_say():
+    bound = mounts(wall(readonly=(Path("/srv/tools"),), writable=(Path("/srv/shared"),)).argv([CLI]))
+    assert bound["/srv/tools"] == ("--ro-bind", "/srv/tools")
+    assert bound["/srv/shared"] == ("--bind", "/srv/shared")
+
+
+def test_wall_for_binds_the_settings_paths_and_a_login_only_when_there_is_one(tmp_path):
     daemon_home = tmp_path / "daemon"
     mcp = tmp_path / "mcp.json"
     mcp.write_text("{}")
-    claude = ClaudeSettings(mcp_config=mcp)
+    claude = ClaudeSettings(mcp_config=mcp, sandbox_readonly=[Path("/srv/tools")], sandbox_writable=[Path("/srv/x")])
     built = wall_for(claude, tmp_path / "w", tmp_path / "h", daemon_home)
-    assert mcp in built.readonly
+    assert mcp in built.readonly and Path("/srv/tools") in built.readonly
+    assert built.writable == (Path("/srv/x"),)
     assert built.credentials is None
     (daemon_home / ".claude").mkdir(parents=True)
     (daemon_home / ".claude" / ".credentials.json").write_text("{}")
@@ -150,3 +158,16 @@ def test_the_mcp_config_must_name_a_file(tmp_path):
     settings = Settings(rooms=[RoomSettings(id="!a:x", mcp_config=Path("mcp.json"))])
     with pytest.raises(ConfigError, match="mcp_config mcp.json must be the absolute path of a file"):
         check_safety(settings)
+
+
+def test_a_sandbox_path_must_exist_and_must_not_show_the_data_directory(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for paths, message in (
+        ([tmp_path / "missing"], "must be an absolute path that exists"),
+        ([data], "would show the agent aiagentchat's data directory"),
+        ([tmp_path], "would show the agent aiagentchat's data directory"),
+    ):
+        settings = Settings(paths={"data_dir": data}, rooms=[RoomSettings(id="!a:x", sandbox_writable=paths)])
+        with pytest.raises(ConfigError, match=message):
+            check_safety(settings)

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from tests.integration.conftest import MARKER, bot_events, bot_text, run_ended
+from tests.integration.daemon import REPO
 from tests.integration.test_cchat import Cchat
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
@@ -23,8 +24,18 @@ async def test_an_agent_hands_work_to_another_room_with_cchat_and_gets_the_answe
     cli = Cchat(tmp_path / "agent-cchat")
     await cli.login(world.synapse.base_url, world.user.user_id, world.user_password)
     room_a, room_b = await world.room(), await world.room()
+    # room A's sandbox holds cchat (this python and the repository, read-only) and cchat's own files
+    python_and_cchat = [sys.base_prefix, str(REPO)]
     await world.daemon(
-        [{"id": room_a, "allowed_tools": ["Bash"]}, {"id": room_b}],
+        [
+            {
+                "id": room_a,
+                "allowed_tools": ["Bash"],
+                "sandbox_readonly": python_and_cchat,
+                "sandbox_writable": [str(cli.root / "config")],
+            },
+            {"id": room_b},
+        ],
         claude={"env_passthrough": [*DEFAULT_PASSTHROUGH, "CCHAT_CONFIG_DIR"], "timeout_s": 120},
         env={"CCHAT_CONFIG_DIR": str(cli.root / "config")},
     ).start()
