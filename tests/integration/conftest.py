@@ -3,6 +3,7 @@ accounts, rooms and daemons (real subprocesses driving the real Claude Code CLI)
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 from dataclasses import dataclass
@@ -53,6 +54,11 @@ def bot_text(events: list[dict[str, Any]], prompt_id: str, *, status: bool = Fal
     """The bodies of the bot's events for a prompt, joined; with `status`, its live status and edits too (where
     a tool line or the footer is, when the run lasted long enough to show one)."""
     return "".join(e["content"]["body"] for e in bot_events(events, prompt_id, status=status))
+
+
+def room_dir(world: World, kind: str, room_id: str) -> Path:
+    """Where the world's daemon keeps a room's default working directory (`rooms`) or its agent's home (`homes`)."""
+    return world.tmp_path / "data" / kind / hashlib.sha256(room_id.encode()).hexdigest()[:24]
 
 
 def run_ended(prompt_id: str):

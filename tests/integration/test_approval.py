@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from aiagentchat.wire import MARKER_KEY as MARKER
-from tests.integration.conftest import bot_text, encrypted_room, run_ended
+from tests.integration.conftest import bot_text, encrypted_room, room_dir, run_ended
 from tests.integration.test_conversation import command, react, shown
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
@@ -151,11 +151,12 @@ async def test_the_agents_question_is_answered_by_reply_and_stop_while_waiting_d
     output = await ended(world, room, prompt)
     assert "💬 Answered by" in output and '"Which colour?"="blue"' in output
 
-    prompt, request = await asked(world, room, f"write {world.tmp_path / 'never.txt'} no")
+    never = room_dir(world, "rooms", room) / "never.txt"
+    prompt, request = await asked(world, room, f"write {never} no")
     assert "Stopping" in await command(world, room, "!stop")
     output = await ended(world, room, prompt, timeout=15)
     assert f"denied: stopped by {world.user.user_id}." in output and f"🛑 Stopped by {world.user.user_id}" in output
-    assert not (world.tmp_path / "never.txt").exists()
+    assert not never.exists()
 
     late = await reply(world.user, room, request["event_id"], "yes")
     events = await world.user.wait_for(
@@ -173,7 +174,7 @@ async def test_the_agents_question_is_answered_by_reply_and_stop_while_waiting_d
 async def test_an_encrypted_reaction_approves_in_an_encrypted_room(world):
     user = await world.device()
     room, _ = await encrypted_room(world, user)
-    target = world.tmp_path / "secret.txt"
+    target = room_dir(world, "rooms", room) / "secret.txt"
     prompt, request = await asked(world, room, f"write {target} encrypted approval", user=user)
     assert "Approval needed: Write" in request["content"]["body"]
     wire = await user.raw_event(room, request["event_id"])

@@ -12,7 +12,7 @@ from nio import UploadResponse
 
 from aiagentchat.commands import usd
 from aiagentchat.wire import MARKER_KEY as MARKER
-from tests.integration.conftest import bot_events, bot_text, run_ended
+from tests.integration.conftest import bot_events, bot_text, room_dir, run_ended
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 
@@ -124,8 +124,8 @@ async def test_a_conversation_the_cli_no_longer_has_is_started_anew_and_the_room
     tag = secrets.token_hex(3)
     assert "✅ Done" in await world.ask(room, f"say before the loss {tag}")
     assert await daemon.stop() == 0
-    # the CLI keeps a conversation in ~/.claude/projects/<working directory, "/" as "-">/<session id>.jsonl
-    transcripts = list((world.tmp_path / "home" / ".claude" / "projects").glob("*/*.jsonl"))
+    # the CLI keeps a conversation in ~/.claude/projects/ (the room's own home)<working directory, "/" as "-">/<session id>.jsonl
+    transcripts = list((room_dir(world, "homes", room) / ".claude" / "projects").glob("*/*.jsonl"))
     assert len(transcripts) == 1
     transcripts[0].unlink()
 

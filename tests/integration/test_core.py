@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from tests.integration.conftest import bot_events, bot_text, run_ended
+from tests.integration.conftest import bot_events, bot_text, room_dir, run_ended
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 
@@ -90,9 +90,9 @@ async def test_streamed_a_tool_call_shows_as_a_tool_line_with_its_result(world):
     assert "tool said: tool-output-42" in answer
 
 
-async def test_an_unlisted_tool_is_denied_and_the_room_is_told(world, tmp_path):
+async def test_an_unlisted_tool_is_denied_and_the_room_is_told(world):
     room = await world.room()
-    target = tmp_path / "should-not-exist.txt"
+    target = room_dir(world, "rooms", room) / "should-not-exist.txt"
     await world.daemon([{"id": room, "unlisted_tools": "deny"}]).start()
     answer = await world.ask(room, f"write {target} forbidden")
     assert "🚫 Write denied: Write is not in this room's allowed_tools" in answer

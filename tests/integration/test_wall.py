@@ -4,7 +4,6 @@ files written directly), so that only the sandbox stops them."""
 
 import asyncio
 import base64
-import hashlib
 import json
 import secrets
 from pathlib import Path
@@ -12,14 +11,10 @@ from pathlib import Path
 import pytest
 
 from aiagentchat.processes import start_time
+from tests.integration.conftest import room_dir
 from tests.integration.test_durability import live_processes, until_gone
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
-
-
-def room_dir(world, kind: str, room_id: str) -> Path:
-    """A room's working directory (`rooms`) or home (`homes`) under the data directory."""
-    return world.tmp_path / "data" / kind / hashlib.sha256(room_id.encode()).hexdigest()[:24]
 
 
 def hidden_cat(path: Path | str) -> str:
@@ -64,7 +59,12 @@ async def test_an_approved_command_sees_no_daemon_file_environment_or_other_room
             assert secret not in answer
 
 
-async def test_settings_the_agent_could_write_do_not_apply_when_it_starts(world):
+@pytest.mark.parametrize(
+    ("sources", "hooks_run"), [([], []), (["user", "project", "local"], ["local", "project", "user"])]
+)
+async def test_settings_the_agent_could_write_do_not_apply_when_it_starts(world, sources, hooks_run):
+    """By default no settings file the agent can write is read; the room naming all three sources shows that the
+    planted hooks do run when their files are read (the MCP servers stay off: --strict-mcp-config)."""
     room = await world.room()
     workdir, home = room_dir(world, "rooms", room), room_dir(world, "homes", room)
     markers = workdir / "markers"  # where the agent can write: a hook that ran would leave its file here
@@ -84,12 +84,12 @@ async def test_settings_the_agent_could_write_do_not_apply_when_it_starts(world)
     (home / ".claude.json").write_text(
         json.dumps({"mcpServers": {"planted": server}, "projects": {str(workdir): {"hasTrustDialogAccepted": True}}})
     )
-    await world.daemon([{"id": room}]).start()
+    await world.daemon([{"id": room, "setting_sources": sources}]).start()
 
     answer = await world.ask(room, "bash echo hooked-d2")
 
     assert "tool said: hooked-d2" in answer
-    assert sorted(p.name for p in markers.iterdir()) == []
+    assert sorted(p.name for p in markers.iterdir()) == hooks_run
 
 
 async def test_the_agent_and_everything_it_started_end_with_a_killed_daemon(world):
