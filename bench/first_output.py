@@ -46,12 +46,14 @@ async def _warm(user: MatrixUser, room: str, runs: int) -> list[float]:
     return samples
 
 
-async def measure(server: Homeserver, cold_runs: int, warm_runs: int, sandbox: str = "bwrap") -> FirstOutput:
+async def measure(
+    server: Homeserver, cold_runs: int, warm_runs: int, sandbox: str = "bwrap", name: str = "first-output"
+) -> FirstOutput:
     user = await server.person()
     bot = await server.account("bot")
     rooms = [await user.create_room(invite=[bot[0]]) for _ in range(cold_runs + 1)]
     claude = {"binary": claude_binary(), "idle_close_s": IDLE_CLOSE_S, "sandbox": sandbox}
-    daemon = server.daemon(f"first-output-{sandbox}", bot, rooms, user.user_id, claude)
+    daemon = server.daemon(name, bot, rooms, user.user_id, claude)
     await daemon.start()
     warm = await _warm(user, rooms[0], warm_runs)
     cold = [await _one(user, room) for room in rooms[1:]]

@@ -79,18 +79,18 @@ async def _warm_turns(agent: AgentProcess, runs: int) -> list[float]:
 
 
 async def cli_first_text(
-    workdir: Path, cold_runs: int, warm_runs: int, *, walled: bool = False
+    workdir: Path, cold_runs: int, warm_runs: int, *, wall_home: Path | None = None
 ) -> tuple[list[float], list[float]]:
     """Cold: process start (spawn, initialise, prompt) to the first text line. Warm: prompt written to a live
-    process to its first text line. The warm turns run in the first cold run's process. `walled`: each process
-    in its room's sandbox (bwrap, a new home per run), as the daemon starts it."""
+    process to its first text line. The warm turns run in the first cold run's process. With `wall_home`, each
+    process runs in a room's sandbox with that home, as the daemon starts it; without, unsandboxed."""
     claude = ClaudeSettings(binary=claude_binary())
     cold: list[float] = []
     warm: list[float] = []
     for run in range(cold_runs):
         directory = workdir / f"cold{run}"
         directory.mkdir(parents=True)
-        wall = wall_for(claude, directory, workdir / f"home{run}", Path.home()) if walled else None
+        wall = wall_for(claude, directory, wall_home, Path.home()) if wall_home is not None else None
         if wall is not None:
             prepare_home(wall)
         start = time.monotonic()
@@ -107,5 +107,5 @@ async def cli_first_text(
 
 async def measure(server: Homeserver, workdir: Path, matrix_runs: int, cold_runs: int, warm_runs: int) -> Floor:
     matrix = await matrix_round_trips(server, matrix_runs)
-    cold, warm = await cli_first_text(workdir, cold_runs, warm_runs, walled=True)  # as the daemon runs it
+    cold, warm = await cli_first_text(workdir, cold_runs, warm_runs, wall_home=workdir / "home")  # as the daemon
     return Floor(matrix, cold, warm)
