@@ -88,6 +88,9 @@ async def test_kill_9_mid_run_with_a_prompt_queued_then_each_is_answered_or_repo
     await daemon.start()
     running = await world.user.send_text(room, "slow 40")
     await world.user.wait_for(lambda evs: bot_events(evs, running, status=True) != [], timeout=60, room_id=room)
+    async with asyncio.timeout(60):  # the model is at it: in its sandbox, the agent ends with the killed daemon
+        while "slow 40" not in [r["latest_user_text"] for r in await world.model.requests()]:
+            await asyncio.sleep(0.05)
     queued = await world.user.send_text(room, "say queued before the crash")
     await daemon.wait_for_log("prompt_accepted", event_id=queued)
     daemon.proc.kill()
