@@ -81,8 +81,28 @@ class Fail(Exception):
         self.message = message
 
 
+TERMINAL_ESCAPES = re.compile(
+    r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]"  # CSI: colours, cursor moves, erasing
+    r"|(?:\x1b[\]PX^_]|[\x90\x98\x9d\x9e\x9f])[^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)?"  # OSC, DCS, SOS, PM, APC strings
+    r"|\x1b[ -/]*[0-~]"  # any other escape sequence
+)
+CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # all C0 and C1 controls but tab and newline
+
+
+def printable(text: str) -> str:
+    """`text` without terminal escape sequences (their parameters included) and control characters, so that
+    nothing the room says can restyle, retitle or rewrite the terminal; newlines and tabs stay."""
+    return CONTROLS.sub("", TERMINAL_ESCAPES.sub("", text))
+
+
+def printable_final(final: dict[str, Any]) -> dict[str, Any]:
+    result = final.get("result")
+    return final | {"result": printable(result)} if isinstance(result, str) else final
+
+
 def error_line(message: str, prefix: str = "cchat") -> None:
-    print(f"{prefix}: " + " ".join(message.split()), file=sys.stderr, flush=True)
+    """`message` as one stderr line, without what a homeserver or an agent could slip in to drive the terminal."""
+    print(f"{prefix}: " + " ".join(printable(message).split()), file=sys.stderr, flush=True)
 
 
 # --- saved login ------------------------------------------------------------------------------------------------
@@ -422,25 +442,6 @@ class Follower:
 
 
 # --- answers (pure) ---------------------------------------------------------------------------------------------
-
-TERMINAL_ESCAPES = re.compile(
-    r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]"  # CSI: colours, cursor moves, erasing
-    r"|(?:\x1b[\]PX^_]|[\x90\x98\x9d\x9e\x9f])[^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)?"  # OSC, DCS, SOS, PM, APC strings
-    r"|\x1b[ -/]*[0-~]"  # any other escape sequence
-)
-CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # all C0 and C1 controls but tab and newline
-
-
-def printable(text: str) -> str:
-    """`text` without terminal escape sequences (their parameters included) and control characters, so that
-    nothing the room says can restyle, retitle or rewrite the terminal; newlines and tabs stay."""
-    return CONTROLS.sub("", TERMINAL_ESCAPES.sub("", text))
-
-
-def printable_final(final: dict[str, Any]) -> dict[str, Any]:
-    result = final.get("result")
-    return final | {"result": printable(result)} if isinstance(result, str) else final
-
 
 
 def marker_of(event: dict[str, Any]) -> dict[str, Any] | None:

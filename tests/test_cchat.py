@@ -338,6 +338,11 @@ def test_terminal_escapes_and_control_characters_are_stripped_but_newlines_and_t
     assert cchat.printable("a\tb\nc ✅ é") == "a\tb\nc ✅ é"
 
 
+def test_an_error_line_carries_no_escapes(capsys):
+    cchat.error_line("the agent reported an error: \x1b]0;title\x07\x1b[2Jwiped\nnext")
+    assert capsys.readouterr().err == "cchat: the agent reported an error: wiped next\n"
+
+
 def test_an_answer_and_a_tailed_event_are_printed_without_escapes(capsys):
     answer = Answer("$p")
     answer.offer(bot_event("$1", "$p", "\x1b]0;title\x07hi\x1b[2K\n", {"ok": True, "result": "\x1b[31mhi\x1b[0m"}))
