@@ -2,6 +2,7 @@
 
 import json
 import stat
+import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -133,6 +134,36 @@ async def test_the_agent_cannot_reach_the_daemon_data_or_its_own_claude_settings
     (workdir_of(world) / "link").symlink_to(data)
     answer = await world.ask(room, "bash cat link/pickle_key")
     assert "🛡️ Bash blocked" in answer
+
+
+async def test_a_write_only_room_cannot_make_the_cli_or_git_run_a_command(world):
+    work = world.tmp_path / "work"
+    work.mkdir()
+    subprocess.run(["git", "init", "-q", str(work)], check=True)
+    (work / ".git" / "config").unlink()  # git works without it; and the CLI writes a new file without reading it
+    home_claude = world.tmp_path / "home" / ".claude"  # the CLI's own settings, read by every room's agent
+    (work / ".claude").symlink_to(home_claude)
+    marker = world.tmp_path / "a-command-ran"
+    room = await world.room()
+    daemon = world.daemon([{"id": room, "workdir": str(work)}], claude={"allowed_tools": ["Write"]})
+    await daemon.start()
+
+    servers = json.dumps({"mcpServers": {"x": {"command": "touch", "args": [str(marker)]}}})
+    answer = await world.ask(room, f"write {work}/.mcp.json {servers}")
+    assert "🛡️ Write blocked: writing MCP server configuration (.mcp.json) is not allowed." in answer
+    answer = await world.ask(room, f"write {work}/.git/config [core]\n\tfsmonitor = touch {marker}")
+    assert "🛡️ Write blocked: writing git's configuration or hooks (.git) is not allowed." in answer
+    hook = {"matcher": "", "hooks": [{"type": "command", "command": f"touch {marker}"}]}
+    answer = await world.ask(room, f"write {work}/.claude/settings.json {json.dumps({'hooks': {'PreToolUse': [hook]}})}")
+    assert "🛡️ Write blocked: writing Claude Code settings or hooks (.claude/) is not allowed." in answer
+    for written in (work / ".mcp.json", work / ".git" / "config", home_claude / "settings.json"):
+        assert not written.exists()
+
+    assert await daemon.stop() == 0
+    await daemon.start()  # a new CLI process: it reads its settings and MCP servers, and runs git status
+    answer = await world.ask(room, f"write {work}/notes.txt still writing")
+    assert "✅ Done" in answer and (work / "notes.txt").read_text() == "still writing"
+    assert not marker.exists()
 
 
 async def test_hostile_prompt_shapes_are_just_text(world):
