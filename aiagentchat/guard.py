@@ -7,8 +7,10 @@ each name they take as the symbolic links along them are followed one at a time,
 - No tool reaches into the daemon's data directory, other than the room's own working directory.
 - A write (Write, Edit, MultiEdit, NotebookEdit) stays inside the working directory, and never touches what
   the CLI or git read as configuration that runs commands: `.claude/` (settings, hooks; unless the room sets
-  `allow_claude_config_writes`), `.mcp.json`, or anything in `.git` (its config and hooks; a file named
-  `.git` would point git at a directory of the agent's making).
+  `allow_claude_config_writes`), `.mcp.json`, anything in `.git` (its config and hooks; a file named
+  `.git` would point git at a directory of the agent's making), or a `HEAD` at the top of the working
+  directory (with it, `config`, `objects/` and `refs/` there, git takes the working directory itself for a
+  git directory and runs the commands its config names).
 - A Bash command is split into words (shlex), and each word, and the value of each `name=value` word, is
   taken as a path: one naming the data directory, `.claude/`, `.mcp.json` or a path inside `.git` is
   refused. This is a guard rail, not a wall: a command can always build a path the words do not show
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 PATH_KEYS = ("file_path", "notebook_path", "path")
+GLOB_KEY = "pattern"  # Glob's pattern is a path with wildcards (Grep's is a regular expression)
 WRITING_TOOLS = {"Write", "Edit", "MultiEdit", "NotebookEdit"}
 MAX_LINKS = 40  # as the kernel: a path needing more symbolic links than this cannot be opened (ELOOP)
 
@@ -47,7 +50,7 @@ def names_of(path: Path) -> list[Path]:
         step = done / part
         try:
             target = os.readlink(step)
-        except OSError:  # not a link (or gone)
+        except (OSError, ValueError):  # not a link (or gone, or a name with a NUL in it)
             done = step
             continue
         follows += 1
@@ -78,6 +81,8 @@ class ToolGuard:
             return "MCP server configuration (.mcp.json)"
         if ".git" in parts[:-1] or (writing and parts and parts[-1] == ".git"):
             return "git's configuration or hooks (.git)"
+        if writing and name == self.workdir / "HEAD":
+            return "a HEAD at the top of the working directory (git would take it for a git directory)"
         for link, what in self._linked_configuration():
             if _inside(name, link):
                 return what
@@ -104,7 +109,7 @@ class ToolGuard:
     def check(self, tool_name: str, tool_input: dict[str, Any]) -> str | None:
         """Why this call must not run, or None when it may."""
         writing = tool_name in WRITING_TOOLS
-        for key in PATH_KEYS:
+        for key in PATH_KEYS + ((GLOB_KEY,) if tool_name == "Glob" else ()):
             raw = tool_input.get(key)
             if not isinstance(raw, str) or not raw:
                 continue

@@ -49,6 +49,8 @@ def filled(guard: ToolGuard, tool_input: dict[str, str]) -> dict[str, str]:
         ("MultiEdit", {"file_path": "vendor/lib/.git/config"}, "writing git's configuration or hooks (.git)"),
         ("Write", {"file_path": ".git", "content": "gitdir: mine"}, "writing git's configuration or hooks (.git)"),
         ("Bash", {"command": "cp evil.sh .git/hooks/pre-commit"}, "commands naming git's configuration"),
+        ("Write", {"file_path": "HEAD", "content": "ref: refs/heads/main"}, "writing a HEAD at the top of the"),
+        ("Glob", {"pattern": "{data}/*.json"}, "inside aiagentchat's own data directory"),
         ("Write", {"file_path": "/tmp/x.txt"}, "/tmp/x.txt leads outside the working directory"),
         ("Write", {"file_path": "../../../x.txt"}, "leads outside the working directory"),
         ("NotebookEdit", {"notebook_path": "a/../../../../elsewhere/n.ipynb"}, "leads outside the working"),
@@ -72,6 +74,9 @@ def test_denied(guard, tool, tool_input, reason):
         ("Read", {"file_path": ".claude/settings.json"}),
         ("Read", {"file_path": ".git/config"}),
         ("Read", {"file_path": "/etc/hostname"}),
+        ("Write", {"file_path": "docs/HEAD"}),
+        ("Write", {"file_path": "a\x00b"}),
+        ("Grep", {"pattern": "{data}"}),
         ("WebFetch", {"url": "https://example.org/data/x"}),
     ],
 )

@@ -143,9 +143,13 @@ async def test_a_write_only_room_cannot_make_the_cli_or_git_run_a_command(world)
     (work / ".git" / "config").unlink()  # git works without it; and the CLI writes a new file without reading it
     home_claude = world.tmp_path / "home" / ".claude"  # the CLI's own settings, read by every room's agent
     (work / ".claude").symlink_to(home_claude)
+    plain = world.tmp_path / "plain"  # no .git: git takes it for a git directory if HEAD, config… are there
+    plain.mkdir()
     marker = world.tmp_path / "a-command-ran"
-    room = await world.room()
-    daemon = world.daemon([{"id": room, "workdir": str(work)}], claude={"allowed_tools": ["Write"]})
+    room, other = await world.room(), await world.room()
+    git_status = {"allowed_tools": ["Write", "Bash(git status)"], "unlisted_tools": "deny"}
+    rooms = [{"id": room, "workdir": str(work)}, {"id": other, "workdir": str(plain)} | git_status]
+    daemon = world.daemon(rooms, claude={"allowed_tools": ["Write"]})
     await daemon.start()
 
     servers = json.dumps({"mcpServers": {"x": {"command": "touch", "args": [str(marker)]}}})
@@ -154,15 +158,24 @@ async def test_a_write_only_room_cannot_make_the_cli_or_git_run_a_command(world)
     answer = await world.ask(room, f"write {work}/.git/config [core]\n\tfsmonitor = touch {marker}")
     assert "🛡️ Write blocked: writing git's configuration or hooks (.git) is not allowed." in answer
     hook = {"matcher": "", "hooks": [{"type": "command", "command": f"touch {marker}"}]}
-    answer = await world.ask(room, f"write {work}/.claude/settings.json {json.dumps({'hooks': {'PreToolUse': [hook]}})}")
+    settings = json.dumps({"hooks": {"PreToolUse": [hook]}})
+    answer = await world.ask(room, f"write {work}/.claude/settings.json {settings}")
     assert "🛡️ Write blocked: writing Claude Code settings or hooks (.claude/) is not allowed." in answer
-    for written in (work / ".mcp.json", work / ".git" / "config", home_claude / "settings.json"):
+    core = f"[core]\n\trepositoryformatversion = 0\n\tbare = false\n\tworktree = .\n\tfsmonitor = touch {marker}"
+    for name in ("objects/keep x", "refs/keep x", f"config {core}"):
+        await world.ask(other, f"write {plain}/{name}")
+    assert [path.is_file() for path in (plain / "objects/keep", plain / "refs/keep", plain / "config")] == [True] * 3
+    answer = await world.ask(other, f"write {plain}/HEAD ref: refs/heads/main")
+    assert "🛡️ Write blocked: writing a HEAD at the top of the working directory" in answer
+    for written in (work / ".mcp.json", work / ".git" / "config", home_claude / "settings.json", plain / "HEAD"):
         assert not written.exists()
+    assert "not a git repository" in await world.ask(other, "bash git status")
 
     assert await daemon.stop() == 0
     await daemon.start()  # a new CLI process: it reads its settings and MCP servers, and runs git status
-    answer = await world.ask(room, f"write {work}/notes.txt still writing")
-    assert "✅ Done" in answer and (work / "notes.txt").read_text() == "still writing"
+    for room_id, folder in ((room, work), (other, plain)):
+        answer = await world.ask(room_id, f"write {folder}/notes.txt still writing")
+        assert "✅ Done" in answer and (folder / "notes.txt").read_text() == "still writing"
     assert not marker.exists()
 
 
