@@ -8,9 +8,9 @@ each name they take as the symbolic links along them are followed one at a time,
 - A write (Write, Edit, MultiEdit, NotebookEdit) stays inside the working directory, and never touches what
   the CLI or git read as configuration that runs commands: `.claude/` (settings, hooks; unless the room sets
   `allow_claude_config_writes`), `.mcp.json`, anything in `.git` (its config and hooks; a file named
-  `.git` would point git at a directory of the agent's making), or a `HEAD` at the top of the working
-  directory (with it, `config`, `objects/` and `refs/` there, git takes the working directory itself for a
-  git directory and runs the commands its config names).
+  `.git` would point git at a directory of the agent's making), or a file named `HEAD` (with it, `config`,
+  `objects/` and `refs/` in a folder, git run there takes the folder for a git directory and runs the
+  commands its config names).
 - A Bash command is split into words (shlex), and each word, and the value of each `name=value` word, is
   taken as a path: one naming the data directory, `.claude/`, `.mcp.json` or a path inside `.git` is
   refused. This is a guard rail, not a wall: a command can always build a path the words do not show
@@ -81,8 +81,8 @@ class ToolGuard:
             return "MCP server configuration (.mcp.json)"
         if ".git" in parts[:-1] or (writing and parts and parts[-1] == ".git"):
             return "git's configuration or hooks (.git)"
-        if writing and name == self.workdir / "HEAD":
-            return "a HEAD at the top of the working directory (git would take it for a git directory)"
+        if writing and parts and parts[-1] == "HEAD":
+            return "a file named HEAD (git takes a folder with HEAD, config, objects/ and refs/ for a git directory)"
         for link, what in self._linked_configuration():
             if _inside(name, link):
                 return what

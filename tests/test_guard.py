@@ -49,7 +49,8 @@ def filled(guard: ToolGuard, tool_input: dict[str, str]) -> dict[str, str]:
         ("MultiEdit", {"file_path": "vendor/lib/.git/config"}, "writing git's configuration or hooks (.git)"),
         ("Write", {"file_path": ".git", "content": "gitdir: mine"}, "writing git's configuration or hooks (.git)"),
         ("Bash", {"command": "cp evil.sh .git/hooks/pre-commit"}, "commands naming git's configuration"),
-        ("Write", {"file_path": "HEAD", "content": "ref: refs/heads/main"}, "writing a HEAD at the top of the"),
+        ("Write", {"file_path": "HEAD", "content": "ref: refs/heads/main"}, "writing a file named HEAD (git takes"),
+        ("Write", {"file_path": "sub/HEAD"}, "writing a file named HEAD"),
         ("Glob", {"pattern": "{data}/*.json"}, "inside aiagentchat's own data directory"),
         ("Write", {"file_path": "/tmp/x.txt"}, "/tmp/x.txt leads outside the working directory"),
         ("Write", {"file_path": "../../../x.txt"}, "leads outside the working directory"),
@@ -74,7 +75,7 @@ def test_denied(guard, tool, tool_input, reason):
         ("Read", {"file_path": ".claude/settings.json"}),
         ("Read", {"file_path": ".git/config"}),
         ("Read", {"file_path": "/etc/hostname"}),
-        ("Write", {"file_path": "docs/HEAD"}),
+        ("Write", {"file_path": "docs/HEADER.md"}),
         ("Write", {"file_path": "a\x00b"}),
         ("Grep", {"pattern": "{data}"}),
         ("WebFetch", {"url": "https://example.org/data/x"}),
@@ -107,7 +108,8 @@ def test_a_link_into_the_data_dir_is_refused_for_every_tool(guard):
     (guard.workdir / "link").symlink_to(guard.data_dir)
     inside = "link/pickle_key is inside aiagentchat's own data directory"
     assert guard.check("Read", {"file_path": "link/pickle_key"}) == inside
-    assert guard.check("Bash", {"command": "cat link/pickle_key"}) == "the command names aiagentchat's own data directory"
+    named = "the command names aiagentchat's own data directory"
+    assert guard.check("Bash", {"command": "cat link/pickle_key"}) == named
 
 
 def test_a_claude_link_is_refused_even_where_claude_config_writes_are_allowed(tmp_path):
@@ -161,7 +163,8 @@ def test_names_follow_links_one_at_a_time(tmp_path):
     (tmp_path / "real").mkdir()
     (tmp_path / "one").symlink_to("real")
     (tmp_path / "two").symlink_to(tmp_path / "one")
-    assert names_of(tmp_path / "two" / "x" / ".." / "y") == [tmp_path / "two/y", tmp_path / "one/y", tmp_path / "real/y"]
+    names = [tmp_path / "two/y", tmp_path / "one/y", tmp_path / "real/y"]
+    assert names_of(tmp_path / "two" / "x" / ".." / "y") == names
     (tmp_path / "loop").symlink_to("loop")
     assert len(names_of(tmp_path / "loop" / "x")) == MAX_LINKS + 1  # given up, as the kernel does (ELOOP)
 

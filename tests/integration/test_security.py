@@ -166,7 +166,7 @@ async def test_a_write_only_room_cannot_make_the_cli_or_git_run_a_command(world)
         await world.ask(other, f"write {plain}/{name}")
     assert [path.is_file() for path in (plain / "objects/keep", plain / "refs/keep", plain / "config")] == [True] * 3
     answer = await world.ask(other, f"write {plain}/HEAD ref: refs/heads/main")
-    assert "🛡️ Write blocked: writing a HEAD at the top of the working directory" in answer
+    assert "🛡️ Write blocked: writing a file named HEAD" in answer
     for written in (work / ".mcp.json", work / ".git" / "config", home_claude / "settings.json", plain / "HEAD"):
         assert not written.exists()
     assert "not a git repository" in await world.ask(other, "bash git status")
