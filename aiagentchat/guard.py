@@ -72,8 +72,9 @@ class ToolGuard:
     def _names(self, raw: str) -> list[Path]:
         return names_of(self.workdir / os.path.expanduser(raw))
 
-    def _configuration(self, name: Path, writing: bool) -> str | None:
-        """Which configuration that runs commands `name` is part of (for a write: or is the `.git` file)."""
+    def _configuration(self, name: Path, writing: bool, linked: list[tuple[Path, str]]) -> str | None:
+        """Which configuration that runs commands `name` is part of (for a write: or is the `.git` file);
+        `linked`: the working directory's configuration that is a link, by where it leads."""
         parts = name.relative_to(self.workdir).parts if _inside(name, self.workdir) else name.parts
         if ".claude" in parts and not self.allow_claude_config_writes:
             return "Claude Code settings or hooks (.claude/)"
@@ -83,7 +84,7 @@ class ToolGuard:
             return "git's configuration or hooks (.git)"
         if writing and parts and parts[-1] == "HEAD":
             return "a file named HEAD (git takes a folder with HEAD, config, objects/ and refs/ for a git directory)"
-        for link, what in self._linked_configuration():
+        for link, what in linked:
             if _inside(name, link):
                 return what
         return None
@@ -108,7 +109,7 @@ class ToolGuard:
 
     def check(self, tool_name: str, tool_input: dict[str, Any]) -> str | None:
         """Why this call must not run, or None when it may."""
-        writing = tool_name in WRITING_TOOLS
+        writing, linked = tool_name in WRITING_TOOLS, self._linked_configuration()
         for key in PATH_KEYS + ((GLOB_KEY,) if tool_name == "Glob" else ()):
             raw = tool_input.get(key)
             if not isinstance(raw, str) or not raw:
@@ -118,7 +119,7 @@ class ToolGuard:
                     return f"{raw} is inside aiagentchat's own data directory"
                 if writing and not _inside(name, self.workdir):
                     return f"{raw} leads outside the working directory"
-                if writing and (what := self._configuration(name, writing=True)) is not None:
+                if writing and (what := self._configuration(name, True, linked)) is not None:
                     return f"writing {what} is not allowed"
         command = tool_input.get("command")
         if tool_name != "Bash" or not isinstance(command, str):
@@ -127,7 +128,7 @@ class ToolGuard:
             for name in self._names(word):
                 if self._in_data_dir(name):
                     return "the command names aiagentchat's own data directory"
-                if (what := self._configuration(name, writing=False)) is not None:
+                if (what := self._configuration(name, False, linked)) is not None:
                     return f"commands naming {what} are not allowed"
         return None
 

@@ -131,6 +131,9 @@ def test_configuration_reached_through_links_inside_the_workdir_is_refused(guard
     assert guard.check("Write", {"file_path": "conf/settings.json"}) == (
         "writing Claude Code settings or hooks (.claude/) is not allowed"
     )
+    assert guard.check("Bash", {"command": "cp hooks.json conf/settings.json"}) == (
+        "commands naming Claude Code settings or hooks (.claude/) are not allowed"
+    )
     (work / "alias").symlink_to(".claude")
     assert guard.check("Write", {"file_path": "alias/settings.json"}) is not None
     (work / "b").mkdir()
