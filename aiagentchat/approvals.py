@@ -122,8 +122,8 @@ def code(text: str) -> str:
     text = _visible(text)
     longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
     ticks = "`" * (longest + 1)
-    pad = " " if not text or text[0] in "` " or text[-1] in "` " else ""
-    return f"{ticks}{pad}{text}{pad}{ticks}"
+    pad = " " if text.strip(" ") and (text[0] in "` " or text[-1] in "` ") else ""  # CommonMark strips one
+    return f"{ticks}{pad}{text or ' '}{pad}{ticks}"
 
 
 def _fence(text: str, language: str = "") -> str:

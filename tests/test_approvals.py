@@ -5,12 +5,16 @@ import asyncio
 from html.parser import HTMLParser
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aiagentchat.approvals import (
     Answer,
     RoomToolPolicy,
+    _visible,
     code,
     command_prefix,
+    escape,
     question_answers,
     reaction_verdict,
     rule_allows,
@@ -127,8 +131,29 @@ def test_nothing_in_a_request_can_restyle_it():
         shown = Html(to_html(summarize(tool, tool_input)))
         assert not {"strong", "em", "a", "h1", "b"} & set(shown.tags), (tool, shown.tags)
         assert "a` **b** `c\\n\\n# d" in shown.text or tool == "WebSearch"
-    assert Html(to_html(code("``x``"))).text.rstrip("\n") == "``x``"
-    assert Html(to_html(code(" padded "))).text.rstrip("\n") == " padded "
+
+
+MARKDOWNISH = st.lists(
+    st.sampled_from(["`", "``", "```", "*", "_", "[", "](", ")", "<", "</code>", "&amp;", "#", "- ", "1. ", ">"])
+    | st.sampled_from(["\\", "|", "~", "!", " ", "  ", "\n", "\n\n", "\t", "\x1b", "\x00", "\u2028"])
+    | st.text(max_size=3)
+).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(MARKDOWNISH)
+def test_a_code_span_shows_any_text_as_written(text):
+    shown = Html(to_html(code(text)))
+    assert shown.tags == ["p", "code"]
+    assert shown.text.rstrip("\n") == (_visible(text) or " ")
+
+
+@settings(max_examples=300, deadline=None)
+@given(MARKDOWNISH)
+def test_escaped_text_shows_as_written_on_one_line(text):
+    shown = Html(to_html(escape(text)))
+    assert shown.tags == (["p"] if text.split() else [])
+    assert shown.text.rstrip("\n") == _visible(" ".join(text.split()))
 
 
 @pytest.mark.parametrize(
