@@ -135,6 +135,12 @@ async def test_the_agent_cannot_reach_the_daemon_data_or_its_own_claude_settings
     answer = await world.ask(room, "bash cat link/pickle_key")
     assert "🛡️ Bash blocked" in answer
 
+    named_alike = workdir_of(world) / f"tests{data}" / "x.json"  # the data dir's path, inside the workdir
+    named_alike.parent.mkdir(parents=True)
+    named_alike.write_text("the room's own file")
+    answer = await world.ask(room, f"bash cat tests{data}/x.json")
+    assert "tool said: the room's own file" in answer
+
 
 async def test_a_write_only_room_cannot_make_the_cli_or_git_run_a_command(world):
     work = world.tmp_path / "work"
