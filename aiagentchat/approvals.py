@@ -56,7 +56,9 @@ RUNNING_SUBCOMMANDS = {
     "npm": {"exec", "x"}, "pnpm": {"exec", "dlx"}, "yarn": {"exec", "dlx"}, "uv": {"run", "tool"},
     "pipx": {"run"}, "poetry": {"run"}, "pdm": {"run"}, "hatch": {"run"},
 }  # fmt: skip
-RUNNING_OPTIONS = {"find": {"-exec", "-execdir", "-ok", "-okdir"}, "git": {"-c", "--config-env", "--exec-path"}}
+RUNNING_OPTIONS = {  # any word after the program: `git config` sets commands git runs (alias.*, core.fsmonitor)
+    "find": {"-exec", "-execdir", "-ok", "-okdir"}, "git": {"-c", "--config-env", "--exec-path", "config"},
+}  # fmt: skip
 _KEYWORDS = {"!", "{", "if", "then", "else", "elif", "do", "while", "until"}
 _ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=.*", re.DOTALL)
 
@@ -211,8 +213,8 @@ def _programs(command: str) -> list[list[str]]:
 
 def runs_code(command: str) -> str | None:
     """What in `command` runs code given in its arguments: a program (`python3`, `sh`, `env`, `npx`), a
-    program with an option or subcommand that does (`find -exec`, `git -c`, `uv run`), a program named by a
-    variable (`$X`), or a command substitution (`$(…)`); None when nothing does."""
+    program with an option or subcommand that does (`find -exec`, `git -c`, `git config`, `uv run`), a program
+    named by a variable (`$X`), or a command substitution (`$(…)`); None when nothing does."""
     if any(mark in command for mark in ("$(", "`", "<(", ">(")):
         return "$(…)"
     for program, *rest in _programs(command):
@@ -263,7 +265,7 @@ def rule_text(rule: str) -> str:
 def once_only(tool_input: dict[str, Any]) -> str:
     """Why 🔁 allows this Bash command once only."""
     program = runs_code(str(tool_input.get("command", ""))) or ""
-    return f"🔁 never covers {code(program)}: it runs code given in its arguments, so it is asked each time"
+    return f"🔁 never covers {code(program)}: its arguments can make it run any code, so it is asked each time"
 
 
 def question_answers(questions: list[dict[str, Any]], text: str) -> dict[str, str]:

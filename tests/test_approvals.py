@@ -197,6 +197,7 @@ def test_command_prefix(command, prefix):
         ("uv run pytest", "uv run"),
         ("find . -name x -exec rm {} ;", "find -exec"),
         ("git -c core.fsmonitor='touch x' status", "git -c"),
+        ("git config alias.st '!touch x'", "git config"),
         ("git commit -m 'x y'", None),
         ("npm test", None),
         ("make build", None),
@@ -324,7 +325,7 @@ async def test_always_allows_a_command_that_runs_code_from_its_arguments_once(st
     policy = policy_for(store, recorder)
     script = {"command": "python3 -c 'print(1)'"}
     notice, decision = await decide_answered(policy, recorder, "Bash", script, Answer("always", "@u:x"))
-    assert "🔁 never covers `python3`: it runs code given in its arguments" in notice.markdown
+    assert "🔁 never covers `python3`: its arguments can make it run any code" in notice.markdown
     assert decision.allow
     assert "✅ Bash `python3 -c 'print(1)'` allowed once by @u:x (🔁 never covers `python3`" in recorder.blocks()[-1]
     assert await store.tool_rules(PROMPT.conversation("room")) == []

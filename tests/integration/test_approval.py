@@ -190,7 +190,7 @@ async def test_plain_messages_answer_only_when_all_answer_and_always_never_cover
     room, _ = await served_with_workdir(world)
     script = "python3 -c 'print(6 * 7)'"
     prompt, request = await asked(world, room, f"bash {script}")
-    assert "🔁 never covers `python3`: it runs code given in its arguments" in request["content"]["body"]
+    assert "🔁 never covers `python3`: its arguments can make it run any code" in request["content"]["body"]
 
     plain = await world.user.send_text(room, "always")
     told = await world.user.wait_for(
