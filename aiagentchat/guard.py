@@ -14,7 +14,7 @@ each name they take as the symbolic links along them are followed one at a time,
 - A Bash command is split into words (shlex), and each word, and the value of each `name=value` word, is
   taken as a path: one naming the data directory, `.claude/`, `.mcp.json` or a path inside `.git` is
   refused. This is a guard rail, not a wall: a command can always build a path the words do not show
-  (`cd ..; cd ..`, variables, `$(…)`), and a command may write anywhere its words do not name. The wall is
+  (variables, `$(…)`), and a command may write anywhere its words do not name. The wall is
   the room's sandbox (SECURITY.md).
 """
 
