@@ -21,6 +21,7 @@ from nio import (
     RoomEncryptedImage,
     RoomMessageFile,
     RoomMessageImage,
+    RoomMessageNotice,
     RoomMessageText,
 )
 
@@ -106,9 +107,14 @@ def strip_reply_fallback(body: str) -> str:
 
 
 def kind_of(event: Any) -> Kind | None:
-    """Which of the events the intake reads this is (by nio's parsing), or None for any other."""
+    """Which of the events the intake reads this is (by nio's parsing), or None for any other. A notice is read
+    only when it carries an agent's marker: an agent's run may end with one ("(end of run)", its answer in the
+    marker's `final`); other notices are never prompts."""
     if isinstance(event, RoomMessageText):
         return "text"
+    if isinstance(event, RoomMessageNotice):
+        content = event.source.get("content") if isinstance(event.source, dict) else None
+        return "text" if isinstance(content, dict) and MARKER_KEY in content else None
     if isinstance(event, ReactionEvent):
         return "reaction"
     if isinstance(event, (RoomMessageFile, RoomMessageImage, RoomEncryptedFile, RoomEncryptedImage)):

@@ -130,6 +130,10 @@ def test_an_agent_is_heard_only_through_the_successful_final_answer_of_its_run()
     assert decided(event(text("x", **final), sender=MALLORY)) == Refuse(
         "output of an agent that is not in allowed_bots"
     )
+    end_of_run = {"msgtype": "m.notice", "body": "(end of run)", **final}  # the answer was streamed before it
+    assert decided(event(end_of_run, sender=AGENT)) == Accept("the answer")
+    status = {"msgtype": "m.notice", "body": "⏳ working", MARKER_KEY: {"prompt": "$p", "hops": 1, "status": True}}
+    assert decided(event(status, sender=AGENT)) == refused
     deep = {MARKER_KEY: {"prompt": "$p", "hops": 3, "final": {"ok": True, "result": "again"}}}
     assert decided(event(text("x", **deep), sender=AGENT)) == Refuse("hop limit 3 reached")
 
