@@ -103,8 +103,10 @@ async def test_streamed_a_tool_call_shows_as_a_tool_line_with_its_result(world):
 
 async def test_an_unlisted_tool_is_denied_and_the_room_is_told(world, tmp_path):
     room = await world.room()
-    target = tmp_path / "should-not-exist.txt"
-    await world.daemon([{"id": room, "unlisted_tools": "deny"}]).start()
+    workdir = tmp_path / "work"  # inside it, so that the policy decides, not the guard
+    workdir.mkdir()
+    target = workdir / "should-not-exist.txt"
+    await world.daemon([{"id": room, "unlisted_tools": "deny", "workdir": str(workdir)}]).start()
     answer = await world.ask(room, f"write {target} forbidden")
     assert "🚫 Write denied: Write is not in this room's allowed_tools" in answer
     assert "Approval needed" not in answer
