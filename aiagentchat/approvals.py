@@ -38,6 +38,29 @@ _OBJECTS = {
     "NotebookEdit": "notebook_path", "WebFetch": "url", "WebSearch": "query",
 }  # fmt: skip
 _COMPOUND = re.compile(r"[;&|<>`\n]|\$\(")
+_PUNCTUATION = re.compile(r"([!-/:-@\[-`{-~])")  # ASCII punctuation: CommonMark lets a backslash escape each
+# Programs that run code given in their arguments (or run another program named there): a 🔁 rule for them
+# would allow any code at all, so 🔁 allows such a command once. Not exhaustive: the sandbox is the wall.
+SHELLS = {"sh", "bash", "zsh", "dash", "ksh", "mksh", "ash", "fish", "csh", "tcsh", "busybox"}
+INTERPRETERS = {
+    "python", "pypy", "perl", "ruby", "php", "node", "nodejs", "deno", "bun", "lua", "luajit", "tclsh",
+    "expect", "Rscript", "julia", "osascript", "awk", "gawk", "mawk", "nawk", "sed", "vim", "vi", "ex", "emacs",
+}  # fmt: skip
+WRAPPERS = {
+    "env", "xargs", "sudo", "doas", "su", "runuser", "pkexec", "exec", "eval", "source", ".", "command",
+    "builtin", "nohup", "timeout", "nice", "ionice", "time", "setsid", "stdbuf", "chroot", "unshare", "nsenter",
+    "flock", "watch", "parallel", "strace", "ltrace", "gdb", "script", "taskset", "chrt",
+}  # fmt: skip
+PACKAGE_RUNNERS = {"npx", "pnpx", "bunx", "uvx"}
+RUNNING_SUBCOMMANDS = {
+    "npm": {"exec", "x"}, "pnpm": {"exec", "dlx"}, "yarn": {"exec", "dlx"}, "uv": {"run", "tool"},
+    "pipx": {"run"}, "poetry": {"run"}, "pdm": {"run"}, "hatch": {"run"},
+}  # fmt: skip
+RUNNING_OPTIONS = {  # any word after the program: `git config` sets commands git runs (alias.*, core.fsmonitor)
+    "find": {"-exec", "-execdir", "-ok", "-okdir"}, "git": {"-c", "--config-env", "--exec-path", "config"},
+}  # fmt: skip
+_KEYWORDS = {"!", "{", "if", "then", "else", "elif", "do", "while", "until"}
+_ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=.*", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -71,16 +94,38 @@ def reaction_verdict(key: str) -> Verdict | None:
     return _REACTIONS.get(key.replace("\ufe0f", "").strip())
 
 
-def text_verdict(text: str) -> tuple[Verdict, str] | None:
-    """`yes`, `no [reason]`, `always` (or their emoji) as the first word of a reply; None for anything else."""
+def text_verdict(text: str, whole: bool = False) -> tuple[Verdict, str] | None:
+    """`yes`, `no [reason]`, `always` (or their emoji) as the first word of a reply; None for anything else.
+    `whole`: the answer must be the whole message, but for a denial's reason (`no, not there`): a message
+    that is not a reply answers only so, and "ok, what about…" or "Always check with me…" stay prompts."""
     match = _ANSWER.match(text)
     if match is None:
         return None
     word = match.group(1).lower()
     verdict = _WORDS.get(word) or reaction_verdict(word)
-    if verdict is None:
+    rest = (match.group(2) or "").strip()
+    if verdict is None or (whole and rest and verdict != "deny"):
         return None
-    return verdict, (match.group(2) or "").strip()
+    return verdict, rest
+
+
+def _visible(text: str) -> str:
+    """`text` with each character that is not printable (a line break, an escape) written as its escape."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+def escape(text: str) -> str:
+    """`text` as one line of Markdown that shows as written: no character of it can start a construct."""
+    return _PUNCTUATION.sub(r"\\\1", _visible(" ".join(text.split())))
+
+
+def code(text: str) -> str:
+    """`text` as a Markdown code span, whatever backticks or line breaks it holds."""
+    text = _visible(text)
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    ticks = "`" * (longest + 1)
+    pad = " " if text.strip(" ") and (text[0] in "` " or text[-1] in "` ") else ""  # CommonMark strips one
+    return f"{ticks}{pad}{text or ' '}{pad}{ticks}"
 
 
 def _fence(text: str, language: str = "") -> str:
@@ -101,23 +146,23 @@ def summarize(tool_name: str, tool_input: dict[str, Any]) -> str:
     get = lambda key: str(tool_input.get(key, ""))  # noqa: E731
     match tool_name:
         case "Bash":
-            why = f"\n{get('description')}" if tool_input.get("description") else ""
+            why = f"\n{escape(get('description'))}" if tool_input.get("description") else ""
             return _fence(get("command"), "sh") + why
         case "Write":
             content = get("content")
             size = f"{len(content.encode()):,} bytes, {len(content.splitlines())} lines"
-            return f"`{get('file_path')}` ({size})\n" + _fence(_excerpt(content))
+            return f"{code(get('file_path'))} ({size})\n" + _fence(_excerpt(content))
         case "Edit":
             old = [f"- {line}" for line in get("old_string").splitlines()]
             new = [f"+ {line}" for line in get("new_string").splitlines()]
             every = " (every occurrence)" if tool_input.get("replace_all") else ""
-            return f"`{get('file_path')}`{every}\n" + _fence(_excerpt("\n".join(old + new)), "diff")
+            return f"{code(get('file_path'))}{every}\n" + _fence(_excerpt("\n".join(old + new)), "diff")
         case "WebFetch":
-            return f"<{get('url')}>" + (f"\n{get('prompt')}" if tool_input.get("prompt") else "")
+            return code(get("url")) + (f"\n{escape(get('prompt'))}" if tool_input.get("prompt") else "")
         case "WebSearch":
-            return f"search for “{get('query')}”"
+            return f"search for “{escape(get('query'))}”"
         case "NotebookEdit":
-            return f"`{get('notebook_path')}`\n" + _fence(_excerpt(get("new_source")))
+            return f"{code(get('notebook_path'))}\n" + _fence(_excerpt(get("new_source")))
     return _fence(_excerpt(str(tool_input)))
 
 
@@ -139,11 +184,60 @@ def command_prefix(command: str) -> str | None:
     return " ".join(prefix)
 
 
-def rule_for(tool_name: str, tool_input: dict[str, Any]) -> str:
-    """The conversation rule 🔁 records: the tool, or for Bash its command prefix (or exact compound command)."""
+def _programs(command: str) -> list[list[str]]:
+    """Each simple command of `command` (between `;`, `&&`, `|`, `(`, line breaks…) as its program and its
+    arguments, without the assignments, redirections and keywords in front. A command shlex cannot split (a
+    quote in a here-document): each word, as if it were a program."""
+    try:
+        lexer = shlex.shlex(command, posix=True, punctuation_chars="();<>|&\n")
+        lexer.whitespace, lexer.whitespace_split, lexer.commenters = " \t\r", True, ""
+        tokens = list(lexer)
+    except ValueError:
+        return [[word] for word in command.split()]
+    found: list[list[str]] = [[]]
+    target = False  # the next token is a redirection's target
+    for token in tokens:
+        current = found[-1]
+        if target:
+            target = False
+        elif not token.strip(";&|()\n"):
+            found.append([])
+        elif not token.strip("<>&"):
+            target = True
+            if current and current[-1].isdigit():  # the `2` of `2>`
+                current.pop()
+        elif current or not (token in _KEYWORDS or _ASSIGNMENT.fullmatch(token)):
+            current.append(token)
+    return [words for words in found if words]
+
+
+def runs_code(command: str) -> str | None:
+    """What in `command` runs code given in its arguments: a program (`python3`, `sh`, `env`, `npx`), a
+    program with an option or subcommand that does (`find -exec`, `git -c`, `git config`, `uv run`), a program
+    named by a variable (`$X`), or a command substitution (`$(…)`); None when nothing does."""
+    if any(mark in command for mark in ("$(", "`", "<(", ">(")):
+        return "$(…)"
+    for program, *rest in _programs(command):
+        name = program.rsplit("/", 1)[-1]
+        if name in SHELLS | WRAPPERS | PACKAGE_RUNNERS or name.rstrip("0123456789.") in INTERPRETERS:
+            return name
+        if program.startswith("$"):
+            return program
+        if rest and rest[0] in RUNNING_SUBCOMMANDS.get(name, ()):
+            return f"{name} {rest[0]}"
+        if option := next((word for word in rest if word in RUNNING_OPTIONS.get(name, ())), None):
+            return f"{name} {option}"
+    return None
+
+
+def rule_for(tool_name: str, tool_input: dict[str, Any]) -> str | None:
+    """The conversation rule 🔁 records: the tool, or for Bash its command prefix (or exact compound command);
+    None for a Bash command that runs code given in its arguments, which 🔁 allows once only."""
     if tool_name != "Bash":
         return tool_name
     command = str(tool_input.get("command", ""))
+    if runs_code(command) is not None:
+        return None
     prefix = command_prefix(command)
     return f"Bash:{prefix}" if prefix is not None else f"Bash={command}"
 
@@ -152,6 +246,8 @@ def rule_allows(rule: str, tool_name: str, tool_input: dict[str, Any]) -> bool:
     if tool_name != "Bash":
         return rule == tool_name
     command = str(tool_input.get("command", ""))
+    if runs_code(command) is not None:  # never, whatever rule an earlier version recorded
+        return False
     if rule.startswith("Bash="):
         return rule[len("Bash=") :] == command
     prefix = command_prefix(command)
@@ -160,10 +256,16 @@ def rule_allows(rule: str, tool_name: str, tool_input: dict[str, Any]) -> bool:
 
 def rule_text(rule: str) -> str:
     if rule.startswith("Bash:"):
-        return f"Bash commands starting with `{rule[len('Bash:') :]}`"
+        return f"Bash commands starting with {code(rule[len('Bash:') :])}"
     if rule.startswith("Bash="):
-        return f"the Bash command `{rule[len('Bash=') :]}`"
-    return rule
+        return f"the Bash command {code(rule[len('Bash=') :])}"
+    return escape(rule)
+
+
+def once_only(tool_input: dict[str, Any]) -> str:
+    """Why 🔁 allows this Bash command once only."""
+    program = runs_code(str(tool_input.get("command", ""))) or ""
+    return f"🔁 never covers {code(program)}: its arguments can make it run any code, so it is asked each time"
 
 
 def question_answers(questions: list[dict[str, Any]], text: str) -> dict[str, str]:
@@ -205,8 +307,8 @@ class Pending:
         key = _OBJECTS.get(self.tool_name)
         target = str(self.tool_input.get(key, "")) if key else ""
         if not target:
-            return self.tool_name
-        return f"{self.tool_name} `{target if len(target) <= 200 else target[:199] + '…'}`"
+            return escape(self.tool_name)
+        return f"{escape(self.tool_name)} {code(target if len(target) <= 200 else target[:199] + '…')}"
 
 
 class RoomToolPolicy:
@@ -278,12 +380,13 @@ class RoomToolPolicy:
             self._closed[request_event] = outcome
             while len(self._closed) > CLOSED_KEPT:
                 self._closed.popitem(last=False)
+        rule = None if pending.question else rule_for(pending.tool_name, pending.tool_input)
+        verdict = "allow" if answer.verdict == "always" and rule is None else answer.verdict
         async with self._store.transaction():  # a 🔁 rule is never kept without the decision that made it
-            if answer.verdict == "always" and not pending.question:
-                rule = rule_for(pending.tool_name, pending.tool_input)
+            if verdict == "always" and rule is not None:
                 await self._store.add_tool_rule(prompt.conversation(room.session_scope), rule, answer.by)
             await self._store.add_approval(
-                self._room_id, prompt.event_id, pending.what(), answer.verdict, answer.by, answer.text
+                self._room_id, prompt.event_id, pending.what(), verdict, answer.by, answer.text
             )
         log.info("approval_answered", tool=pending.tool_name, verdict=answer.verdict, by=answer.by or None)
         await batcher.put(Block(prompt.event_id, outcome, "tool"))
@@ -310,8 +413,11 @@ class RoomToolPolicy:
             message = f"The user denied this{reason}." if answer.text else "The user denied this."
             return ToolDecision(False, message), f"❌ {what} denied{by}{reason}."
         if answer.verdict == "always":
-            rule = rule_text(rule_for(pending.tool_name, pending.tool_input))
-            return ToolDecision(True), f"🔁 {what} allowed{by}; {rule} now run without asking in this conversation."
+            rule = rule_for(pending.tool_name, pending.tool_input)
+            if rule is None:
+                return ToolDecision(True), f"✅ {what} allowed once{by} ({once_only(pending.tool_input)})."
+            rules = rule_text(rule)
+            return ToolDecision(True), f"🔁 {what} allowed{by}; {rules} now run without asking in this conversation."
         return ToolDecision(True), f"✅ {what} allowed once{by}."
 
     def _request_text(self, pending: Pending) -> str:
@@ -321,20 +427,28 @@ class RoomToolPolicy:
         if pending.question:
             lines = ["❓ **The agent asks** (reply to this message to answer):"]
             for number, question in enumerate(pending.tool_input.get("questions") or [], start=1):
-                lines.append(f"\n**{number}. {question.get('question', '')}**")
+                lines.append(f"\n**{number}. {escape(str(question.get('question', '')))}**")
                 options = question.get("options") or []
-                lines += [f"{n}. {o.get('label', '')} — {o.get('description', '')}" for n, o in enumerate(options, 1)]
+                lines += [
+                    f"{n}. {escape(str(o.get('label', '')))} — {escape(str(o.get('description', '')))}"
+                    for n, o in enumerate(options, 1)
+                ]
             lines.append(
                 f"\nReply with an option's number or label, or in your own words; {DENY} declines. "
                 f"Answers from: {who}. Waiting up to {timeout}."
             )
             return "\n".join(lines)
-        always = rule_text(rule_for(pending.tool_name, pending.tool_input))
+        rule = rule_for(pending.tool_name, pending.tool_input)
+        always = (
+            f"{ALWAYS} (a reaction, or `always` in a reply) allows {rule_text(rule)} for the rest of this conversation"
+            if rule is not None
+            else once_only(pending.tool_input)
+        )
         return (
-            f"🔐 **Approval needed: {pending.tool_name}**\n\n{summarize(pending.tool_name, pending.tool_input)}\n\n"
-            f"React or reply: {ALLOW} `yes` allows once, {DENY} `no [reason]` denies, {ALWAYS} `always` allows "
-            f"{always} for the rest of this conversation. Answers from: {who}. Denied if nobody answers within "
-            f"{timeout}."
+            f"🔐 **Approval needed: {escape(pending.tool_name)}**\n\n"
+            f"{summarize(pending.tool_name, pending.tool_input)}\n\n"
+            f"React or reply: {ALLOW} `yes` allows once, {DENY} `no [reason]` denies; {always}. "
+            f"Answers from: {who}. Denied if nobody answers within {timeout}."
         )
 
     def cancel(self, reason: str) -> bool:

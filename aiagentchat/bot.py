@@ -21,6 +21,7 @@ from nio import (
     MegolmEvent,
     MemoryDownloadResponse,
     RoomCreateEvent,
+    RoomMemberEvent,
     RoomResolveAliasResponse,
     SyncError,
     SyncResponse,
@@ -294,15 +295,27 @@ class Bot:
             if room is None:
                 continue
             self._note_creators(room_id, [*info.state, *info.timeline.events])
+            events = info.timeline.events
             if room_id not in self._seen:
                 first_sight = await self.store.mark_room_seen(room_id)
                 self._seen.add(room_id)
-                if first_sight:
-                    continue
+                if first_sight:  # its history is never run; what was sent after the bot joined is new
+                    events = self._after_own_join(events)
             if history:
                 continue
-            for event in info.timeline.events:
+            for event in events:
                 await self._consider_safely(room_id, room, event, synced_at)
+
+    def _after_own_join(self, events: list[Any]) -> list[Any]:
+        """The events after the bot's own join in this timeline; none when the join is not in it."""
+        joins = [
+            index
+            for index, event in enumerate(events)
+            if isinstance(event, RoomMemberEvent)
+            and event.state_key == self.client.user_id
+            and event.membership == "join"
+        ]
+        return events[joins[-1] + 1 :] if joins else []
 
     def _note_creators(self, room_id: str, events: list[Any]) -> None:
         for event in events:

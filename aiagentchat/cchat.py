@@ -1,14 +1,19 @@
 """`cchat`: talk to aiagentchat rooms from a terminal or from another agent's shell.
 
     cchat login --homeserver URL --user @you:server    password from a prompt or CCHAT_PASSWORD
-    cchat send ROOM TEXT [--wait [--json] [--timeout S]]
+    cchat send ROOM TEXT [--wait [--json] [--timeout S] [--bot USER]]
     cchat rooms [--json]
-    cchat tail ROOM [--json]
+    cchat tail ROOM [--json] [--bot USER]
 
 ROOM is a room id (`!...`), an alias (`#name:server`) or a room `name` from the daemon's settings file
 (`--config`, `AIAGENTCHAT_CONFIG` or `./settings.toml`; needed only for names and the allowed-users check).
 `--wait` follows the room from the sync position taken *before* the prompt was sent and stops at the bot event
 whose `org.aiagentchat` marker names this prompt's event id and carries `final`.
+
+`--wait` and `tail` believe only the bot: events sent by its user (`--bot`, else `matrix.user_id` of the
+settings), and in an encrypted room only events encrypted with a room key that one of that user's devices (as
+its homeserver lists them) shared directly. What they print has control characters and terminal escapes
+removed (newlines and tabs stay).
 
 Exit codes: 0 answered, 1 the agent reported an error, 2 usage or configuration error (also: homeserver
 unreachable, saved login rejected), 3 timed out, 4 not allowed or not joined, 130 interrupted.
@@ -30,6 +35,7 @@ import getpass
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -75,8 +81,28 @@ class Fail(Exception):
         self.message = message
 
 
+TERMINAL_ESCAPES = re.compile(
+    r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]"  # CSI: colours, cursor moves, erasing
+    r"|(?:\x1b[\]PX^_]|[\x90\x98\x9d\x9e\x9f])[^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)?"  # OSC, DCS, SOS, PM, APC strings
+    r"|\x1b[ -/]*[0-~]"  # any other escape sequence
+)
+CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # all C0 and C1 controls but tab and newline
+
+
+def printable(text: str) -> str:
+    """`text` without terminal escape sequences (their parameters included) and control characters, so that
+    nothing the room says can restyle, retitle or rewrite the terminal; newlines and tabs stay."""
+    return CONTROLS.sub("", TERMINAL_ESCAPES.sub("", text))
+
+
+def printable_final(final: dict[str, Any]) -> dict[str, Any]:
+    result = final.get("result")
+    return final | {"result": printable(result)} if isinstance(result, str) else final
+
+
 def error_line(message: str, prefix: str = "cchat") -> None:
-    print(f"{prefix}: " + " ".join(message.split()), file=sys.stderr, flush=True)
+    """`message` as one stderr line, without what a homeserver or an agent could slip in to drive the terminal."""
+    print(f"{prefix}: " + " ".join(printable(message).split()), file=sys.stderr, flush=True)
 
 
 # --- saved login ------------------------------------------------------------------------------------------------
@@ -130,6 +156,14 @@ def lookup_room(settings: Settings | None, room: str) -> RoomSettings | None:
     """The settings' room named `room`, else the one whose id is `room`."""
     rooms = settings.rooms if settings else []
     return next((r for r in rooms if r.name == room), None) or next((r for r in rooms if r.id == room), None)
+
+
+def bot_user(bot: str | None, settings: Settings | None) -> str:
+    """The user whose events answer prompts: `--bot`, else the settings' `matrix.user_id`."""
+    user = bot or (settings.matrix.user_id if settings else "")
+    if not user:
+        raise Fail(EXIT_USAGE, "which user is the bot? pass --bot @bot:server, or --config with the daemon's settings")
+    return user
 
 
 def may_prompt(room: RoomSettings, user_id: str) -> bool:
@@ -285,11 +319,14 @@ def sync_filter(room_id: str, limit: int) -> dict[str, Any]:
 
 
 class Follower:
-    """Follows one room's messages from a sync position; returns each event once, in timeline order."""
+    """Follows one room's messages from a sync position; returns each of the bot's events once, in timeline order
+    (see `from_bot`)."""
 
-    def __init__(self, client: AsyncClient, room_id: str) -> None:
+    def __init__(self, client: AsyncClient, room_id: str, bot: str, encrypted: bool) -> None:
         self.client = client
         self.room_id = room_id
+        self.bot = bot
+        self.encrypted = encrypted
         self.token: str | None = None
         self._seen: set[str] = set()
         self._order: deque[str] = deque()
@@ -297,7 +334,10 @@ class Follower:
         self.undecryptable = 0  # events this device could not decrypt (no room key shared with it)
 
     async def start(self) -> None:
-        """Take the current position (before anything is sent), so nothing later can be missed."""
+        """Take the current position (before anything is sent), so nothing later can be missed; in an encrypted
+        room, have the bot's devices queried with the first sync."""
+        if self.encrypted and self.client.olm is not None:
+            self.client.olm.add_changed_users({self.bot})
         while self.token is None:
             await self._sync(0, limit=1)
             if self._failures > 3:
@@ -317,7 +357,7 @@ class Follower:
                 return await self._back_off()
             await upkeep(self.client)  # keys uploaded, queried and claimed, as nio's sync_forever does
             room = response.rooms.join.get(self.room_id)
-            events = [dict(event.source) for event in room.timeline.events] if room is not None else []
+            events = list(room.timeline.events) if room is not None else []
             if room is not None and room.timeline.limited and self.token is not None:
                 skipped = await self._page_forward(self.token)
                 if skipped is None:
@@ -329,20 +369,40 @@ class Follower:
         first, self.token = self.token is None, response.next_batch
         if first:  # it only takes the position; what it saw is history (see recent())
             return []
-        new = [event for event in events if self._is_new(event.get("event_id"))]
-        self.undecryptable += sum(event.get("type") == "m.room.encrypted" for event in new)
-        return new
+        new = [event for event in events if self._is_new(event.source.get("event_id"))]
+        self.undecryptable += sum(event.source.get("type") == "m.room.encrypted" for event in new)
+        return [dict(event.source) for event in new if self.from_bot(event)]
 
-    async def _page_forward(self, token: str) -> list[dict[str, Any]] | None:
+    def from_bot(self, event: Any) -> bool:
+        """Whether the nio `event` is the bot's: sent by its user, and in an encrypted room decrypted with a room
+        key that came, not forwarded, from a device of that user (as its homeserver lists them)."""
+        if event.source.get("sender") != self.bot:
+            return False
+        return not self.encrypted or self._sent_by_a_bot_device(event)
+
+    def _sent_by_a_bot_device(self, event: Any) -> bool:
+        olm = self.client.olm
+        if olm is None or not getattr(event, "decrypted", False):
+            return False
+        device = olm.device_store.device_from_sender_key(self.bot, event.sender_key)
+        session = olm.inbound_group_store.get(self.room_id, event.sender_key, event.session_id)
+        return (
+            device is not None
+            and session is not None
+            and session.ed25519 == device.ed25519
+            and all(key == event.sender_key for key in session.forwarding_chain)
+        )
+
+    async def _page_forward(self, token: str) -> list[Any] | None:
         """The events a limited sync skipped, paging forward from the previous sync token (None: failed)."""
-        events: list[dict[str, Any]] = []
+        events: list[Any] = []
         for _ in range(50):
             response = await self.client.room_messages(
                 self.room_id, start=token, direction=MessageDirection.front, limit=100
             )
             if not isinstance(response, RoomMessagesResponse):
                 return None
-            events += [dict(event.source) for event in response.chunk]
+            events += response.chunk
             if not response.chunk or not response.end or response.end == token:
                 break
             token = response.end
@@ -361,7 +421,7 @@ class Follower:
             )
             if not isinstance(response, RoomMessagesResponse):
                 raise failure(response, "reading the room's history")
-            found += [dict(event.source) for event in response.chunk if output_marker(dict(event.source))]
+            found += [dict(e.source) for e in response.chunk if self.from_bot(e) and output_marker(dict(e.source))]
             token = response.end if response.chunk and response.end != token else None
         latest = found[:count][::-1]
         return [event for event in latest if self._is_new(event.get("event_id"))]
@@ -414,11 +474,11 @@ class Answer:
         marker = output_marker(event)
         if marker is None or marker.get("prompt") != self.prompt_id or self.final is not None:
             return None
-        body = event["content"]["body"]
+        body = printable(event["content"]["body"])
         self.bodies.append(body)
         final = marker.get("final")
         if isinstance(final, dict):
-            self.final = final
+            self.final = printable_final(final)
         return body
 
 
@@ -540,11 +600,13 @@ class SendRequest:
     timeout: float
     json: bool
     config: Path | None
+    bot: str | None = None
 
 
 async def run_send(request: SendRequest) -> int:
     credentials = load_credentials(credentials_path())
     settings = read_settings(request.config)
+    bot = bot_user(request.bot, settings) if request.wait else ""
     content = prompt_content(request.text)
     client = connect(credentials)
     try:
@@ -553,11 +615,12 @@ async def run_send(request: SendRequest) -> int:
             who = credentials.user_id
             where = f"allowed_users or allowed_bots of {request.room}"
             raise Fail(EXIT_FORBIDDEN, f"{who} is not in {where}; nothing sent")
-        await prepare_room(client, room_id, await check_room(client, room_id, request.room))
+        encrypted = await check_room(client, room_id, request.room)
+        await prepare_room(client, room_id, encrypted)
         if not request.wait:
             print(await send_prompt(client, room_id, content), flush=True)
             return EXIT_OK
-        follower = Follower(client, room_id)
+        follower = Follower(client, room_id, bot, encrypted)
         await follower.start()
         prompt_id = await send_prompt(client, room_id, content)
         answer = await follow_answer(follower, prompt_id, request.timeout, show_bodies=not request.json)
@@ -604,7 +667,8 @@ async def follow_answer(follower: Follower, prompt_id: str, timeout: float, show
 
 
 def show_tail_event(body: str, marker: dict[str, Any], as_json: bool) -> None:
-    final = marker.get("final") if isinstance(marker.get("final"), dict) else None
+    body = printable(body)
+    final = printable_final(marker["final"]) if isinstance(marker.get("final"), dict) else None
     if as_json:
         line = {"prompt": marker.get("prompt"), "body": body, "final": final}
         sys.stdout.write(json.dumps(line, ensure_ascii=False) + "\n")
@@ -613,13 +677,13 @@ def show_tail_event(body: str, marker: dict[str, Any], as_json: bool) -> None:
     sys.stdout.flush()
 
 
-async def run_tail(room: str, as_json: bool, lines: int, config: Path | None) -> int:
+async def run_tail(room: str, as_json: bool, lines: int, config: Path | None, bot: str | None) -> int:
     """Tail until Ctrl-C, caught by a handler of our own: the cancellation asyncio.run sends instead can be lost
     on Python 3.11 when it lands just as a sync request ends, and tail would then go on."""
     interrupted = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGINT, interrupted.set)
-    tailing = asyncio.ensure_future(tail_room(room, as_json, lines, config))
+    tailing = asyncio.ensure_future(tail_room(room, as_json, lines, config, bot))
     waiting = asyncio.ensure_future(interrupted.wait())
     try:
         await asyncio.wait((tailing, waiting), return_when=asyncio.FIRST_COMPLETED)
@@ -632,14 +696,15 @@ async def run_tail(room: str, as_json: bool, lines: int, config: Path | None) ->
     return EXIT_OK
 
 
-async def tail_room(room: str, as_json: bool, lines: int, config: Path | None) -> int:
+async def tail_room(room: str, as_json: bool, lines: int, config: Path | None, bot: str | None) -> int:
     credentials = load_credentials(credentials_path())
     settings = read_settings(config)
+    bot_id = bot_user(bot, settings)
     client = connect(credentials)
     try:
         room_id, _ = await resolve_room(client, room, settings)
-        await check_room(client, room_id, room)
-        follower = Follower(client, room_id)
+        encrypted = await check_room(client, room_id, room)
+        follower = Follower(client, room_id, bot_id, encrypted)
         await follower.start()
         events = await follower.recent(lines)
         while True:
@@ -736,6 +801,12 @@ ConfigOption = Annotated[
     Optional[Path],  # noqa: UP007 - typer needs Optional here
     typer.Option("--config", envvar="AIAGENTCHAT_CONFIG", help="The daemon's settings (default ./settings.toml)."),
 ]
+BotOption = Annotated[
+    Optional[str],  # noqa: UP007 - typer needs Optional here
+    typer.Option(
+        "--bot", envvar="CCHAT_BOT", help="The bot's user id: only its events are answers (default: the settings')."
+    ),
+]
 
 
 def ask_password(user: str) -> str:
@@ -773,6 +844,7 @@ def send(
     timeout: Annotated[float, typer.Option("--timeout", help="With --wait: give up after S seconds.")] = 600.0,
     as_json: Annotated[bool, typer.Option("--json", help="With --wait: print one JSON object only.")] = False,
     config: ConfigOption = None,
+    bot: BotOption = None,
 ) -> None:
     """Post TEXT as a prompt in ROOM; print its event id, or with --wait the answer as it arrives."""
     with failing():
@@ -781,7 +853,7 @@ def send(
         if not timeout > 0:
             raise Fail(EXIT_USAGE, "--timeout must be more than 0 seconds")
         body = prompt_text(text, sys.stdin)
-    raise typer.Exit(run(run_send(SendRequest(room, body, wait, timeout, as_json, config))))
+    raise typer.Exit(run(run_send(SendRequest(room, body, wait, timeout, as_json, config, bot))))
 
 
 @app.command()
@@ -807,9 +879,10 @@ def tail(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON line per event: {prompt, body, final}.")] = False,
     lines: Annotated[int, typer.Option("--lines", "-n", min=0, help="Bot events shown from before now.")] = 10,
     config: ConfigOption = None,
+    bot: BotOption = None,
 ) -> None:
     """Print the bot's last output in ROOM, then its output as it arrives, until Ctrl-C."""
-    run(run_tail(room, as_json, lines, config), interrupted=EXIT_OK)
+    run(run_tail(room, as_json, lines, config, bot), interrupted=EXIT_OK)
 
 
 if __name__ == "__main__":

@@ -20,10 +20,11 @@ import typer
 from aiagentchat import logs
 from aiagentchat.bot import Bot
 from aiagentchat.localserver import HomeserverError, LocalHomeserver
+from aiagentchat.private import check_private_dir, keep_private
 from aiagentchat.sandbox import check_bwrap
 from aiagentchat.settings import ConfigError, Settings, check_safety, load_settings
 from aiagentchat.store import Store
-from aiagentchat.transport import LoginFailed, TokenRevoked
+from aiagentchat.transport import LoginFailed, TokenRevoked, credentials_path
 from aiagentchat.verify import Target, verify
 
 EXIT_CONFIG = 2
@@ -44,7 +45,7 @@ log = structlog.get_logger(__name__)
 async def serve(settings: Settings) -> None:
     if missing := missing_claude_login(os.environ):
         log.warning("no_claude_login", detail=missing)
-    store = await Store.open(settings.paths.data_dir / "aiagentchat.db")
+    store = await Store.open(database_path(settings))
     try:
         bot = Bot(settings, store)
         loop = asyncio.get_running_loop()
@@ -58,6 +59,7 @@ async def serve(settings: Settings) -> None:
 @app.callback(invoke_without_command=True)
 def run(ctx: typer.Context, config: ConfigOption = None) -> None:
     """Run the daemon until SIGTERM or Ctrl-C (with no command)."""
+    keep_private()  # before any file is made, for the daemon and `verify` alike
     logs.configure()  # until the settings are read: with_settings applies their log_level
     ctx.obj = config
     if ctx.invoked_subcommand is None:
@@ -101,6 +103,7 @@ def with_settings(config: Path | None, main: Callable[[Settings], Awaitable[None
         settings = load_settings(path)
         warnings = check_safety(settings)
         check_bwrap(settings)
+        check_private_dir(settings.paths.data_dir, database_path(settings))
         # no homeserver configured: run the built-in one (it refuses a configured account without a homeserver)
         local = None if settings.matrix.homeserver else LocalHomeserver.for_settings(settings, config=path)
     except ConfigError as exc:
@@ -115,6 +118,13 @@ def with_settings(config: Path | None, main: Callable[[Settings], Awaitable[None
             rooms=unwalled,
             detail="these rooms' agents run unsandboxed, as the daemon's user with its HOME: they can read the "
             "daemon's data directory, other rooms and the daemon's environment",
+        )
+    if password_still_set(settings):
+        log.warning(
+            "password_still_set",
+            detail=f"matrix.password (AIAGENTCHAT_MATRIX__PASSWORD) is needed only for the first login and "
+            f"{credentials_path(settings)} now holds the login: remove the password from the environment and "
+            "the settings",
         )
     try:
         asyncio.run(main(settings) if local is None else local.run(settings, main))
@@ -133,6 +143,16 @@ def with_settings(config: Path | None, main: Callable[[Settings], Awaitable[None
     except* HomeserverError as group:
         print(f"aiagentchat: the built-in homeserver failed: {group.exceptions[0]}", file=sys.stderr)
         raise typer.Exit(EXIT_HOMESERVER) from None
+
+
+def database_path(settings: Settings) -> Path:
+    return settings.paths.data_dir / "aiagentchat.db"
+
+
+def password_still_set(settings: Settings) -> bool:
+    """Whether the password is still given although the saved login made it unnecessary."""
+    password = settings.matrix.password
+    return password is not None and password.get_secret_value() != "" and credentials_path(settings).exists()
 
 
 def missing_claude_login(env: Mapping[str, str]) -> str | None:

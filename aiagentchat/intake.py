@@ -21,6 +21,7 @@ from nio import (
     RoomEncryptedImage,
     RoomMessageFile,
     RoomMessageImage,
+    RoomMessageNotice,
     RoomMessageText,
 )
 
@@ -106,9 +107,14 @@ def strip_reply_fallback(body: str) -> str:
 
 
 def kind_of(event: Any) -> Kind | None:
-    """Which of the events the intake reads this is (by nio's parsing), or None for any other."""
+    """Which of the events the intake reads this is (by nio's parsing), or None for any other. A notice is read
+    only when it carries an agent's marker: an agent's run may end with one ("(end of run)", its answer in the
+    marker's `final`); other notices are never prompts."""
     if isinstance(event, RoomMessageText):
         return "text"
+    if isinstance(event, RoomMessageNotice):
+        content = event.source.get("content") if isinstance(event.source, dict) else None
+        return "text" if isinstance(content, dict) and MARKER_KEY in content else None
     if isinstance(event, ReactionEvent):
         return "reaction"
     if isinstance(event, (RoomMessageFile, RoomMessageImage, RoomEncryptedFile, RoomEncryptedImage)):
@@ -288,7 +294,7 @@ class Refuse:
 
 @dataclass(frozen=True)
 class ApprovalAnswer:
-    """A reaction or reply to an approval request (or a plain yes/no/always while one waits)."""
+    """A reaction or reply to an approval request (or a message that is only a verdict while one waits)."""
 
     pending: Pending | None  # the request if it still waits
     answer: Answer | None = None  # give it to `pending`
@@ -369,10 +375,10 @@ def _answering(room: RoomSettings, event: Incoming, approvals: Approvals) -> tup
         target = event.replied_to
         waiting = approvals.pending
         if target is None and waiting is not None and event.sender in approvals.answerers:
-            # not a reply: a plain yes/no/always answers the waiting request, and in the request's own
-            # thread any message answers the agent's question
+            # not a reply: a message that is only `yes`, `no [reason]` or `always` answers the waiting request,
+            # and in the request's own thread any message answers the agent's question
             in_its_thread = waiting.thread is not None and event.thread == waiting.thread
-            if text_verdict(event.body) if not waiting.question else in_its_thread:
+            if text_verdict(event.body, whole=True) if not waiting.question else in_its_thread:
                 return "", waiting
     else:
         return None
@@ -400,6 +406,9 @@ def _approval_answer(event: Incoming, pending: Pending | None, closed: str | Non
     if (parsed := text_verdict(text)) is None:
         usage = "Answer with `yes`, `no [reason]` or `always` (or react ✅ ❌ 🔁)."
         return ApprovalAnswer(pending, notice=usage, record=True)
+    if parsed[0] == "always" and event.replied_to is None:
+        reply = "🔁 is given only on the request itself: react 🔁 to it, or reply `always` to it. It still waits."
+        return ApprovalAnswer(pending, notice=reply, record=True)
     return ApprovalAnswer(pending, Answer(parsed[0], event.sender, parsed[1]), record=True)
 
 

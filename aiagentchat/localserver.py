@@ -11,8 +11,8 @@ Everything lives under `data_dir/homeserver/` (mode 0700):
 
 Synapse listens on 127.0.0.1 only, without federation, with registration closed (shared secret only). The
 daemon owns the process: `LocalHomeserver.run(settings, serve)` starts it, prepares the accounts and the room
-on the first run, prints how to connect, runs `serve` with settings pointing at it, and stops it afterwards
-(SIGTERM, then SIGKILL).
+on the first run, prints how to connect (the user's password only on the run that made it; later runs point at
+`accounts.json`), runs `serve` with settings pointing at it, and stops it afterwards (SIGTERM, then SIGKILL).
 
 The pieces that run any Synapse (`write_config`, `SynapseProcess`, `register`) are shared with the tests'
 harness (`tests/harness/synapse.py`).
@@ -414,15 +414,16 @@ def local_room(accounts: Accounts) -> RoomSettings:
 
 
 def add_saved_room(settings: Settings) -> Settings:
-    """`settings` with the built-in homeserver's room `local` added, when no homeserver is configured and a first
-    run made that room; otherwise unchanged. For tools such as cchat that resolve `local` by name from the
-    daemon's settings without starting anything."""
+    """`settings` with the built-in homeserver's room `local` added and its bot as `matrix.user_id`, when no
+    homeserver is configured and a first run made that room; otherwise unchanged. For tools such as cchat that
+    resolve `local` by name, and know the bot, from the daemon's settings without starting anything."""
     if settings.matrix.homeserver:
         return settings
     accounts = Accounts.load(settings.paths.data_dir / "homeserver" / "accounts.json")
     if accounts is None or not accounts.room_id:
         return settings
-    return settings.model_copy(update={"rooms": [*settings.rooms, local_room(accounts)]})
+    matrix = settings.matrix.model_copy(update={"user_id": accounts.bot.user_id})
+    return settings.model_copy(update={"matrix": matrix, "rooms": [*settings.rooms, local_room(accounts)]})
 
 
 class LocalHomeserver:
@@ -440,6 +441,7 @@ class LocalHomeserver:
         self.cchat_credentials = cchat_credentials_path(self.env)
         self.process: SynapseProcess | None = None
         self.accounts: Accounts | None = None
+        self.new_accounts = False  # made on this run: the only run that prints the user's password
 
     @classmethod
     def for_settings(cls, settings: Settings, *, config: Path | None = None) -> LocalHomeserver:
@@ -526,6 +528,7 @@ class LocalHomeserver:
         """First run: the two accounts and the room. Every run: cchat's login if it has none. Returns the
         settings for the daemon: this homeserver, the bot's account, and the local room added."""
         accounts = Accounts.load(self.accounts_path)
+        self.new_accounts = accounts is None
         if accounts is None:
             accounts = Accounts.generate()
             accounts.save(self.accounts_path)  # before registering: a retry after a crash reuses the passwords
@@ -625,7 +628,9 @@ class LocalHomeserver:
             "",
             f"  homeserver: {self.base_url}",
             f"  user:       {accounts.user.user_id}",
-            f"  password:   {accounts.user.password}",
+            f"  password:   {accounts.user.password}"
+            if self.new_accounts
+            else f"  password:   kept in {self.accounts_path} (shown only on the first run)",
             f'  room:       {accounts.room_id}  ("{ROOM_NAME}")',
             "",
             "Sign in with that user and password from a Matrix client on this machine (in Element, change the",

@@ -1,16 +1,45 @@
-"""Files only their owner may read (saved logins, keys), written and read without following planted links."""
+"""Files only their owner may read (saved logins, keys), written and read without following planted links; a
+daemon process whose files, memory and environment are its owner's only."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
 import secrets
 import stat
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from aiagentchat.settings import ConfigError
+
+PR_SET_DUMPABLE = 4  # <linux/prctl.h>
+
+
+def keep_private() -> None:
+    """For the rest of the process: whatever it creates is its owner's only (umask 077), and on Linux it is not
+    dumpable, so no other process of the same user reads its memory or /proc/<pid>/environ."""
+    os.umask(0o077)
+    if sys.platform != "linux":
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
+
+
+def check_private_dir(data_dir: Path, database: Path) -> None:
+    """Make the data dir (0700) if it is missing; ConfigError when it or the database is open to group or
+    others, naming the chmod that fixes it."""
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for what, path, fix in (("the data dir", data_dir, "700"), ("the database", database, "600")):
+        try:
+            mode = stat.S_IMODE(path.stat().st_mode)
+        except FileNotFoundError:
+            continue
+        if mode & 0o077:
+            raise ConfigError(f"{what} {path} is open to group or others (mode {mode:04o}); run: chmod {fix} {path}")
 
 
 def write_private(path: Path, data: str) -> None:

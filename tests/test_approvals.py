@@ -2,22 +2,30 @@
 batcher and the fake CLI)."""
 
 import asyncio
+from html.parser import HTMLParser
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aiagentchat.approvals import (
     Answer,
     RoomToolPolicy,
+    _visible,
+    code,
     command_prefix,
+    escape,
     question_answers,
     reaction_verdict,
     rule_allows,
     rule_for,
+    runs_code,
     summarize,
     text_verdict,
 )
 from aiagentchat.batcher import WAITING, WORKING, Block, Notice, React
 from aiagentchat.guard import ToolGuard
+from aiagentchat.render import to_html
 from aiagentchat.runner import RoomWorker
 from aiagentchat.settings import ClaudeSettings, RoomSettings
 from aiagentchat.store import Prompt
@@ -80,9 +88,72 @@ def test_summaries_show_what_the_tool_will_do():
     assert "… 28 more lines" in write
     edit = summarize("Edit", {"file_path": "/w/a.py", "old_string": "x = 1", "new_string": "x = 2"})
     assert "```diff\n- x = 1\n+ x = 2\n```" in edit
-    assert summarize("WebFetch", {"url": "https://example.org/a", "prompt": "read"}) == "<https://example.org/a>\nread"
+    assert summarize("WebFetch", {"url": "https://example.org/a", "prompt": "read"}) == "`https://example.org/a`\nread"
     fenced = summarize("Bash", {"command": "echo ```"})
     assert fenced.startswith("````sh\necho ```\n````")
+
+
+class Html(HTMLParser):
+    """The tags of rendered HTML, and its text."""
+
+    def __init__(self, html: str) -> None:
+        super().__init__()
+        self.tags: list[str] = []
+        self.text = ""
+        self.feed(html)
+
+    def handle_starttag(self, tag, attrs) -> None:
+        self.tags.append(tag)
+
+    def handle_data(self, data) -> None:
+        self.text += data
+
+
+HOSTILE = {
+    "command": "echo ```\n```\n</code></pre><b>x</b> **bold** [a](https://evil.example)",
+    "description": "**Safe**, see [docs](https://evil.example) <b>ok</b>\n\n# Approved\n- `x`",
+}
+
+
+def test_nothing_in_a_request_can_restyle_it():
+    shown = Html(to_html(summarize("Bash", HOSTILE)))
+    assert shown.tags == ["pre", "code", "p"]  # the command in one block, the description in one paragraph
+    assert HOSTILE["command"] in shown.text
+    assert " ".join(HOSTILE["description"].split()) in shown.text
+    path = "a` **b** `c\n\n# d"
+    for tool, tool_input in [
+        ("Write", {"file_path": path, "content": "x"}),
+        ("Edit", {"file_path": path, "old_string": "a", "new_string": "b"}),
+        ("NotebookEdit", {"notebook_path": path, "new_source": "x"}),
+        ("WebFetch", {"url": path, "prompt": "*read* <it>"}),
+        ("WebSearch", {"query": "[x](https://evil.example) **y**"}),
+    ]:
+        shown = Html(to_html(summarize(tool, tool_input)))
+        assert not {"strong", "em", "a", "h1", "b"} & set(shown.tags), (tool, shown.tags)
+        assert "a` **b** `c\\n\\n# d" in shown.text or tool == "WebSearch"
+
+
+MARKDOWNISH = st.lists(
+    st.sampled_from(["`", "``", "```", "*", "_", "[", "](", ")", "<", "</code>", "&amp;", "#", "- ", "1. ", ">"])
+    | st.sampled_from(["\\", "|", "~", "!", " ", "  ", "\n", "\n\n", "\t", "\x1b", "\x00", "\u2028"])
+    | st.text(max_size=3)
+).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(MARKDOWNISH)
+def test_a_code_span_shows_any_text_as_written(text):
+    shown = Html(to_html(code(text)))
+    assert shown.tags == ["p", "code"]
+    assert shown.text.rstrip("\n") == (_visible(text) or " ")
+
+
+@settings(max_examples=300, deadline=None)
+@given(MARKDOWNISH)
+def test_escaped_text_shows_as_written_on_one_line(text):
+    shown = Html(to_html(escape(text)))
+    assert shown.tags == (["p"] if text.split() else [])
+    assert shown.text.rstrip("\n") == _visible(" ".join(text.split()))
 
 
 @pytest.mark.parametrize(
@@ -103,6 +174,42 @@ def test_command_prefix(command, prefix):
     assert command_prefix(command) == prefix
 
 
+@pytest.mark.parametrize(
+    ("command", "program"),
+    [
+        ("python3 -c 'print(1)'", "python3"),
+        ("/usr/bin/python3.12 x.py", "python3.12"),
+        ("bash -c 'touch b'", "bash"),
+        ("cat a | sh", "sh"),
+        ("echo $(cat cmd.txt)", "$(…)"),
+        ("cd src && X=1 python3 -m pytest", "python3"),
+        ("2>/dev/null sh x", "sh"),
+        ("make\nperl x.pl", "perl"),
+        ("cat <<'EOF' | python3\nit's\nEOF", "python3"),
+        ("$SHELL -c id", "$SHELL"),
+        ("awk 'BEGIN { system(\"id\") }'", "awk"),
+        ("env FOO=1 touch c", "env"),
+        ("timeout 5 make", "timeout"),
+        ("ls | xargs rm", "xargs"),
+        ("sudo ls", "sudo"),
+        ("npx cowsay hi", "npx"),
+        ("npm exec cowsay", "npm exec"),
+        ("uv run pytest", "uv run"),
+        ("find . -name x -exec rm {} ;", "find -exec"),
+        ("git -c core.fsmonitor='touch x' status", "git -c"),
+        ("git config alias.st '!touch x'", "git config"),
+        ("git commit -m 'x y'", None),
+        ("npm test", None),
+        ("make build", None),
+        ("find . -name '*.py'", None),
+        ("cat python.txt", None),
+        ("git add . && grep -r env src | head -3", None),
+    ],
+)
+def test_programs_that_run_code_from_their_arguments(command, program):
+    assert runs_code(command) == program
+
+
 def test_rules_cover_a_tool_or_a_bash_prefix_but_never_a_compound_command():
     assert rule_for("Write", {"file_path": "/a"}) == "Write"
     assert rule_allows("Write", "Write", {"file_path": "/b"})
@@ -117,6 +224,13 @@ def test_rules_cover_a_tool_or_a_bash_prefix_but_never_a_compound_command():
     assert not rule_allows(exact, "Bash", {"command": "make && make install"})
 
 
+def test_no_rule_covers_a_command_that_runs_code_from_its_arguments():
+    assert rule_for("Bash", {"command": "python3 -c 'print(1)'"}) is None
+    assert rule_for("Bash", {"command": "env make"}) is None
+    assert not rule_allows("Bash=python3 x.py", "Bash", {"command": "python3 x.py"})  # one recorded earlier
+    assert not rule_allows("Bash:git", "Bash", {"command": "git -c alias.x='!sh' x"})
+
+
 @pytest.mark.parametrize(
     ("text", "parsed"),
     [
@@ -128,13 +242,31 @@ def test_rules_cover_a_tool_or_a_bash_prefix_but_never_a_compound_command():
         ("❌ too risky", ("deny", "too risky")),
         ("always", ("always", "")),
         ("🔁", ("always", "")),
+        ("ok, but only this once", ("allow", "but only this once")),
         ("now do something else", None),
         ("nothing", None),
         ("", None),
     ],
 )
-def test_text_answers(text, parsed):
+def test_text_answers_in_a_reply(text, parsed):
     assert text_verdict(text) == parsed
+
+
+@pytest.mark.parametrize(
+    ("text", "parsed"),
+    [
+        ("yes", ("allow", "")),
+        ("Yes!", ("allow", "")),
+        ("always", ("always", "")),
+        ("no", ("deny", "")),
+        ("No, use the other file", ("deny", "use the other file")),
+        ("ok, what about the tests?", None),
+        ("Always check with me before you push", None),
+        ("yes please, and then run the tests", None),
+    ],
+)
+def test_a_message_that_is_not_a_reply_answers_only_when_it_is_all_answer(text, parsed):
+    assert text_verdict(text, whole=True) == parsed
 
 
 def test_reactions_with_a_variation_selector_count():
@@ -174,6 +306,35 @@ async def test_a_request_names_the_tool_and_mentions_who_may_answer(store):
     assert policy.closed("$request0") == "✅ Bash `touch a.txt` allowed once by @boss:x."
     (record,) = await store.approvals(ROOM)
     assert (record.what, record.verdict, record.by) == ("Bash `touch a.txt`", "allow", "@boss:x")
+
+
+async def test_a_request_and_its_outcome_show_the_agent_s_words_as_written(store):
+    recorder = AskingRecorder()
+    policy = policy_for(store, recorder)
+    hostile = {"command": "echo `id` ``` **x**", "description": "[Approved](https://evil.example) by **admin**"}
+    notice, _ = await decide_answered(policy, recorder, "Bash", hostile, Answer("allow", "@u:x"))
+    shown = Html(to_html(notice.markdown))
+    assert shown.tags.count("strong") == 1 and "a" not in shown.tags  # only "Approval needed"
+    assert hostile["command"] in shown.text and hostile["description"] in shown.text
+    (outcome,) = [Html(to_html(block)) for block in recorder.blocks() if "allowed once" in block]
+    assert f"Bash {hostile['command']} allowed once by @u:x." in outcome.text and "strong" not in outcome.tags
+
+
+async def test_always_allows_a_command_that_runs_code_from_its_arguments_once(store):
+    recorder = AskingRecorder()
+    policy = policy_for(store, recorder)
+    script = {"command": "python3 -c 'print(1)'"}
+    notice, decision = await decide_answered(policy, recorder, "Bash", script, Answer("always", "@u:x"))
+    assert "🔁 never covers `python3`: its arguments can make it run any code" in notice.markdown
+    assert decision.allow
+    assert "✅ Bash `python3 -c 'print(1)'` allowed once by @u:x (🔁 never covers `python3`" in recorder.blocks()[-1]
+    assert await store.tool_rules(PROMPT.conversation("room")) == []
+    (record,) = await store.approvals(ROOM)
+    assert record.verdict == "allow"
+    asked = asyncio.ensure_future(policy.decide(PROMPT, "Bash", script))
+    await asyncio.wait_for(recorder.asked.get(), 5)  # asked again
+    assert policy.cancel("test over")
+    assert not (await asyncio.wait_for(asked, 5)).allow
 
 
 async def test_a_wait_cancelled_as_its_answer_arrives_ends_cancelled(store):
@@ -226,12 +387,15 @@ async def test_no_answer_in_time_denies_and_tells_the_room(store):
 async def test_a_question_is_answered_with_the_reply(store):
     recorder = AskingRecorder()
     policy = policy_for(store, recorder, unlisted_tools="ask")
-    question = {"questions": [{"question": "Colour?", "options": [{"label": "red"}, {"label": "blue"}]}]}
+    options = [{"label": "red"}, {"label": "**blue**", "description": "[see](https://evil.example)"}]
+    question = {"questions": [{"question": "Colour? `x` <b>", "options": options}]}
     notice, decision = await decide_answered(
         policy, recorder, "AskUserQuestion", question, Answer("allow", "@u:x", "2")
     )
-    assert "**1. Colour?**" in notice.markdown and "2. blue" in notice.markdown
-    assert decision.allow and decision.updated_input == question | {"answers": {"Colour?": "blue"}}
+    shown = Html(to_html(notice.markdown))
+    assert "1. Colour? `x` <b>" in shown.text and "**blue** — [see](https://evil.example)" in shown.text
+    assert shown.tags.count("strong") == 2 and "a" not in shown.tags and "code" not in shown.tags
+    assert decision.allow and decision.updated_input == question | {"answers": {"Colour? `x` <b>": "**blue**"}}
 
 
 async def test_the_run_time_limit_is_paused_while_people_decide(tmp_path, store):

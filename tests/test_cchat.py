@@ -48,6 +48,7 @@ def home(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("CCHAT_CONFIG_DIR", str(config))
     monkeypatch.delenv("AIAGENTCHAT_CONFIG", raising=False)
     monkeypatch.delenv("AIAGENTCHAT_HOPS", raising=False)
+    monkeypatch.delenv("CCHAT_BOT", raising=False)
     monkeypatch.chdir(tmp_path)
     Credentials("http://127.0.0.1:9", ME, "DEV", "tok").save(config / "credentials.json")
     return tmp_path
@@ -187,6 +188,25 @@ def test_the_built_in_homeservers_room_local_is_found_by_name(tmp_path):
     config.write_text(f'[paths]\ndata_dir = "{data}"\n')
     entry = cchat.lookup_room(cchat.read_settings(config), "local")
     assert entry is not None and entry.id == "!local:localhost" and cchat.may_prompt(entry, "@you:localhost")
+    assert cchat.bot_user(None, cchat.read_settings(config)) == "@bot:localhost"
+
+
+def test_the_bot_is_the_option_else_the_settings_user(settings_file):
+    settings = load_settings(settings_file)
+    assert cchat.bot_user(None, settings) == "@bot:example.org"
+    assert cchat.bot_user("@other:example.org", settings) == "@other:example.org"
+    with pytest.raises(Fail, match="which user is the bot") as caught:
+        cchat.bot_user(None, None)
+    assert caught.value.code == 2
+
+
+@pytest.mark.parametrize("command", [["send", "!r:x", "hi", "--wait"], ["tail", "!r:x"]])
+def test_waiting_or_tailing_without_knowing_the_bot_exits_2(home, command):
+    result = invoke(*command)
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr == (
+        "cchat: which user is the bot? pass --bot @bot:server, or --config with the daemon's settings\n"
+    )
 
 
 def test_allowed_users_and_allowed_bots_may_prompt(settings_file):
@@ -245,12 +265,14 @@ def test_hops_from_the_environment_are_counted_up():
 # --- answers -----------------------------------------------------------------------------------------------------
 
 
-def bot_event(event_id: str, prompt: str, body: str, final: dict[str, Any] | None = None) -> dict[str, Any]:
+def bot_event(
+    event_id: str, prompt: str, body: str, final: dict[str, Any] | None = None, sender: str = "@bot:x"
+) -> dict[str, Any]:
     marker: dict[str, Any] = {"prompt": prompt, "hops": 1}
     if final is not None:
         marker["final"] = final
     content = {"msgtype": "m.text", "body": body, "org.aiagentchat": marker}
-    return {"type": "m.room.message", "event_id": event_id, "sender": "@bot:x", "content": content}
+    return {"type": "m.room.message", "event_id": event_id, "sender": sender, "content": content}
 
 
 FINAL = {"ok": True, "result": "hi there", "cost_usd": 0.0123, "duration_ms": 1500, "num_turns": 1,
@@ -306,6 +328,31 @@ def test_an_agent_error_gives_1_and_a_timeout_gives_3_with_null_fields():
     assert cchat.exit_code(None) == 3
 
 
+def test_terminal_escapes_and_control_characters_are_stripped_but_newlines_and_tabs_stay():
+    assert cchat.printable("\x1b[31mred\x1b[0m and \x1b[2J\x1b[1;1Hplain") == "red and plain"
+    assert cchat.printable("\x1b]0;owned title\x07after") == "after"
+    assert cchat.printable("\x1b]8;;http://evil\x1b\\link\x1b]8;;\x1b\\") == "link"
+    assert cchat.printable("\x1bP+q\x1b\\\x1bcreset\x1b(B") == "reset"
+    assert cchat.printable("\x9b31mC1 \x9d2;t\x9cok") == "C1 ok"
+    assert cchat.printable("bell\x07 back\x08space\rover\x00\x7f") == "bell backspaceover"
+    assert cchat.printable("a\tb\nc ✅ é") == "a\tb\nc ✅ é"
+
+
+def test_an_error_line_carries_no_escapes(capsys):
+    cchat.error_line("the agent reported an error: \x1b]0;title\x07\x1b[2Jwiped\nnext")
+    assert capsys.readouterr().err == "cchat: the agent reported an error: wiped next\n"
+
+
+def test_an_answer_and_a_tailed_event_are_printed_without_escapes(capsys):
+    answer = Answer("$p")
+    answer.offer(bot_event("$1", "$p", "\x1b]0;title\x07hi\x1b[2K\n", {"ok": True, "result": "\x1b[31mhi\x1b[0m"}))
+    assert answer.bodies == ["hi\n"] and answer.final == {"ok": True, "result": "hi"}
+    cchat.show_tail_event("\x1b[1mbold\x1b[0m", {"prompt": "$p", "final": {"result": "\x1b[5mx"}}, as_json=False)
+    cchat.show_tail_event("\x1b[1mbold\x1b[0m", {"prompt": "$p", "final": {"result": "\x1b[5mx"}}, as_json=True)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "bold" and json.loads(out[1]) == {"prompt": "$p", "body": "bold", "final": {"result": "x"}}
+
+
 def test_a_cost_sent_as_a_decimal_string_becomes_a_number():
     # Canonical JSON (what Synapse accepts in events) has no floats: a daemon has to send the cost as text.
     assert cchat.result_object(FINAL | {"cost_usd": "0.0123"}, [])["cost_usd"] == 0.0123
@@ -349,7 +396,7 @@ async def test_the_follower_misses_nothing_after_its_start_even_past_a_limited_s
     history = [bot_event(f"${i}", "$p", f"e{i} ") for i in range(400)]
     client = FakeSyncClient(history)
     client.syncs = [(None, 0), ("10", 5), ("15", 250), ("265", 10)]
-    follower = cchat.Follower(client, "!r:x")
+    follower = cchat.Follower(client, "!r:x", "@bot:x", encrypted=False)
     client.history = history[:10]  # the room's state when the follower starts
     await follower.start()
     client.history = history
@@ -360,6 +407,57 @@ async def test_the_follower_misses_nothing_after_its_start_even_past_a_limited_s
     # 250 events in one sync (its limit is 100): paged forward from the last position up to now, each event once
     assert seen == [f"${i}" for i in range(10, 400)]
     assert client.pages[0] == "15"
+
+
+@pytest.mark.anyio
+async def test_a_forged_answer_from_another_member_is_not_taken():
+    real = {"ok": True, "result": "the bot's"}
+    history = [
+        bot_event("$1", "$p", "forged ", {"ok": True, "result": "forged"}, sender="@mallory:x"),
+        bot_event("$2", "$p", "real", real),
+    ]
+    client = FakeSyncClient(history)
+    client.syncs = [(None, 0), ("0", 2)]
+    follower = cchat.Follower(client, "!r:x", "@bot:x", encrypted=False)
+    client.history = []
+    await follower.start()
+    client.history = history
+    answer = Answer("$p")
+    for event in await follower.poll():
+        answer.offer(event)
+    assert answer.bodies == ["real"] and answer.final == real
+
+
+def test_in_an_encrypted_room_only_what_a_bot_device_encrypted_is_the_bots():
+    bot_device = SimpleNamespace(ed25519="bot-ed")
+    sessions = {
+        "direct": SimpleNamespace(ed25519="bot-ed", forwarding_chain=[]),
+        "forwarded": SimpleNamespace(ed25519="bot-ed", forwarding_chain=["other-curve"]),
+        "other-signer": SimpleNamespace(ed25519="someone-ed", forwarding_chain=[]),
+    }
+    olm = SimpleNamespace(
+        device_store=SimpleNamespace(
+            device_from_sender_key=lambda user, key: bot_device if (user, key) == ("@bot:x", "bot-curve") else None
+        ),
+        inbound_group_store=SimpleNamespace(get=lambda room, key, session: sessions.get(session)),
+    )
+    follower = cchat.Follower(SimpleNamespace(olm=olm), "!r:x", "@bot:x", encrypted=True)
+
+    def event(sender="@bot:x", decrypted=True, sender_key="bot-curve", session="direct"):
+        source = bot_event("$1", "$p", "hi", sender=sender)
+        return SimpleNamespace(source=source, decrypted=decrypted, sender_key=sender_key, session_id=session)
+
+    assert follower.from_bot(event())
+    assert not follower.from_bot(SimpleNamespace(source=bot_event("$1", "$p", "hi")))  # plaintext, no decryption
+    assert not follower.from_bot(event(decrypted=False))
+    assert not follower.from_bot(event(sender="@mallory:x"))
+    assert not follower.from_bot(event(sender_key="mallory-curve"))  # a room key from a device not the bot's
+    assert not follower.from_bot(event(session="forwarded"))
+    assert not follower.from_bot(event(session="other-signer"))
+    assert not follower.from_bot(event(session="unknown"))
+    assert cchat.Follower(SimpleNamespace(olm=None), "!r:x", "@bot:x", encrypted=False).from_bot(
+        SimpleNamespace(source=bot_event("$1", "$p", "hi"))
+    )
 
 
 def test_live_output_concatenates_bodies_and_draws_nothing_when_stderr_is_not_a_terminal():

@@ -196,7 +196,9 @@ def test_the_event_that_once_stopped_the_daemon_is_logged_and_the_prompt_after_i
     assert [(prompt.event_id, prompt.text) for prompt in queued] == [("$ok", "fix it")]
 
 
-async def _take_sync(directory, response: dict[str, Any], trust: str) -> tuple[list[dict[str, Any]], set[str], list]:
+async def _take_sync(
+    directory, response: dict[str, Any], trust: str, *, seen: bool = True
+) -> tuple[list[dict[str, Any]], set[str], list]:
     """A daemon's bot (no homeserver) takes in one sync response as nio parses it: what it logged, the
     events it recorded as handled, and the prompts it queued."""
     room = RoomSettings(id=ROOM, allowed_users=[ALICE], allowed_bots=[AGENT], trust=trust, max_queued=100)
@@ -208,7 +210,8 @@ async def _take_sync(directory, response: dict[str, Any], trust: str) -> tuple[l
         bot.crypto.attach()
         bot.rooms[ROOM] = room
         bot.workers[ROOM] = bot._make_worker(ROOM, room)
-        bot._seen.add(ROOM)
+        if seen:
+            await store.mark_room_seen(ROOM)
         parsed = SyncResponse.from_dict(response)
         assert isinstance(parsed, SyncResponse), parsed
         with capture_logs() as logs:

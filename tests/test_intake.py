@@ -130,6 +130,10 @@ def test_an_agent_is_heard_only_through_the_successful_final_answer_of_its_run()
     assert decided(event(text("x", **final), sender=MALLORY)) == Refuse(
         "output of an agent that is not in allowed_bots"
     )
+    end_of_run = {"msgtype": "m.notice", "body": "(end of run)", **final}  # the answer was streamed before it
+    assert decided(event(end_of_run, sender=AGENT)) == Accept("the answer")
+    status = {"msgtype": "m.notice", "body": "⏳ working", MARKER_KEY: {"prompt": "$p", "hops": 1, "status": True}}
+    assert decided(event(status, sender=AGENT)) == refused
     deep = {MARKER_KEY: {"prompt": "$p", "hops": 3, "final": {"ok": True, "result": "again"}}}
     assert decided(event(text("x", **deep), sender=AGENT)) == Refuse("hop limit 3 reached")
 
@@ -160,9 +164,8 @@ def test_answers_to_an_approval_request():
     assert decided(event(reply), approvals=approvals) == ApprovalAnswer(
         waiting, Answer("deny", ALICE, "not there"), record=True
     )
-    assert decided(event(text("always")), approvals=approvals) == ApprovalAnswer(
-        waiting, Answer("always", ALICE), record=True
-    )
+    always = text("always", **{"m.relates_to": {"m.in_reply_to": {"event_id": "$request"}}})
+    assert decided(event(always), approvals=approvals) == ApprovalAnswer(waiting, Answer("always", ALICE), record=True)
     unclear = decided(
         event(text("hmm", **{"m.relates_to": {"m.in_reply_to": {"event_id": "$request"}}})), approvals=approvals
     )
@@ -171,6 +174,35 @@ def test_answers_to_an_approval_request():
         "!stop", intake.commands.Command("stop", "")
     )
     assert decided(event(text("yes")), approvals=Approvals(waiting, answerers=(BOB,))) == Accept("yes")
+
+
+@pytest.mark.parametrize(
+    ("body", "answer"),
+    [
+        ("yes", Answer("allow", ALICE)),
+        ("No.", Answer("deny", ALICE)),
+        ("no, use the other file", Answer("deny", ALICE, "use the other file")),
+        ("✅", Answer("allow", ALICE)),
+    ],
+)
+def test_a_message_that_is_only_an_answer_answers_the_waiting_request(body, answer):
+    waiting = pending()
+    assert decided(event(text(body)), approvals=Approvals(waiting)) == ApprovalAnswer(waiting, answer, record=True)
+
+
+@pytest.mark.parametrize(
+    "body", ["ok, what about the tests?", "Always check with me before you push", "yes please, and run the tests"]
+)
+def test_a_message_that_only_starts_like_an_answer_is_a_prompt(body):
+    assert decided(event(text(body)), approvals=Approvals(pending())) == Accept(body)
+
+
+@pytest.mark.parametrize("body", ["always", "🔁"])
+def test_always_is_given_only_on_the_request_itself(body):
+    waiting = pending()
+    told = decided(event(text(body)), approvals=Approvals(waiting))
+    assert isinstance(told, ApprovalAnswer) and told.pending is waiting and told.answer is None and told.record
+    assert told.notice.startswith("🔁 is given only on the request itself: react 🔁 to it, or reply `always`")
 
 
 def test_approval_answers_from_others_are_refused_and_late_ones_told():

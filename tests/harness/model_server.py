@@ -53,6 +53,14 @@ Observed CLI behaviour (Claude Code 2.1.197, checked against this server):
   (`decision_reason_type: subcommandResults`), `curl ...` ("This command requires approval") and `Write`
   (`permission_suggestions: [setMode acceptEdits]`). Answering allow + `updatedInput` runs the tool; deny +
   message makes the tool_result `is_error: true` with that message, and the turn goes on (`subtype` success).
+- A Bash request's `permission_suggestions` (besides `tool_name`, `display_name`, `description`, `input`,
+  `tool_use_id`, `decision_reason`, `decision_reason_type`, `blocked_path`) starts with
+  `{"type": "addRules", "rules": [{"toolName": "Bash", "ruleContent": R}], "behavior": "allow",
+  "destination": "localSettings"}`, R a prefix rule `git commit *`, `npm run *`, `npx cowsay *`, `make build *`
+  or the exact command (`touch a.txt`, `python3 -c 'print(1)'`, `bash -c 'touch b'`, `env FOO=1 touch c`,
+  `ls /etc | head -3`); then maybe `addDirectories` (`destination: session`), `setMode acceptEdits`, or
+  `addRules` for `Read` `//etc/**`. For `find . -exec …` the list is empty and `decision_reason` says "find
+  with '-exec' executes commands or modifies files — cannot be auto-allowed by a Bash(find:*) prefix rule".
 - Interrupt (`control_request` subtype `interrupt`) during `hang`: within ~10-30 ms a `control_response`
   success, a `user` line `[Request interrupted by user]`, then `result` with `subtype: error_during_execution`,
   `is_error: true`, `terminal_reason: aborted_streaming`, `errors: [...]`, no `result` key; the request is dropped

@@ -40,7 +40,10 @@ async def test_an_agent_hands_work_to_another_room_with_cchat_and_gets_the_answe
         env={"CCHAT_CONFIG_DIR": str(cli.root / "config")},
     ).start()
 
-    command = f"{sys.executable} -m aiagentchat.cchat send {room_b} 'say handed over' --wait --json --timeout 90"
+    command = (
+        f"{sys.executable} -m aiagentchat.cchat send {room_b} 'say handed over' --wait --json --timeout 90 "
+        f"--bot {world.bot_id}"
+    )
     answer = await world.ask(room_a, f"bash {command}", timeout=150)
 
     handed = [e for e in world.user.room_events(room_b) if e["content"].get("body") == "say handed over"]

@@ -142,8 +142,7 @@ async def test_two_rooms_wait_apart_strangers_change_nothing_and_silence_denies(
 
 
 async def test_the_agents_question_is_answered_by_reply_and_stop_while_waiting_denies(world):
-    room = await world.room()
-    await world.daemon([{"id": room}], claude={"timeout_s": 120}).start()
+    room, workdir = await served_with_workdir(world, timeout_s=120)
 
     prompt, question = await asked(world, room, "ask Which colour?")
     assert "The agent asks" in question["content"]["body"] and "2. blue" in question["content"]["body"]
@@ -184,3 +183,27 @@ async def test_an_encrypted_reaction_approves_in_an_encrypted_room(world):
     assert (await user.raw_event(room, reaction))["type"] == "m.room.encrypted"
     assert "allowed once" in await ended(world, room, prompt, user=user)
     assert target.read_text() == "encrypted approval"
+
+
+async def test_plain_messages_answer_only_when_all_answer_and_always_never_covers_an_interpreter(world):
+    room, _ = await served_with_workdir(world)
+    script = "python3 -c 'print(6 * 7)'"
+    prompt, request = await asked(world, room, f"bash {script}")
+    assert "🔁 never covers `python3`: its arguments can make it run any code" in request["content"]["body"]
+
+    plain = await world.user.send_text(room, "always")
+    told = await world.user.wait_for(
+        lambda ev: [e for e in ev if (e["content"].get(MARKER) or {}).get("command") == plain], room_id=room
+    )
+    (notice,) = [e for e in told if (e["content"].get(MARKER) or {}).get("command") == plain]
+    assert "react 🔁 to it, or reply `always` to it. It still waits." in notice["content"]["body"]
+    question = await world.user.send_text(room, "ok, what about the tests?")  # a prompt: it waits its turn
+    await react(world.user, room, request["event_id"], "🔁")
+    output = await ended(world, room, prompt)
+    assert f"✅ Bash `{script}` allowed once by {world.user.user_id} (🔁 never covers `python3`" in output
+    assert "tool said: 42" in output
+    await ended(world, room, question)
+
+    again, request = await asked(world, room, f"bash {script}")
+    await reply(world.user, room, request["event_id"], "no")
+    assert f"❌ Bash `{script}` denied by {world.user.user_id}." in await ended(world, room, again)

@@ -76,8 +76,10 @@ class Cchat:
 
 @pytest.fixture
 async def cli(world, tmp_path) -> Cchat:
-    """cchat logged in as the world's user (a device of its own)."""
+    """cchat logged in as the world's user (a device of its own), told who the bot is (CCHAT_BOT) for the commands
+    run without the daemon's settings."""
     cli = Cchat(tmp_path / "cchat")
+    cli.env["CCHAT_BOT"] = world.bot_id
     await cli.login(world.synapse.base_url, world.user.user_id, world.user_password)
     return cli
 
@@ -102,6 +104,21 @@ async def nothing_sent_by(world, room: str, user_id: str) -> bool:
 
 def one_line(text: str) -> bool:
     return text.count("\n") == 1 and text.endswith("\n")
+
+
+def marked(prompt_id: str, result: str) -> dict:
+    """The marker of a run's final event, as the bot (or a forger) puts it in an event's content."""
+    final = {"ok": True, "result": result, "cost_usd": "0.1", "duration_ms": 10, "num_turns": 1, "session_id": "s"}
+    return {"org.aiagentchat": {"prompt": prompt_id, "hops": 1, "final": final}}
+
+
+async def prompt_sent(user, room: str, sender: str, match) -> str:
+    """The event id of the first event of `sender` in `room` that `match` accepts, once `user` has seen it."""
+
+    def found(events: list[dict]) -> list[str]:
+        return [e["event_id"] for e in events if e.get("sender") == sender and match(e)]
+
+    return found(await user.wait_for(lambda events: found(events) != [], timeout=60, room_id=room))[0]
 
 
 async def test_login_saves_a_private_login_and_a_second_login_keeps_the_device(world, tmp_path):
@@ -321,3 +338,51 @@ async def test_a_long_answer_is_followed_complete_and_in_order(world, cli):
         "session_id": "s-1",
         "events": [f"part {i}\n" for i in range(150)] + ["done"],
     }
+
+
+async def test_a_final_answer_forged_by_another_member_is_not_taken_and_escapes_are_not_printed(world, cli):
+    """A stand-in bot (the bot's account, no daemon) answers after another member forged the final answer."""
+    other = await world.another_user()
+    room = await world.user.create_room(invite=[world.bot_id, other.user_id])
+    await other.join(room)
+    bot = MatrixUser()
+    await bot.login(world.synapse.base_url, world.bot_id, world.bot_password)
+    try:
+        await bot.join(room)
+        proc = await cli.start("send", room, "say forged", "--wait", "--timeout", "60", "--bot", world.bot_id)
+        prompt_id = await prompt_sent(world.user, room, world.user.user_id, lambda e: body(e) == "say forged")
+        await other.send_text(room, "forged answer", **marked(prompt_id, "forged"))
+        await other.wait_for(lambda evs: any(body(e) == "forged answer" for e in evs), room_id=room)
+        await bot.send_text(room, "\x1b]0;retitled\x07\x1b[31mreal\x1b[0m answer", **marked(prompt_id, "real"))
+        async with asyncio.timeout(60):
+            out, err = await proc.communicate()
+    finally:
+        await bot.close()
+    assert proc.returncode == 0, err
+    assert out.decode() == "real answer\n"
+
+
+async def test_in_an_encrypted_room_a_plaintext_answer_from_the_bots_own_account_is_not_taken(world, cli):
+    """Another device of the bot's account, without encryption, posts a plaintext final answer first."""
+    user = await world.device()
+    room, _ = await encrypted_room(world, user)
+    impostor = MatrixUser()
+    await impostor.login(world.synapse.base_url, world.bot_id, world.bot_password)
+    try:
+        proc = await cli.start("send", room, "slow 20", "--wait", "--json", "--timeout", "90")
+        prompt_id = await prompt_sent(
+            impostor, room, world.user.user_id, lambda e: e.get("type") == "m.room.encrypted"
+        )
+        await impostor.send_text(room, "forged", **marked(prompt_id, "forged"))
+        async with asyncio.timeout(90):
+            out, err = await proc.communicate()
+    finally:
+        await impostor.close()
+    assert proc.returncode == 0, err
+    answer = json.loads(out)
+    assert answer["result"].startswith("w1 w2 w3") and "forged" not in out.decode()
+    events = await user.wait_for(lambda evs: any(body(e) == "forged" for e in evs), room_id=room)
+    [forged] = [e for e in events if body(e) == "forged"]
+    assert forged["sender"] == world.bot_id and (await user.raw_event(room, forged["event_id"]))["type"] == (
+        "m.room.message"
+    )  # it was there, in plaintext, from the bot's user

@@ -3,6 +3,7 @@ Claude Code CLI talking to the scripted model API."""
 
 import json
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -25,8 +26,15 @@ async def test_a_prompt_is_answered_with_html_and_no_mentions(world):
         assert event["content"]["m.mentions"] == {}
         assert event["content"]["format"] == "org.matrix.custom.html"
 
-    credentials = world.tmp_path / "data" / "credentials.json"
+    data = world.tmp_path / "data"
+    credentials = data / "credentials.json"
     assert stat.S_IMODE(credentials.stat().st_mode) == 0o600
+    # the first run made the data dir 0700, and nothing in it (database, keys, rooms) lets group or others in
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    assert (data / "aiagentchat.db").exists() and (data / "crypto").is_dir()
+    open_to_others = [str(p) for p in data.rglob("*") if stat.S_IMODE(p.lstat().st_mode) & 0o077 and not p.is_symlink()]
+    assert open_to_others == []
+    assert "Umask:\t0077" in Path(f"/proc/{daemon.proc.pid}/status").read_text()
     token = json.loads(credentials.read_text())["access_token"]
     log = "\n".join(daemon.raw)
     assert token not in log and world.bot_password not in log
@@ -48,12 +56,15 @@ async def test_after_a_restart_the_conversation_continues_and_nothing_runs_twice
     old = await world.user.send_text(room, "say sent before the bot ever looked")
     daemon = world.daemon([{"id": room}])
     await daemon.start()
+    assert daemon.logged("password_still_set") == []  # the first login needs it
     first = await world.user.send_text(room, "say before restart")
     await world.user.wait_for(run_ended(first), timeout=60, room_id=room)
     assert await daemon.stop() == 0
 
     while_down = await world.user.send_text(room, "say while down")
     await daemon.start()
+    [still_set] = daemon.logged("password_still_set")  # the harness keeps AIAGENTCHAT_MATRIX__PASSWORD set
+    assert "remove the password" in still_set["detail"] and world.bot_password not in still_set["detail"]
     await world.user.wait_for(run_ended(while_down), timeout=60, room_id=room)
     answer = await world.ask(room, "recall")
     assert "say before restart" in answer and "say while down" in answer

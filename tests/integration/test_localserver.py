@@ -209,8 +209,10 @@ async def test_first_run_makes_everything_and_a_second_run_reuses_it(model, tmp_
             first_stdout = daemon.stdout
 
             await daemon.start()
-            assert await daemon.wait_until_ready() == info
-            assert daemon.stdout == first_stdout
+            assert await daemon.wait_until_ready() == info | {"password": "kept"}
+            kept = f"password:   kept in {hs_dir / 'accounts.json'} (shown only on the first run)"
+            assert daemon.stdout == first_stdout.replace(f"password:   {info['password']}", kept)
+            assert info["password"] not in daemon.stdout
             assert {name: (hs_dir / name).read_bytes() for name in saved} == saved
             assert credentials_path.read_bytes() == saved_credentials
             answer = await ask(daemon, you, info["room"], "say hello again")
@@ -300,6 +302,7 @@ def test_tools_find_the_saved_room_by_name(tmp_path: Path) -> None:
     accounts.save(tmp_path / "homeserver" / "accounts.json")
     mine, room = add_saved_room(settings).rooms
     assert (room.id, room.name, room.allowed_users) == ("!r:localhost", "local", ["@you:localhost"])
+    assert add_saved_room(settings).matrix.user_id == "@aiagentchat:localhost"  # cchat takes answers only from it
     own_homeserver = settings.model_copy(update={"matrix": settings.matrix.model_copy(update={"homeserver": "x"})})
     assert add_saved_room(own_homeserver) == own_homeserver
 

@@ -2,6 +2,7 @@
 
 import json
 import stat
+import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -133,6 +134,55 @@ async def test_the_agent_cannot_reach_the_daemon_data_or_its_own_claude_settings
     (workdir_of(world) / "link").symlink_to(data)
     answer = await world.ask(room, "bash cat link/pickle_key")
     assert "🛡️ Bash blocked" in answer
+
+    named_alike = workdir_of(world) / f"tests{data}" / "x.json"  # the data dir's path, inside the workdir
+    named_alike.parent.mkdir(parents=True)
+    named_alike.write_text("the room's own file")
+    answer = await world.ask(room, f"bash cat tests{data}/x.json")
+    assert "tool said: the room's own file" in answer
+
+
+async def test_a_write_only_room_cannot_make_the_cli_or_git_run_a_command(world):
+    work = world.tmp_path / "work"
+    work.mkdir()
+    subprocess.run(["git", "init", "-q", str(work)], check=True)
+    (work / ".git" / "config").unlink()  # git works without it; and the CLI writes a new file without reading it
+    home_claude = world.tmp_path / "home" / ".claude"  # the CLI's own settings, read by every room's agent
+    (work / ".claude").symlink_to(home_claude)
+    plain = world.tmp_path / "plain"  # no .git: git takes it for a git directory if HEAD, config… are there
+    plain.mkdir()
+    marker = world.tmp_path / "a-command-ran"
+    room, other = await world.room(), await world.room()
+    git_status = {"allowed_tools": ["Write", "Bash(git status)"], "unlisted_tools": "deny"}
+    rooms = [{"id": room, "workdir": str(work)}, {"id": other, "workdir": str(plain)} | git_status]
+    daemon = world.daemon(rooms, claude={"allowed_tools": ["Write"]})
+    await daemon.start()
+
+    servers = json.dumps({"mcpServers": {"x": {"command": "touch", "args": [str(marker)]}}})
+    answer = await world.ask(room, f"write {work}/.mcp.json {servers}")
+    assert "🛡️ Write blocked: writing MCP server configuration (.mcp.json) is not allowed." in answer
+    answer = await world.ask(room, f"write {work}/.git/config [core]\n\tfsmonitor = touch {marker}")
+    assert "🛡️ Write blocked: writing git's configuration or hooks (.git) is not allowed." in answer
+    hook = {"matcher": "", "hooks": [{"type": "command", "command": f"touch {marker}"}]}
+    settings = json.dumps({"hooks": {"PreToolUse": [hook]}})
+    answer = await world.ask(room, f"write {work}/.claude/settings.json {settings}")
+    assert "🛡️ Write blocked: writing Claude Code settings or hooks (.claude/) is not allowed." in answer
+    core = f"[core]\n\trepositoryformatversion = 0\n\tbare = false\n\tworktree = .\n\tfsmonitor = touch {marker}"
+    for name in ("objects/keep x", "refs/keep x", f"config {core}"):
+        await world.ask(other, f"write {plain}/{name}")
+    assert [path.is_file() for path in (plain / "objects/keep", plain / "refs/keep", plain / "config")] == [True] * 3
+    answer = await world.ask(other, f"write {plain}/HEAD ref: refs/heads/main")
+    assert "🛡️ Write blocked: writing a file named HEAD" in answer
+    for written in (work / ".mcp.json", work / ".git" / "config", home_claude / "settings.json", plain / "HEAD"):
+        assert not written.exists()
+    assert "not a git repository" in await world.ask(other, "bash git status")
+
+    assert await daemon.stop() == 0
+    await daemon.start()  # a new CLI process: it reads its settings and MCP servers, and runs git status
+    for room_id, folder in ((room, work), (other, plain)):
+        answer = await world.ask(room_id, f"write {folder}/notes.txt still writing")
+        assert "✅ Done" in answer and (folder / "notes.txt").read_text() == "still writing"
+    assert not marker.exists()
 
 
 async def test_hostile_prompt_shapes_are_just_text(world):
