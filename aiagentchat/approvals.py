@@ -76,7 +76,9 @@ class ToolPolicy(Protocol):
 
     pending: Pending | None  # the request waiting for a person's answer
 
-    async def decide(self, prompt: Prompt, tool_name: str, tool_input: dict[str, Any]) -> ToolDecision: ...
+    async def decide(
+        self, prompt: Prompt, tool_name: str, tool_input: dict[str, Any], suggested: str | None = None
+    ) -> ToolDecision: ...
 
     def cancel(self, reason: str) -> bool:
         """Deny the request waiting for an answer, if any (`!stop` while it waits); True if there was one."""
@@ -230,19 +232,24 @@ def runs_code(command: str) -> str | None:
     return None
 
 
-def rule_for(tool_name: str, tool_input: dict[str, Any]) -> str | None:
-    """The conversation rule 🔁 records: the tool, or for Bash its command prefix (or exact compound command);
-    None for a Bash command that runs code given in its arguments, which 🔁 allows once only."""
+def rule_for(tool_name: str, tool_input: dict[str, Any], suggested: str | None = None) -> str | None:
+    """The conversation rule 🔁 records: the tool, or for Bash the rule the CLI suggested when it covers the
+    command, else its command prefix (or the exact compound command); None for a Bash command that runs code
+    given in its arguments, which 🔁 allows once only."""
     if tool_name != "Bash":
         return tool_name
     command = str(tool_input.get("command", ""))
     if runs_code(command) is not None:
         return None
+    if suggested is not None and rule_allows(suggested, tool_name, tool_input):
+        return suggested
     prefix = command_prefix(command)
     return f"Bash:{prefix}" if prefix is not None else f"Bash={command}"
 
 
 def rule_allows(rule: str, tool_name: str, tool_input: dict[str, Any]) -> bool:
+    """Whether `rule` covers the call: the tool's name; a Bash command's exact text (`Bash=`), or, for a simple
+    command, its first words (`Bash:git commit` covers `git commit -m x`)."""
     if tool_name != "Bash":
         return rule == tool_name
     command = str(tool_input.get("command", ""))
@@ -250,8 +257,30 @@ def rule_allows(rule: str, tool_name: str, tool_input: dict[str, Any]) -> bool:
         return False
     if rule.startswith("Bash="):
         return rule[len("Bash=") :] == command
-    prefix = command_prefix(command)
-    return prefix is not None and rule.startswith("Bash:") and prefix == rule[len("Bash:") :]
+    if not rule.startswith("Bash:") or command_prefix(command) is None:
+        return False
+    words, wanted = shlex.split(command), rule[len("Bash:") :].split()
+    return bool(wanted) and words[: len(wanted)] == wanted
+
+
+def suggested_rule(suggestions: Any) -> str | None:
+    """The rule the CLI suggests with a Bash permission request (2.1.197: `permission_suggestions`, whose entry
+    `{"type": "addRules", "behavior": "allow", "rules": [{"toolName": "Bash", "ruleContent": "git commit *"}]}`
+    names a prefix with ` *`, or an exact command), as a conversation rule; None when it suggests none."""
+    for suggestion in suggestions if isinstance(suggestions, list) else []:
+        if isinstance(suggestion, dict) and (content := _bash_rule_content(suggestion)) is not None:
+            return f"Bash:{content[:-2].strip()}" if content.endswith(" *") else f"Bash={content}"
+    return None
+
+
+def _bash_rule_content(suggestion: dict[str, Any]) -> str | None:
+    """The `ruleContent` of a suggestion that allows exactly one Bash rule, else None."""
+    if suggestion.get("type") != "addRules" or suggestion.get("behavior") != "allow":
+        return None
+    rules = suggestion.get("rules") if isinstance(suggestion.get("rules"), list) else []
+    bash = [rule for rule in rules if isinstance(rule, dict) and rule.get("toolName") == "Bash"]
+    content = bash[0].get("ruleContent") if len(bash) == 1 else None
+    return content if isinstance(content, str) and content.strip() not in ("", "*") else None
 
 
 def rule_text(rule: str) -> str:
@@ -292,9 +321,14 @@ class Pending:
     tool_input: dict[str, Any]
     question: bool
     thread: str | None = None  # the thread the request goes in, if any
+    suggested: str | None = None  # the rule the CLI suggests for 🔁, if any
     key: str = field(default_factory=lambda: uuid.uuid4().hex)
     asked_at: float = field(default_factory=time.time)
     answer: asyncio.Future[Answer] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+    def rule(self) -> str | None:
+        """What 🔁 would allow for the rest of the conversation; None: a question, or allowed once only."""
+        return None if self.question else rule_for(self.tool_name, self.tool_input, self.suggested)
 
     @property
     def ref(self) -> str:
@@ -338,7 +372,9 @@ class RoomToolPolicy:
         room = self._room
         return [] if room is None else room.approvers or room.allowed_users
 
-    async def decide(self, prompt: Prompt, tool_name: str, tool_input: dict[str, Any]) -> ToolDecision:
+    async def decide(
+        self, prompt: Prompt, tool_name: str, tool_input: dict[str, Any], suggested: str | None = None
+    ) -> ToolDecision:
         question = tool_name == QUESTION_TOOL
         if tool_name in self._allowed and not question:
             return ToolDecision(True)
@@ -352,7 +388,8 @@ class RoomToolPolicy:
                 log.info("tool_allowed_by_rule", tool=tool_name, rule=rule)
                 return ToolDecision(True)
         thread = prompt.output_thread(self._room.reply_mode)
-        return await self._ask(prompt, Pending(prompt.event_id, tool_name, tool_input, question, thread))
+        pending = Pending(prompt.event_id, tool_name, tool_input, question, thread, suggested)
+        return await self._ask(prompt, pending)
 
     async def _ask(self, prompt: Prompt, pending: Pending) -> ToolDecision:
         assert self._room is not None and self._store is not None and self._batcher is not None
@@ -380,7 +417,7 @@ class RoomToolPolicy:
             self._closed[request_event] = outcome
             while len(self._closed) > CLOSED_KEPT:
                 self._closed.popitem(last=False)
-        rule = None if pending.question else rule_for(pending.tool_name, pending.tool_input)
+        rule = pending.rule()
         verdict = "allow" if answer.verdict == "always" and rule is None else answer.verdict
         async with self._store.transaction():  # a 🔁 rule is never kept without the decision that made it
             if verdict == "always" and rule is not None:
@@ -413,7 +450,7 @@ class RoomToolPolicy:
             message = f"The user denied this{reason}." if answer.text else "The user denied this."
             return ToolDecision(False, message), f"❌ {what} denied{by}{reason}."
         if answer.verdict == "always":
-            rule = rule_for(pending.tool_name, pending.tool_input)
+            rule = pending.rule()
             if rule is None:
                 return ToolDecision(True), f"✅ {what} allowed once{by} ({once_only(pending.tool_input)})."
             rules = rule_text(rule)
@@ -438,7 +475,7 @@ class RoomToolPolicy:
                 f"Answers from: {who}. Waiting up to {timeout}."
             )
             return "\n".join(lines)
-        rule = rule_for(pending.tool_name, pending.tool_input)
+        rule = pending.rule()
         always = (
             f"{ALWAYS} (a reaction, or `always` in a reply) allows {rule_text(rule)} for the rest of this conversation"
             if rule is not None

@@ -17,7 +17,7 @@ from typing import Any
 
 import structlog
 
-from aiagentchat.approvals import ToolDecision, ToolPolicy
+from aiagentchat.approvals import ToolDecision, ToolPolicy, suggested_rule
 from aiagentchat.batcher import INTERNAL_ERROR, Batcher, Begin, Block, EndOfRun
 from aiagentchat.desk import Desk
 from aiagentchat.guard import ToolGuard
@@ -507,7 +507,8 @@ class RoomWorker:
         if stopping:
             decision = ToolDecision(False, "The run is being stopped.")
         else:
-            decision = await self._decide(prompt, tool_name, tool_input)
+            suggested = suggested_rule(request.get("permission_suggestions"))
+            decision = await self._decide(prompt, tool_name, tool_input, suggested)
         log.info("tool_decision", tool=tool_name, allow=decision.allow)
         if decision.allow:
             response = {"behavior": "allow", "updatedInput": decision.updated_input or tool_input}
@@ -524,16 +525,18 @@ class RoomWorker:
         if self._stopped_by is not None and self._deadline is not None and not self._deadline.expired():
             self._deadline.reschedule(asyncio.get_running_loop().time())
 
-    async def _decide(self, prompt: Prompt, tool_name: str, tool_input: dict[str, Any]) -> ToolDecision:
+    async def _decide(
+        self, prompt: Prompt, tool_name: str, tool_input: dict[str, Any], suggested: str | None
+    ) -> ToolDecision:
         """The policy's decision; the run's time limit is paused while people are asked."""
         deadline, loop = self._deadline, asyncio.get_running_loop()
         when = deadline.when() if deadline is not None else None
         if deadline is None or when is None:
-            return await self.policy.decide(prompt, tool_name, tool_input)
+            return await self.policy.decide(prompt, tool_name, tool_input, suggested)
         left = when - loop.time()
         deadline.reschedule(None)
         try:
-            return await self.policy.decide(prompt, tool_name, tool_input)
+            return await self.policy.decide(prompt, tool_name, tool_input, suggested)
         finally:
             if not deadline.expired():
                 deadline.reschedule(loop.time() + left)

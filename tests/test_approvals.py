@@ -20,6 +20,7 @@ from aiagentchat.approvals import (
     rule_allows,
     rule_for,
     runs_code,
+    suggested_rule,
     summarize,
     text_verdict,
 )
@@ -433,3 +434,40 @@ async def test_stop_while_waiting_denies_then_stops(tmp_path, store):
     assert "🚫 Write `/x` denied: stopped by @u:x." in output
     assert "🛑 Stopped by @u:x" in output
     assert recorder.finals[prompt]["ok"] is False
+
+
+def test_the_clis_suggested_rule_is_read_from_its_permission_request():
+    def suggestions(content: str, tool: str = "Bash") -> list[dict]:
+        rules = [{"toolName": tool, "ruleContent": content}]
+        return [{"type": "addRules", "rules": rules, "behavior": "allow", "destination": "localSettings"}]
+
+    assert suggested_rule(suggestions("npm run *")) == "Bash:npm run"
+    assert suggested_rule(suggestions("touch a.txt")) == "Bash=touch a.txt"
+    assert suggested_rule([{"type": "addDirectories", "directories": ["/w"]}, *suggestions("make build *")]) == (
+        "Bash:make build"
+    )
+    assert suggested_rule(suggestions("//etc/**", "Read")) is None
+    assert suggested_rule([]) is None and suggested_rule(None) is None and suggested_rule("junk") is None
+    assert suggested_rule(suggestions("*")) is None  # never everything
+
+
+def test_a_suggested_rule_is_kept_only_where_it_covers_the_command_and_never_for_code():
+    build = {"command": "npm run build --prod"}
+    assert rule_for("Bash", build, "Bash:npm run") == "Bash:npm run"
+    assert rule_allows("Bash:npm run", "Bash", {"command": "npm run test"})
+    assert not rule_allows("Bash:npm run", "Bash", {"command": "npm test"})
+    assert not rule_allows("Bash:npm run", "Bash", {"command": "npm run a && rm -rf /"})
+    assert rule_for("Bash", build, "Bash:git push") == "Bash:npm run"  # it does not cover the command: ours
+    assert rule_for("Bash", {"command": "python3 -c 'print(1)'"}, "Bash=python3 -c 'print(1)'") is None
+
+
+async def test_always_records_the_rule_the_cli_suggested(store):
+    recorder = AskingRecorder()
+    policy = policy_for(store, recorder)
+    asked = asyncio.ensure_future(policy.decide(PROMPT, "Bash", {"command": "make build fast"}, "Bash:make"))
+    notice = await asyncio.wait_for(recorder.asked.get(), 5)
+    assert "Bash commands starting with `make`" in notice.markdown
+    assert policy.answer(policy.request_for(recorder.event_of(notice.ref)), Answer("always", "@u:x"))
+    assert (await asyncio.wait_for(asked, 5)).allow
+    assert await store.tool_rules(PROMPT.conversation("room")) == ["Bash:make"]
+    assert (await policy.decide(PROMPT, "Bash", {"command": "make test"})).allow
