@@ -150,7 +150,7 @@ async def test_the_agents_question_is_answered_by_reply_and_stop_while_waiting_d
     output = await ended(world, room, prompt)
     assert "💬 Answered by" in output and '"Which colour?"="blue"' in output
 
-    never = room_dir(world, "rooms", room) / "never.txt"
+    never = workdir / "never.txt"
     prompt, request = await asked(world, room, f"write {never} no")
     assert "Stopping" in await command(world, room, "!stop")
     output = await ended(world, room, prompt, timeout=15)
