@@ -68,6 +68,7 @@ async def test_settings_the_agent_could_write_do_not_apply_when_it_starts(world,
     room = await world.room()
     workdir, home = room_dir(world, "rooms", room), room_dir(world, "homes", room)
     markers = workdir / "markers"  # where the agent can write: a hook that ran would leave its file here
+    (world.tmp_path / "data").mkdir(mode=0o700)  # the daemon refuses a data dir open to others
     markers.mkdir(parents=True)
 
     def plant(settings_file: Path, name: str) -> None:
