@@ -73,6 +73,17 @@ def live_processes(*commands: str) -> list[int]:
     return found
 
 
+async def sleeps_started(world, room: str, tag: str) -> tuple[str, str]:
+    """Have the room's agent start two long sleeps, one of them in a session of its own (`setsid`), and wait
+    until both run; their command lines."""
+    sleeps = (f"sleep {1000 + secrets.randbelow(8000)}{tag}1", f"sleep {1000 + secrets.randbelow(8000)}{tag}2")
+    await world.user.send_text(room, f"bash setsid {sleeps[0]} & {sleeps[1]}")
+    async with asyncio.timeout(60):
+        while len(live_processes(*sleeps)) < 2:
+            await asyncio.sleep(0.05)
+    return sleeps
+
+
 async def until_gone(*commands: str, timeout: float = 10) -> list[int]:
     """Wait until no living process runs one of `commands`; what is still alive at the deadline."""
     deadline = asyncio.get_running_loop().time() + timeout
@@ -203,11 +214,7 @@ async def test_a_restart_ends_the_agent_a_killed_daemon_left_running(world):
     room = await world.room()  # unsandboxed: in its sandbox the agent ends with the daemon (test_wall.py)
     daemon = world.daemon([{"id": room}], claude={"allowed_tools": ["Bash"], "sandbox": "off"})
     await daemon.start()
-    sleeps = (f"sleep {1000 + secrets.randbelow(8000)}3", f"sleep {1000 + secrets.randbelow(8000)}4")
-    await world.user.send_text(room, f"bash setsid {sleeps[0]} & {sleeps[1]}")
-    async with asyncio.timeout(60):
-        while len(live_processes(*sleeps)) < 2:
-            await asyncio.sleep(0.05)
+    sleeps = await sleeps_started(world, room, "3")
     agent_pid = daemon.logged("agent_started")[-1]["pid"]
     daemon.proc.kill()
     await daemon.wait()

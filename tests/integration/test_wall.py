@@ -2,17 +2,15 @@
 directory. The attacks go around the guard on purpose (paths hidden in base64, `@path` expansion, settings
 files written directly), so that only the sandbox stops them."""
 
-import asyncio
 import base64
 import json
-import secrets
 from pathlib import Path
 
 import pytest
 
 from aiagentchat.processes import start_time
 from tests.integration.conftest import room_dir
-from tests.integration.test_durability import live_processes, until_gone
+from tests.integration.test_durability import sleeps_started, until_gone
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 
@@ -97,11 +95,7 @@ async def test_the_agent_and_everything_it_started_end_with_a_killed_daemon(worl
     room = await world.room()
     daemon = world.daemon([{"id": room}], claude={"allowed_tools": ["Bash"]})
     await daemon.start()
-    sleeps = (f"sleep {1000 + secrets.randbelow(8000)}5", f"sleep {1000 + secrets.randbelow(8000)}6")
-    await world.user.send_text(room, f"bash setsid {sleeps[0]} & {sleeps[1]}")
-    async with asyncio.timeout(60):
-        while len(live_processes(*sleeps)) < 2:
-            await asyncio.sleep(0.05)
+    sleeps = await sleeps_started(world, room, "5")
     agent_pid = daemon.logged("agent_started")[-1]["pid"]
 
     daemon.proc.kill()
