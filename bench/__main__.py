@@ -15,13 +15,17 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 from bench import first_output, floor, machine, ratelimit, sandbox, scale, throughput
 from bench.profile import Profiler
 from bench.report import Results, render
 from bench.world import cli_environment, homeserver
 from tests.harness.model_server import model_server
+
+T = TypeVar("T")
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results.md"
@@ -114,24 +118,25 @@ async def measure_sandbox(args: argparse.Namespace, scratch: Path, command: str)
     return sandbox.SandboxCost(described, command, modes)
 
 
+def in_scratch(
+    measuring: Callable[[argparse.Namespace, Path, str], Awaitable[T]], args: argparse.Namespace, argv: list[str]
+) -> T:
+    """Run a measurement in a scratch directory of its own, removed afterwards."""
+    scratch = Path(tempfile.mkdtemp(prefix="aiagentchat-bench-"))
+    try:
+        return asyncio.run(measuring(args, scratch, shlex.join(["scripts/bench", *argv])))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
     if args.sandbox:
-        scratch = Path(tempfile.mkdtemp(prefix="aiagentchat-bench-"))
-        try:
-            cost = asyncio.run(measure_sandbox(args, scratch, shlex.join(["scripts/bench", *argv])))
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        SANDBOX.write_text(sandbox.render(cost))
+        SANDBOX.write_text(sandbox.render(in_scratch(measure_sandbox, args, argv)))
         progress(f"wrote {SANDBOX}")
         return
     if not args.render_only:
-        scratch = Path(tempfile.mkdtemp(prefix="aiagentchat-bench-"))
-        try:
-            results = asyncio.run(measure(args, scratch, shlex.join(["scripts/bench", *argv])))
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        LAST_RUN.write_bytes(pickle.dumps(results))
+        LAST_RUN.write_bytes(pickle.dumps(in_scratch(measure, args, argv)))
     results = pickle.loads(LAST_RUN.read_bytes())
     RESULTS.write_text(render(results))
     progress(f"wrote {RESULTS}")
