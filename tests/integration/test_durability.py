@@ -267,54 +267,53 @@ async def limited_synapse():
         yield server
 
 
-async def test_a_minute_of_output_under_the_default_rate_limit_arrives_whole_without_errors(
-    limited_synapse, model, tmp_path
-):
+@pytest.fixture
+async def limited_world(limited_synapse, model, tmp_path):
+    """A test's world on the Synapse with the default message rate limit."""
     world = World(limited_synapse, model, tmp_path)
     await world.setup()
-    try:
-        room = await world.room()
-        daemon = world.daemon([{"id": room}], claude={"timeout_s": 150}, settings={"output": {"flush_interval_s": 2.0}})
-        await daemon.start()
-        prompt = await world.user.send_text(room, "slow 300")
-        events = await world.user.wait_for(run_ended(prompt), timeout=240, room_id=room)
-        text = bot_text(events, prompt)
-        assert streamed(events, prompt) == words(300)
-        assert not re.search("⚠️|❌", text)
-        assert_no_duplicates(events)
-        assert daemon.logged("rate_limited"), "Synapse's default rc_message was met"
-    finally:
-        await world.close()
+    yield world
+    await world.close()
+
+
+async def test_a_minute_of_output_under_the_default_rate_limit_arrives_whole_without_errors(limited_world):
+    world = limited_world
+    room = await world.room()
+    daemon = world.daemon([{"id": room}], claude={"timeout_s": 150}, settings={"output": {"flush_interval_s": 2.0}})
+    await daemon.start()
+    prompt = await world.user.send_text(room, "slow 300")
+    events = await world.user.wait_for(run_ended(prompt), timeout=240, room_id=room)
+    text = bot_text(events, prompt)
+    assert streamed(events, prompt) == words(300)
+    assert not re.search("⚠️|❌", text)
+    assert_no_duplicates(events)
+    assert daemon.logged("rate_limited"), "Synapse's default rc_message was met"
 
 
 async def test_sigterm_while_output_waits_behind_the_rate_limit_exits_within_the_grace_and_keeps_the_output(
-    limited_synapse, model, tmp_path
+    limited_world,
 ):
-    world = World(limited_synapse, model, tmp_path)
-    await world.setup()
-    try:
-        room = await world.room()
-        daemon = world.daemon([{"id": room, "live_status": False}], claude={"timeout_s": 150})
-        await daemon.start()
-        prompt = await world.user.send_text(room, "slow 200")
-        await daemon.wait_for_log("rate_limited", room_id=room, timeout=60)
-        started = time.monotonic()
-        code = await daemon.stop(timeout=30)
-        took = time.monotonic() - started
-        assert code == 0
-        assert took < CONTAINER_GRACE_S, f"SIGTERM to exit took {took:.1f} s"
-        (deadline,) = daemon.logged("shutdown_deadline")
-        assert deadline["undelivered_events"] >= 1 and deadline["rooms_still_running"] == []
+    world = limited_world
+    room = await world.room()
+    daemon = world.daemon([{"id": room, "live_status": False}], claude={"timeout_s": 150})
+    await daemon.start()
+    prompt = await world.user.send_text(room, "slow 200")
+    await daemon.wait_for_log("rate_limited", room_id=room, timeout=60)
+    started = time.monotonic()
+    code = await daemon.stop(timeout=30)
+    took = time.monotonic() - started
+    assert code == 0
+    assert took < CONTAINER_GRACE_S, f"SIGTERM to exit took {took:.1f} s"
+    (deadline,) = daemon.logged("shutdown_deadline")
+    assert deadline["undelivered_events"] >= 1 and deadline["rooms_still_running"] == []
 
-        await daemon.start()
-        resumed = await daemon.wait_for_log("outbox_resumed", room_id=room)
-        assert 1 <= resumed["events"] <= deadline["undelivered_events"]
-        events = await world.user.wait_for(run_ended(prompt), timeout=180, room_id=room)
-        before, notice, _ = bot_text(events, prompt).partition("⚠️ Interrupted: the daemon is shutting down.")
-        assert notice, bot_text(events, prompt)
-        assert before.split() == words(len(before.split())).split() != []  # every word up to the stop, in order
-        (final,) = finals(events, prompt)
-        assert final["content"][MARKER]["final"]["result"] == "interrupted: the daemon is shutting down"
-        assert_no_duplicates(events)
-    finally:
-        await world.close()
+    await daemon.start()
+    resumed = await daemon.wait_for_log("outbox_resumed", room_id=room)
+    assert 1 <= resumed["events"] <= deadline["undelivered_events"]
+    events = await world.user.wait_for(run_ended(prompt), timeout=180, room_id=room)
+    before, notice, _ = bot_text(events, prompt).partition("⚠️ Interrupted: the daemon is shutting down.")
+    assert notice, bot_text(events, prompt)
+    assert before.split() == words(len(before.split())).split() != []  # every word up to the stop, in order
+    (final,) = finals(events, prompt)
+    assert final["content"][MARKER]["final"]["result"] == "interrupted: the daemon is shutting down"
+    assert_no_duplicates(events)
