@@ -194,6 +194,7 @@ class Bot:
                 intake_tasks = [  # the sync loop and everything that may still queue a notice for a room
                     group.create_task(self._sync_loop()),
                     group.create_task(supervise("", "crypto", self.crypto.run)),
+                    group.create_task(supervise("", "identity", self.crypto.publish_identity)),
                     *(group.create_task(supervise(room_id, "desk", desk.run)) for room_id, desk in self.desks.items()),
                 ]
                 runs = [

@@ -28,6 +28,7 @@ from nio import (
     EncryptionError,
     ForwardedRoomKeyEvent,
     GroupEncryptionError,
+    KeysQueryResponse,
     KeyVerificationStart,
     LocalProtocolError,
     MegolmEvent,
@@ -38,15 +39,16 @@ from nio import (
 from nio.crypto import OlmDevice
 
 from aiagentchat.batcher import Batcher, Block, EndOfRun
+from aiagentchat.identity import CrossSigningKeys, IdentityError, KeyFile, ensure_identity
 from aiagentchat.private import read_private, write_private
 from aiagentchat.settings import ConfigError, RoomSettings, Settings, Trust
+from aiagentchat.trust import DeviceTrust
 
 log = structlog.get_logger(__name__)
 
 NETWORK_ERRORS = (aiohttp.ClientError, TimeoutError, OSError)
 KEYS_WAIT_S = 10.0  # how long a prompt waits for its sender's device list before it is judged on the devices known
 CRYPTO_ERRORS = (LocalProtocolError, EncryptionError, GroupEncryptionError, OlmTrustError)  # room_send may raise
-VERIFY_HINT = "stop the daemon and run `aiagentchat verify {user} {device}` on its machine"
 
 
 def crypto_dir(settings: Settings) -> Path:
@@ -132,51 +134,6 @@ def describe(device: OlmDevice) -> str:
     return f"{device.user_id}'s device {device.id}{name}"
 
 
-class DeviceTrust:
-    """Which devices a room's `trust` accepts, for its room keys and for its prompts.
-
-    - all: every device (except one blacklisted in nio's store, which no aiagentchat command does).
-    - tofu: verified devices, and the devices a user had when the bot first needed to trust one of them
-      (pinned with their signing keys in data_dir/crypto/tofu.json); a device added later must be verified.
-    - verified: verified devices only.
-    """
-
-    def __init__(self, client: AsyncClient, path: Path) -> None:
-        self.client = client
-        self.path = path
-        self.pins: dict[str, dict[str, str]] = json.loads(read_private(path)) if path.exists() else {}
-
-    def accepts(self, trust: Trust, device: OlmDevice) -> bool:
-        olm = self.client.olm
-        if olm is None or olm.is_device_blacklisted(device):
-            return False
-        if olm.is_device_verified(device) or trust == "all":
-            return True
-        return trust == "tofu" and self._first_seen(device)
-
-    def why_not(self, trust: Trust, device: OlmDevice) -> str:
-        if self.client.olm is not None and self.client.olm.is_device_blacklisted(device):
-            return "it is blacklisted in my crypto store"
-        if trust == "tofu":
-            return f"it appeared after I first met {device.user_id}'s devices and is not verified"
-        return "it is not verified"
-
-    def _first_seen(self, device: OlmDevice) -> bool:
-        pinned = self.pins.get(device.user_id)
-        if pinned is None:
-            if not self._devices_known(device.user_id):
-                return False
-            devices = self.client.olm.device_store.active_user_devices(device.user_id)
-            pinned = self.pins[device.user_id] = {known.id: known.ed25519 for known in devices}
-            write_private(self.path, json.dumps(self.pins))
-            log.info("devices_pinned", user_id=device.user_id, devices=sorted(pinned))
-        return pinned.get(device.id) == device.ed25519
-
-    def _devices_known(self, user_id: str) -> bool:
-        olm = self.client.olm
-        return user_id in olm.tracked_users and user_id not in olm.users_for_key_query
-
-
 @dataclass
 class Waiting:
     """A prompt that could not be decrypted yet; its room key may still come until `deadline` (epoch s)."""
@@ -216,12 +173,16 @@ class Crypto:
         self._batcher_of = batcher_of
         self._deliver = deliver
         folder = crypto_dir(settings)
-        self.trust = DeviceTrust(client, folder / "tofu.json")
+        self.trust = DeviceTrust(client, folder)
+        self.key_file = KeyFile(folder / "cross_signing.json", pickle_key(settings))
+        self.identity: CrossSigningKeys | None = None
+        self._password = settings.matrix.password.get_secret_value() if settings.matrix.password else None
         self._waiting_path = folder / "waiting.json"
         self._waiting: dict[str, Waiting] = {}
         self._told: set[tuple[str, str, str]] = set()  # (room, user, device) the room heard is left out
         self._left_out: dict[str, list[OlmDevice]] = {}
         self._kicked = asyncio.Event()
+        self._upkept = asyncio.Event()  # the first upkeep is done: the device's keys are on the homeserver
         self._unkeyed: list[tuple[str, RoomSettings, Any, float]] = []  # prompts waiting for a device list
         self._keys_checked: set[str] = set()  # the ids of those released from that wait, considered now
 
@@ -235,6 +196,7 @@ class Crypto:
         if olm is None:
             return
         share = olm.share_group_session_parallel
+        query = self.client.keys_query
         accept_forward = olm._should_accept_forward
         decrypt = olm._decrypt_megolm_no_error
 
@@ -257,6 +219,15 @@ class Crypto:
                 return None
             return decrypt(event, room_id)
 
+        async def query_and_learn() -> Any:
+            """nio keeps only the device keys of a `/keys/query` answer; the trust policies need all of it."""
+            response = await query()
+            if isinstance(response, KeysQueryResponse) and response.transport_response is not None:
+                self.trust.learn(await response.transport_response.json(content_type=None))
+            return response
+
+        self.client.keys_query = query_and_learn
+        olm.users_for_key_query.update(olm.tracked_users)  # their identities, for the policies, on the first upkeep
         olm.share_group_session_parallel = share_trusted
         olm._should_accept_forward = accept_own_forward
         olm._decrypt_megolm_no_error = decrypt_or_none
@@ -273,6 +244,8 @@ class Crypto:
             await upkeep(self.client)
         except NETWORK_ERRORS as exc:
             log.warning("key_upkeep_failed", error=f"{type(exc).__name__}: {exc}")
+        else:
+            self._upkept.set()
         self._kicked.set()
 
     async def run(self) -> None:
@@ -290,6 +263,26 @@ class Crypto:
             await self._retry_waiting()
             await self._post_left_out()
 
+    async def publish_identity(self) -> None:
+        """Once the device's keys are uploaded, cross-sign it with the bot's identity (made on the first start),
+        retried while the homeserver is unreachable; reported, not fatal, when it refuses: unencrypted rooms
+        work without it."""
+        await self._upkept.wait()
+        delay = 1.0
+        while True:
+            try:
+                self.identity = await ensure_identity(self.client, self.key_file, self._password)
+            except NETWORK_ERRORS as exc:
+                log.warning("cross_signing_retry", error=f"{type(exc).__name__}: {exc}", retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 60.0)
+                continue
+            except IdentityError as exc:
+                log.error("cross_signing_failed", reason=str(exc))
+            break
+        if self.identity is not None:
+            self.trust.user_signing = self.identity.user_signing_key
+
     # --- sending: which devices get a room's key ------------------------------------------------------------
 
     def _leave_out(self, room_id: str, users: Iterable[str]) -> set[tuple[str, str]]:
@@ -304,7 +297,7 @@ class Crypto:
         devices = [device for device in members if not self.trust.accepts(trust, device)]
         readers = [d for d in members if d not in devices and room is not None and d.user_id in room.allowed_users]
         if devices and not readers:
-            log.warning("no_allowed_user_can_read", room_id=room_id, trust=trust, hint=VERIFY_HINT)
+            log.warning("no_allowed_user_can_read", room_id=room_id, trust=trust)
         news = [d for d in devices if (room_id, d.user_id, d.id) not in self._told]
         if news:
             self._told.update((room_id, d.user_id, d.id) for d in news)
@@ -319,11 +312,14 @@ class Crypto:
             room = self.rooms.get(room_id)
             if room is None:
                 continue
+            verdicts = [(d, self.trust.why_not(room.trust, d)) for d in devices]
             lines = [
-                f"- {describe(d)}: {self.trust.why_not(room.trust, d)}; to let it read along, "
-                + VERIFY_HINT.format(user=d.user_id, device=d.id)
-                for d in devices
+                f"- {describe(d)}: {verdict.reason}; to let it read along, {verdict.fix}"
+                for d, verdict in verdicts
+                if verdict is not None
             ]
+            if not lines:
+                continue
             heading = f'🔐 These devices cannot read my messages in this room (trust = "{room.trust}"):'
             text = "\n".join([heading, *lines])
             await self._notice(room_id, text, EndOfRun(f"trust-{secrets.token_hex(4)}", react=False))
@@ -336,6 +332,8 @@ class Crypto:
         makes (up to KEYS_WAIT_S; then it is judged on the devices known), so the sync loop never waits for one."""
         if room.trust == "all" or not getattr(event, "decrypted", False) or event.event_id in self._keys_checked:
             return False
+        if room.trust in ("cross_signed", "verified") and not self.trust.learned(event.sender):
+            self.client.olm.users_for_key_query.add(event.sender)
         if event.sender not in self.client.olm.users_for_key_query:
             return False
         self._unkeyed.append((room_id, room, event, time.time() + KEYS_WAIT_S))
@@ -361,16 +359,15 @@ class Crypto:
         if room.trust == "all" or not getattr(event, "decrypted", False):
             return None
         device = self._sending_device(room_id, event)
+        verdict = None if device is None else self.trust.why_not(room.trust, device)
         if device is None:
             reason = "sent from a device whose keys I do not know"
             fix = "send it again from a device this room trusts"
-        elif self.trust.accepts(room.trust, device):
+        elif verdict is None:
             return None
         else:
-            reason = f'sent from {describe(device)}, which trust = "{room.trust}" does not accept: ' + (
-                self.trust.why_not(room.trust, device)
-            )
-            fix = VERIFY_HINT.format(user=device.user_id, device=device.id)
+            reason = f'sent from {describe(device)}, which trust = "{room.trust}" does not accept: {verdict.reason}'
+            fix = verdict.fix
         text = f"🔐 I did not run the message {event.sender} sent: it was {reason}. To fix this, {fix}."
         await self._notice(room_id, text, refused(event.event_id, text))
         return reason

@@ -15,7 +15,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, V
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 PermissionMode = Literal["default", "acceptEdits", "plan", "bypassPermissions", "dontAsk"]
-Trust = Literal["all", "tofu", "verified"]
+Trust = Literal["all", "tofu", "cross_signed", "verified"]
 Sandbox = Literal["bwrap", "off"]
 SettingSource = Literal["user", "project", "local"]
 LogLevel = Annotated[
@@ -92,7 +92,7 @@ class RoomSettings(_Strict):
     max_queued: int = Field(default=10, ge=0)
     min_power_level: int | None = None
     require_verified_device: bool = False
-    trust: Trust = "all"
+    trust: Trust = "cross_signed"  # encrypted rooms only: whose devices get room keys and may prompt
     key_wait_s: float = Field(default=60.0, gt=0)
     workdir: Path | None = None
     shared_workdir: bool = False

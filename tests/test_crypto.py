@@ -11,10 +11,11 @@ from nio.crypto import OlmDevice
 from structlog.testing import capture_logs
 
 from aiagentchat import crypto as crypto_module
-from aiagentchat.crypto import Crypto, DeviceLock, DeviceTrust, Waiting, pickle_key
+from aiagentchat.crypto import Crypto, DeviceLock, Waiting, pickle_key
 from aiagentchat.outbox import SendFailed
 from aiagentchat.settings import ConfigError, RoomSettings, Settings
 from aiagentchat.transport import MatrixSender
+from aiagentchat.trust import DeviceTrust
 from tests.test_batcher import FakeRoom, close, kinds, running
 
 ALICE = "@alice:localhost"
@@ -71,19 +72,19 @@ def test_trust_policies(tmp_path):
     client = bot_client(tmp_path)
     phone, laptop = device("PHONE"), device("LAPTOP")
     known(client, phone)
-    trust = DeviceTrust(client, tmp_path / "tofu.json")
+    trust = DeviceTrust(client, tmp_path)
     assert trust.accepts("tofu", phone)  # first use: the devices alice has now are pinned
     known(client, laptop)
     assert trust.accepts("all", laptop) and not trust.accepts("tofu", laptop) and not trust.accepts("verified", laptop)
-    assert "appeared after" in trust.why_not("tofu", laptop)
+    assert "appeared after" in trust.why_not("tofu", laptop).reason
     client.verify_device(laptop)
     assert trust.accepts("tofu", laptop) and trust.accepts("verified", laptop)
     assert not trust.accepts("verified", phone)
     impostor = device("PHONE", key="another-signing-key")
-    assert not DeviceTrust(client, tmp_path / "tofu.json").accepts("tofu", impostor)  # pins survive a restart
+    assert not DeviceTrust(client, tmp_path).accepts("tofu", impostor)  # pins survive a restart
     client.blacklist_device(phone)
     assert not trust.accepts("all", phone)
-    assert "blacklisted" in trust.why_not("all", phone)
+    assert "blacklisted" in trust.why_not("all", phone).reason
 
 
 def test_tofu_pins_nothing_before_the_users_devices_are_known(tmp_path):
@@ -91,7 +92,7 @@ def test_tofu_pins_nothing_before_the_users_devices_are_known(tmp_path):
     phone = device("PHONE")
     client.olm.device_store.add(phone)
     client.olm.users_for_key_query.add(ALICE)
-    trust = DeviceTrust(client, tmp_path / "tofu.json")
+    trust = DeviceTrust(client, tmp_path)
     assert not trust.accepts("tofu", phone)
     known(client)
     assert trust.accepts("tofu", phone)

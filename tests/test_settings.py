@@ -159,8 +159,8 @@ def test_workdir_rules(tmp_path):
 
 def test_encryption_settings(tmp_path):
     settings = load_settings(write(tmp_path, GOOD))
-    assert [(r.trust, r.key_wait_s) for r in settings.rooms] == [("all", 60.0), ("all", 60.0)]
-    with pytest.raises(ConfigError, match=r"settings.toml:3: rooms.0.trust: Input should be 'all', 'tofu' or"):
+    assert [(r.trust, r.key_wait_s) for r in settings.rooms] == [("cross_signed", 60.0), ("cross_signed", 60.0)]
+    with pytest.raises(ConfigError, match=r"settings.toml:3: rooms.0.trust: Input should be 'all', 'tofu', 'cross_signed' or"):
         load_settings(write(tmp_path, '[[rooms]]\nid = "!a:x"\ntrust = "everyone"\n'))
     with pytest.raises(ConfigError, match="matrix.pickle_key is a secret"):
         load_settings(write(tmp_path, '[matrix]\npickle_key = "k"\n'))
