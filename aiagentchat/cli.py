@@ -1,7 +1,9 @@
-"""`aiagentchat` / `python -m aiagentchat`: start the daemon; `aiagentchat verify`: verify the bot's device.
+"""`aiagentchat` / `python -m aiagentchat`: start the daemon; `aiagentchat verify`: verify the bot's device or a
+person; `aiagentchat keys`: the bot's cross-signing keys; `aiagentchat trust`: accept a person's new identity.
 Exit codes: 2 bad settings (or the bot's device in use by another process), 3 Matrix login refused, 4 the
 built-in homeserver failed to start, 5 the access token was revoked while running, 6 the database failed
-(it cannot be read or written); `verify` exits 1 when the device was not verified."""
+(it cannot be read or written); `verify` exits 1 when the device was not verified, `keys` and `trust` 1 when
+they could not do what was asked."""
 
 from __future__ import annotations
 
@@ -19,9 +21,12 @@ import typer
 
 from aiagentchat import logs
 from aiagentchat.bot import Bot
+from aiagentchat.identity import IdentityError, fingerprint
+from aiagentchat.keys import accept_identity, export_keys, import_keys, reset_keys
 from aiagentchat.localserver import HomeserverError, LocalHomeserver
 from aiagentchat.private import check_private_dir, keep_private
 from aiagentchat.sandbox import check_bwrap
+from aiagentchat.secret_storage import SecretStorageError
 from aiagentchat.settings import ConfigError, Settings, check_safety, load_settings
 from aiagentchat.store import Store
 from aiagentchat.transport import LoginFailed, TokenRevoked, credentials_path
@@ -34,7 +39,10 @@ EXIT_TOKEN_REVOKED = 5
 EXIT_DATABASE = 6
 DEFAULT_CONFIG = Path("settings.toml")
 
+EXIT_FAILED = 1
 app = typer.Typer(add_completion=False, help="Drive Claude Code from Matrix rooms: with no command, run the daemon.")
+keys_app = typer.Typer(add_completion=False, help="The bot's cross-signing identity (what Element checks).")
+app.add_typer(keys_app, name="keys")
 ConfigOption = Annotated[
     Optional[Path],  # noqa: UP007 - typer needs Optional here
     typer.Option("--config", envvar="AIAGENTCHAT_CONFIG", help="Settings file (default ./settings.toml)."),
@@ -93,6 +101,76 @@ def verify_command(
 
     with_settings(config or ctx.obj, verifying)
     raise typer.Exit(code)
+
+
+@keys_app.command("export")
+def keys_export(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(help="Where to write the keys (0600), encrypted.")],
+    config: ConfigOption = None,
+) -> None:
+    """Write the bot's cross-signing keys to FILE, encrypted under a new recovery key shown here once; with
+    both, `keys import` on a rebuilt host keeps the bot's identity."""
+    keys, recovery_key = _identity_step(lambda: export_keys(_settings(config or ctx.obj), file))
+    print(f"Wrote the cross-signing keys of {keys.user_id} (master key {fingerprint(keys.master_key)}) to {file}.")
+    print(f"Recovery key (keep it apart from the file; it is not stored anywhere):\n  {recovery_key}")
+
+
+@keys_app.command("import")
+def keys_import(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(help="A file written by `aiagentchat keys export`.")],
+    recovery_key: Annotated[
+        str,
+        typer.Option("--recovery-key", envvar="AIAGENTCHAT_RECOVERY_KEY", prompt=True, hide_input=True,
+                     help="The recovery key `keys export` showed."),
+    ],  # fmt: skip
+    config: ConfigOption = None,
+) -> None:
+    """Keep the keys in FILE as the bot's identity; the daemon signs its device with them when it next starts."""
+    keys = _identity_step(lambda: import_keys(_settings(config or ctx.obj), file, recovery_key))
+    print(f"Imported the cross-signing keys of {keys.user_id} (master key {fingerprint(keys.master_key)}).")
+
+
+@keys_app.command("reset")
+def keys_reset(ctx: typer.Context, config: ConfigOption = None) -> None:
+    """Replace the bot's identity with a new one (needs AIAGENTCHAT_MATRIX__PASSWORD; run while the daemon is
+    stopped). People who verified the bot must verify it again."""
+    made = []
+
+    async def resetting(settings: Settings) -> None:
+        made.append(await reset_keys(settings))
+
+    _identity_step(lambda: with_settings(config or ctx.obj, resetting))
+    print(f"✅ New identity for {made[0].user_id}: master key {fingerprint(made[0].master_key)}.")
+
+
+@app.command("trust")
+def trust_command(
+    ctx: typer.Context,
+    user: Annotated[str, typer.Argument(help="The person whose new identity to accept, e.g. @alice:example.org.")],
+    config: ConfigOption = None,
+) -> None:
+    """Accept USER's new cross-signing identity after the daemon refused them because it changed (it works while
+    the daemon runs)."""
+    print(accept_identity(_settings(config or ctx.obj), user))
+
+
+def _settings(config: Path | None) -> Settings:
+    path = config if config is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+    try:
+        return load_settings(path)
+    except ConfigError as exc:
+        print(f"aiagentchat: {exc}", file=sys.stderr)
+        raise typer.Exit(EXIT_CONFIG) from None
+
+
+def _identity_step[T](step: Callable[[], T]) -> T:
+    try:
+        return step()
+    except (IdentityError, SecretStorageError, ConfigError) as exc:
+        print(f"aiagentchat: {exc}", file=sys.stderr)
+        raise typer.Exit(EXIT_FAILED) from None
 
 
 def with_settings(config: Path | None, main: Callable[[Settings], Awaitable[None]]) -> None:

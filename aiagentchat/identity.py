@@ -269,16 +269,21 @@ class KeyFile:
         self._box = nacl.secret.SecretBox(hashlib.sha256(b"aiagentchat cross-signing\0" + pickle_key.encode()).digest())
 
     def load(self, user_id: str) -> CrossSigningKeys | None:
+        keys = self.load_stored()
+        if keys is not None and keys.user_id != user_id:
+            raise IdentityError(f"{self.path} holds the cross-signing keys of {keys.user_id}, not {user_id}")
+        return keys
+
+    def load_stored(self) -> CrossSigningKeys | None:
+        """The keys kept here, whoever they belong to; None when there are none."""
         if not self.path.exists():
             return None
         stored = json.loads(read_private(self.path))
-        if stored.get("user_id") != user_id:
-            raise IdentityError(f"{self.path} holds the cross-signing keys of {stored.get('user_id')}, not {user_id}")
         try:
             seeds = json.loads(self._box.decrypt(base64.b64decode(stored["box"])))
         except nacl.exceptions.CryptoError:
             raise IdentityError(f"{self.path} was not written with this pickle key") from None
-        return CrossSigningKeys.from_seeds(user_id, seeds)
+        return CrossSigningKeys.from_seeds(stored["user_id"], seeds)
 
     def save(self, keys: CrossSigningKeys) -> None:
         box = base64.b64encode(self._box.encrypt(json.dumps(keys.seeds()).encode())).decode()

@@ -22,6 +22,7 @@ import aiohttp
 from nio import Api, RoomKeyRequest, RoomSendResponse, ToDeviceError, ToDeviceMessage
 from nio.crypto import OlmDevice, Sas
 
+from aiagentchat.identity import CrossSigningKeys, query, sign_own_device, upload_identity
 from tests.harness.matrix_user import MatrixUser
 
 MEGOLM = "m.megolm.v1.aes-sha2"
@@ -39,6 +40,18 @@ class Withheld:
 
 class E2EUser(MatrixUser):
     # --- devices ---------------------------------------------------------------------------------------------
+
+    async def cross_sign(self, keys: CrossSigningKeys, password: str) -> None:
+        """Sign this device with the user's identity `keys`, publishing the identity first if the account has
+        none: what Element does when a person sets up or verifies a session."""
+        client = self._client()
+        if client.should_upload_keys:
+            await client.keys_upload()
+        published = await query(client, [client.user_id])
+        if client.user_id not in published.get("master_keys", {}):
+            await upload_identity(client, keys, password)
+            published = await query(client, [client.user_id])
+        await sign_own_device(client, keys, published)
 
     async def device_of(self, user_id: str, device_id: str | None = None, timeout: float = 30) -> OlmDevice:
         """A device of `user_id` (the only one when `device_id` is None), once this device knows its keys."""

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from aiagentchat.identity import CrossSigningKeys
 from tests.harness import claude_binary, coverage_env
 from tests.harness.e2e import E2EUser
 from tests.harness.matrix_user import MatrixUser
@@ -91,6 +92,7 @@ class World:
         self.user_password = secrets.token_urlsafe(12)
         self.bot_id = ""
         self.user = MatrixUser()
+        self.user_identity: CrossSigningKeys
         self.daemons: list[Daemon] = []
         self.others: list[MatrixUser] = []
 
@@ -98,6 +100,7 @@ class World:
         self.bot_id = await self.synapse.register(self.bot_name, self.bot_password)
         user_id = await self.synapse.register(self.user_name, self.user_password)
         await self.user.login(self.synapse.base_url, user_id, self.user_password)
+        self.user_identity = CrossSigningKeys.generate(user_id)
 
     async def room(self, **kwargs: Any) -> str:
         return await self.user.create_room(invite=[self.bot_id], **kwargs)
@@ -111,11 +114,14 @@ class World:
         self.others.append(other)
         return other
 
-    async def device(self) -> E2EUser:
-        """Another, end-to-end encrypted, device of the world's user (its crypto store under tmp_path)."""
+    async def device(self, *, cross_signed: bool = True) -> E2EUser:
+        """Another, end-to-end encrypted, device of the world's user (its crypto store under tmp_path), signed
+        by the user's cross-signing identity (made with the first such device) unless `cross_signed` is False."""
         device = E2EUser(self.tmp_path / "devices" / secrets.token_hex(4))
         await device.login(self.synapse.base_url, self.user.user_id, self.user_password)
         self.others.append(device)
+        if cross_signed:
+            await device.cross_sign(self.user_identity, self.user_password)
         return device
 
     async def another_bot(self) -> Bot:
