@@ -16,7 +16,8 @@ PREFIX = "/_matrix/client/v3"
 @dataclass(frozen=True)
 class Reply:
     status: int
-    body: dict[str, Any]
+    body: dict[str, Any]  # {} when the answer was not a JSON object
+    is_object: bool = True
 
     @property
     def ok(self) -> bool:
@@ -28,17 +29,17 @@ class Reply:
 
 
 async def call(client: AsyncClient, method: str, path: str, body: dict[str, Any] | None = None) -> Reply:
-    """`method` `PREFIX + path` with `body` as JSON; a body that is not a JSON object becomes {}."""
+    """`method` `PREFIX + path` with `body` as JSON."""
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {client.access_token}"}
     data = None if body is None else json.dumps(body)
-    response = await client.send(method, PREFIX + path, data, headers)
+    async with await client.send(method, PREFIX + path, data, headers) as response:
+        text = await response.text()
     try:
-        parsed = await response.json(content_type=None)
+        parsed = json.loads(text)
     except ValueError:
-        parsed = {}
-    finally:
-        response.release()
-    return Reply(response.status, parsed if isinstance(parsed, dict) else {})
+        parsed = None
+    is_object = isinstance(parsed, dict)
+    return Reply(response.status, parsed if is_object else {}, is_object)
 
 
 def segment(value: str) -> str:

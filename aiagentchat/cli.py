@@ -14,7 +14,7 @@ import sqlite3
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Optional, TypeVar
 
 import structlog
 import typer
@@ -40,6 +40,7 @@ EXIT_DATABASE = 6
 DEFAULT_CONFIG = Path("settings.toml")
 
 EXIT_FAILED = 1
+T = TypeVar("T")
 app = typer.Typer(add_completion=False, help="Drive Claude Code from Matrix rooms: with no command, run the daemon.")
 keys_app = typer.Typer(add_completion=False, help="The bot's cross-signing identity (what Element checks).")
 app.add_typer(keys_app, name="keys")
@@ -122,9 +123,14 @@ def keys_import(
     file: Annotated[Path, typer.Argument(help="A file written by `aiagentchat keys export`.")],
     recovery_key: Annotated[
         str,
-        typer.Option("--recovery-key", envvar="AIAGENTCHAT_RECOVERY_KEY", prompt=True, hide_input=True,
-                     help="The recovery key `keys export` showed."),
-    ],  # fmt: skip
+        typer.Option(
+            "--recovery-key",
+            envvar="AIAGENTCHAT_RECOVERY_KEY",
+            prompt=True,
+            hide_input=True,
+            help="The recovery key `keys export` showed.",
+        ),
+    ],
     config: ConfigOption = None,
 ) -> None:
     """Keep the keys in FILE as the bot's identity; the daemon signs its device with them when it next starts."""
@@ -165,7 +171,7 @@ def _settings(config: Path | None) -> Settings:
         raise typer.Exit(EXIT_CONFIG) from None
 
 
-def _identity_step[T](step: Callable[[], T]) -> T:
+def _identity_step(step: Callable[[], T]) -> T:
     try:
         return step()
     except (IdentityError, SecretStorageError, ConfigError) as exc:

@@ -113,4 +113,3 @@ def accept_identity(settings: Settings, user_id: str) -> str:
         f"✅ Accepted {user_id}'s new identity (master key {fingerprint(new)}; it was {fingerprint(old)}). "
         "Their devices it signed are trusted again from now on."
     )
-

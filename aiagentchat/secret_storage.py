@@ -26,7 +26,6 @@ import string
 from functools import reduce
 from operator import xor
 from typing import Any
-from urllib.parse import quote
 
 import aiohttp
 import base58
@@ -34,6 +33,8 @@ import nio
 from Crypto.Cipher import AES
 from Crypto.Hash import HMAC, SHA256
 from Crypto.Protocol.KDF import HKDF
+
+from aiagentchat.api import call, segment
 
 ALGORITHM = "m.secret_storage.v1.aes-hmac-sha2"
 DEFAULT_KEY = "m.secret_storage.default_key"
@@ -282,31 +283,19 @@ async def _default_key_id(client: nio.AsyncClient) -> str | None:
 async def _account_data(client: nio.AsyncClient, kind: str, content: dict | None = None) -> dict | None:
     """GET (content None) or PUT the account data `kind` of the client's user. A GET returns the content, or
     None when the homeserver has none (404 M_NOT_FOUND)."""
-    path = f"/_matrix/client/v3/user/{quote(client.user_id, safe='')}/account_data/{quote(kind, safe='')}"
-    headers = {"Authorization": f"Bearer {client.access_token}"}
-    verb, method, data = "read", "GET", None
-    if content is not None:
-        verb, method, data = "write", "PUT", json.dumps(content)
-        headers["Content-Type"] = "application/json"
+    verb, method = ("read", "GET") if content is None else ("write", "PUT")
     try:
-        async with await client.send(method, path, data, headers) as response:
-            text = await response.text()
-            status = response.status
+        reply = await call(client, method, f"/user/{segment(client.user_id)}/account_data/{segment(kind)}", content)
     except (aiohttp.ClientError, TimeoutError) as error:
         raise SecretStorageError(
             f"could not {verb} the account data {kind}: {str(error) or type(error).__name__}"
         ) from error
-    try:
-        body = json.loads(text)
-    except ValueError:
-        body = None
-    if status == 404 and method == "GET" and isinstance(body, dict) and body.get("errcode") == "M_NOT_FOUND":
+    if reply.status == 404 and method == "GET" and reply.body.get("errcode") == "M_NOT_FOUND":
         return None
-    if status != 200:
-        detail = f"{body.get('errcode')} {body.get('error')}" if isinstance(body, dict) else text[:200]
-        raise SecretStorageError(f"the homeserver refused to {verb} the account data {kind}: {status} {detail}")
+    if not reply.ok:
+        raise SecretStorageError(f"the homeserver refused to {verb} the account data {kind}: {reply.error()}")
     if method == "PUT":
         return None
-    if not isinstance(body, dict):
+    if not reply.is_object:
         raise SecretStorageError(f"the account data {kind} is malformed (not a JSON object)")
-    return body
+    return reply.body
