@@ -180,6 +180,7 @@ class Bot:
     async def run(self) -> None:
         await self.login()
         self.crypto.attach()
+        await self.crypto.publish_identity(retry=False)  # before any room: no client meets the device unsigned
         await self._resolve_rooms()
         self.workers = {room_id: self._make_worker(room_id, room) for room_id, room in self.rooms.items()}
         for pid, started, room_id in await self.store.take_agents():
@@ -194,7 +195,7 @@ class Bot:
                 intake_tasks = [  # the sync loop and everything that may still queue a notice for a room
                     group.create_task(self._sync_loop()),
                     group.create_task(supervise("", "crypto", self.crypto.run)),
-                    group.create_task(supervise("", "identity", self.crypto.publish_identity)),
+                    group.create_task(supervise("", "identity", self.crypto.publish_identity)),  # if not done yet
                     *(group.create_task(supervise(room_id, "desk", desk.run)) for room_id, desk in self.desks.items()),
                 ]
                 runs = [

@@ -182,7 +182,7 @@ class Crypto:
         self._told: set[tuple[str, str, str]] = set()  # (room, user, device) the room heard is left out
         self._left_out: dict[str, list[OlmDevice]] = {}
         self._kicked = asyncio.Event()
-        self._upkept = asyncio.Event()  # the first upkeep is done: the device's keys are on the homeserver
+        self.identity_settled = False  # the identity is published and the device signed, or that failed for good
         self._unkeyed: list[tuple[str, RoomSettings, Any, float]] = []  # prompts waiting for a device list
         self._keys_checked: set[str] = set()  # the ids of those released from that wait, considered now
 
@@ -244,8 +244,6 @@ class Crypto:
             await upkeep(self.client)
         except NETWORK_ERRORS as exc:
             log.warning("key_upkeep_failed", error=f"{type(exc).__name__}: {exc}")
-        else:
-            self._upkept.set()
         self._kicked.set()
 
     async def run(self) -> None:
@@ -263,23 +261,25 @@ class Crypto:
             await self._retry_waiting()
             await self._post_left_out()
 
-    async def publish_identity(self) -> None:
-        """Once the device's keys are uploaded, cross-sign it with the bot's identity (made on the first start),
-        retried while the homeserver is unreachable; reported, not fatal, when it refuses: unencrypted rooms
-        work without it."""
-        await self._upkept.wait()
+    async def publish_identity(self, *, retry: bool = True) -> None:
+        """Upload the device's keys and cross-sign it with the bot's identity (made on the first start). The
+        daemon does it before it joins a room or syncs, so a person's client never meets the device unsigned.
+        With `retry`, it tries again while the homeserver is unreachable. A refusal is reported, not fatal:
+        unencrypted rooms work without it."""
         delay = 1.0
-        while True:
+        while not self.identity_settled:
             try:
                 self.identity = await ensure_identity(self.client, self.key_file, self._password)
             except NETWORK_ERRORS as exc:
                 log.warning("cross_signing_retry", error=f"{type(exc).__name__}: {exc}", retry_in_s=delay)
+                if not retry:
+                    return
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 60.0)
                 continue
             except IdentityError as exc:
                 log.error("cross_signing_failed", reason=str(exc))
-            break
+            self.identity_settled = True
         if self.identity is not None:
             self.trust.user_signing = self.identity.user_signing_key
 

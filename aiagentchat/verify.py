@@ -4,7 +4,9 @@ It runs while the daemon is stopped (they share the device and its crypto store;
 second one). With USER and DEVICE it starts the verification; without, it waits for one that a room's
 allowed user starts from their client, whether with a request first (as Element does) or with a start. The
 emoji are shown here, the owner says whether they match, and a match is recorded in the crypto store, where
-the daemon finds it on its next start.
+the daemon finds it on its next start. When the verified device is cross-signed by its owner's identity, the
+bot also signs that identity with its user-signing key: the person is verified, every device they cross-sign
+is trusted by `trust = "verified"`, and their clients show the bot's signature.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ from nio import (
 from nio.crypto import OlmDevice, Sas
 
 from aiagentchat.crypto import NETWORK_ERRORS, DeviceLock, describe, upkeep
+from aiagentchat.identity import IdentityError, query, read_devices, read_identity, upload_signatures
+from aiagentchat.identity import fingerprint as key_fingerprint
+from aiagentchat.keys import key_file
 from aiagentchat.settings import Settings
 from aiagentchat.transport import login, make_client
 
@@ -57,6 +62,7 @@ class Verification:
         self.target = target
         self.say = say
         self.sas: Sas | None = None
+        self.verified: OlmDevice | None = None  # the device the owner confirmed
         self.cancelled = ""
         self._synced = asyncio.Event()
         client.add_to_device_callback(self._on_event, (UnknownToDeviceEvent, KeyVerificationStart))
@@ -191,7 +197,10 @@ async def _verify_as(
     session = Verification(client, allowed, target, say)
     syncing = asyncio.create_task(session.sync())
     try:
-        return await _run(session, target, deadline, say)
+        code = await _run(session, target, deadline, say)
+        if code == VERIFIED and session.verified is not None:
+            await _sign_identity(client, settings, session.verified, say)
+        return code
     finally:
         syncing.cancel()
         await asyncio.gather(syncing, return_exceptions=True)
@@ -202,11 +211,14 @@ async def _run(session: Verification, target: Target, deadline: float, say: Call
         if target.user_id is not None and target.device_id is not None:
             device = await session.device(target.user_id, target.device_id)
             if target.key is not None:
-                return _compare_key(session.client, device, target.key, say)
+                code = _compare_key(session.client, device, target.key, say)
+                session.verified = device if code == VERIFIED else None
+                return code
             say(f"Starting a verification with {describe(device)}; accept it there.")
             await session.start(device)
         else:
-            say("Waiting for an allowed user to start a verification of this device from their client...")
+            who = target.user_id or "an allowed user"
+            say(f"Waiting for {who} to start a verification of this device from their client...")
         await session.until(lambda: session.sas is not None, deadline, "verification")
         sas = session.sas
         await session.until(lambda: sas.established_sas is not None, deadline, "keys from the other device")
@@ -216,7 +228,30 @@ async def _run(session: Verification, target: Target, deadline: float, say: Call
     except Cancelled as exc:
         say(f"❌ Not verified: {exc}")
         return NOT_VERIFIED
+    session.verified = sas.other_olm_device
     return _verified(sas.other_olm_device, say)
+
+
+async def _sign_identity(
+    client: AsyncClient, settings: Settings, device: OlmDevice, say: Callable[[str], None]
+) -> None:
+    """Sign the identity that cross-signed the verified device with the bot's user-signing key."""
+    user_id = device.user_id
+    try:
+        keys = key_file(settings).load(client.user_id)
+        published = await query(client, [user_id])
+        identity = read_identity(published, user_id)
+        device_keys = read_devices(published, user_id).get(device.id)
+        if keys is None or identity is None or not identity.signs(device_keys, device.ed25519):
+            why = "the bot has no cross-signing keys yet" if keys is None else f"{user_id} did not cross-sign it"
+            say(f"Only this device is verified: {why}.")
+            return
+        await upload_signatures(client, {user_id: {identity.master: keys.sign_identity(identity.master_object)}})
+    except (IdentityError, *NETWORK_ERRORS) as exc:
+        say(f"Only this device is verified: signing {user_id}'s identity failed: {exc}")
+        return
+    say(f"✅ Verified {user_id}'s identity (master key {key_fingerprint(identity.master)}): every device they "
+        'cross-sign is trusted where trust = "verified".')  # fmt: skip
 
 
 def _compare_key(client: AsyncClient, device: OlmDevice, key: str, say: Callable[[str], None]) -> int:

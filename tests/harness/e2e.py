@@ -41,14 +41,15 @@ class Withheld:
 class E2EUser(MatrixUser):
     # --- devices ---------------------------------------------------------------------------------------------
 
-    async def cross_sign(self, keys: CrossSigningKeys, password: str) -> None:
+    async def cross_sign(self, keys: CrossSigningKeys, password: str, *, replace: bool = False) -> None:
         """Sign this device with the user's identity `keys`, publishing the identity first if the account has
-        none: what Element does when a person sets up or verifies a session."""
+        none (or, with `replace`, in place of the one it has): what Element does when a person sets up or
+        verifies a session, or resets their identity."""
         client = self._client()
         if client.should_upload_keys:
             await client.keys_upload()
         published = await query(client, [client.user_id])
-        if client.user_id not in published.get("master_keys", {}):
+        if replace or client.user_id not in published.get("master_keys", {}):
             await upload_identity(client, keys, password)
             published = await query(client, [client.user_id])
         await sign_own_device(client, keys, published)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,12 +16,16 @@ import pytest
 from aiagentchat.identity import CrossSigningKeys
 from tests.harness import claude_binary, coverage_env
 from tests.harness.e2e import E2EUser
+from tests.harness.js_person import Event, JsPerson
 from tests.harness.matrix_user import MatrixUser
 from tests.harness.model_server import model_server
 from tests.harness.synapse import running_synapse
 from tests.integration.daemon import Daemon, write_settings
 
 MARKER = "org.aiagentchat"
+NOT_YET = {"MEGOLM_UNKNOWN_INBOUND_SESSION_ID"}  # a js person's failure that only means "the key is not here yet"
+
+Login = Callable[[str, str, str], Awaitable[JsPerson]]
 
 
 @pytest.hookimpl(wrapper=True)
@@ -207,3 +212,40 @@ def joined(events: list[dict[str, Any]], user_id: str) -> bool:
         e.get("type") == "m.room.member" and e.get("state_key") == user_id and e["content"].get("membership") == "join"
         for e in events
     )
+
+
+@pytest.fixture
+async def people(synapse) -> AsyncIterator[Login]:
+    """Logs in a js person (matrix-js-sdk in Element's exclusion mode, a fresh device) for an account; every one
+    is closed after the test."""
+    started: list[JsPerson] = []
+
+    async def login(user_id: str, password: str, name: str) -> JsPerson:
+        person = JsPerson(name)
+        started.append(person)
+        await person.start()
+        await person.login(synapse.base_url, user_id, password)
+        return person
+
+    yield login
+    for person in started:
+        await person.close()
+
+
+def membership(room_id: str, user_id: str) -> Callable[[Event], bool]:
+    """A js person's predicate: `user_id` has joined `room_id`."""
+
+    def matches(event: Event) -> bool:
+        return (
+            event["room_id"] == room_id
+            and event["type"] == "m.room.member"
+            and event["state_key"] == user_id
+            and (event["content"] or {}).get("membership") == "join"
+        )
+
+    return matches
+
+
+def settled(event_id: str) -> Callable[[Event], bool]:
+    """A js person's predicate: the event's decryption has a final outcome (clear text, or a lasting failure)."""
+    return lambda event: event["event_id"] == event_id and event["decryption_failure"] not in NOT_YET

@@ -5,42 +5,20 @@ device that its owner has not cross-signed (a nio device, as our bot's was)."""
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 
 from tests.harness.e2e import E2EUser
-from tests.harness.js_person import Event, JsPerson
-from tests.integration.conftest import joined
+from tests.harness.js_person import JsPerson
+from tests.integration.conftest import membership, settled
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
-
-# Failures that only mean "the room key has not arrived yet": the outcome may still change.
-NOT_YET = {"MEGOLM_UNKNOWN_INBOUND_SESSION_ID"}
-
-Login = Callable[[str, str, str], Awaitable[JsPerson]]
 
 
 async def account(synapse, name: str) -> tuple[str, str]:
     password = secrets.token_urlsafe(12)
     return await synapse.register(f"{name}{secrets.token_hex(4)}", password), password
-
-
-@pytest.fixture
-async def people(synapse) -> AsyncIterator[Login]:
-    """Logs in a js person (a fresh device) for an account; every one is closed after the test."""
-    started: list[JsPerson] = []
-
-    async def login(user_id: str, password: str, name: str) -> JsPerson:
-        person = JsPerson(name)
-        started.append(person)
-        await person.start()
-        await person.login(synapse.base_url, user_id, password)
-        return person
-
-    yield login
-    for person in started:
-        await person.close()
 
 
 @pytest.fixture
@@ -50,25 +28,6 @@ async def nio_devices() -> AsyncIterator[list[E2EUser]]:
     yield devices
     for device in devices:
         await device.close()
-
-
-def membership(room_id: str, user_id: str) -> Callable[[Event], bool]:
-    """A js person's predicate: `user_id` has joined `room_id`."""
-
-    def matches(event: Event) -> bool:
-        return (
-            event["room_id"] == room_id
-            and event["type"] == "m.room.member"
-            and event["state_key"] == user_id
-            and (event["content"] or {}).get("membership") == "join"
-        )
-
-    return matches
-
-
-def settled(event_id: str) -> Callable[[Event], bool]:
-    """A js person's predicate: the event's decryption has a final outcome (clear text, or a lasting failure)."""
-    return lambda event: event["event_id"] == event_id and event["decryption_failure"] not in NOT_YET
 
 
 async def shared_room(owner: JsPerson, guests: list[JsPerson]) -> str:
