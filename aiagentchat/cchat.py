@@ -1,6 +1,7 @@
 """`cchat`: talk to aiagentchat rooms from a terminal or from another agent's shell.
 
-    cchat login --homeserver URL --user @you:server    password from a prompt or CCHAT_PASSWORD
+    cchat login --homeserver URL --user @you:server [--recovery-key]   password from a prompt or CCHAT_PASSWORD
+    cchat verify --recovery-key                       sign this device with your identity (Element's recovery key)
     cchat send ROOM TEXT [--wait [--json] [--timeout S] [--bot USER]]
     cchat rooms [--json]
     cchat tail ROOM [--json] [--bot USER]
@@ -24,7 +25,10 @@ The login (`{homeserver, user_id, device_id, access_token}`, mode 0600) lives in
 
 cchat's device is end-to-end encrypted: its crypto store is `$CCHAT_CONFIG_DIR/store/`, sealed with
 `CCHAT_PICKLE_KEY` or the generated `$CCHAT_CONFIG_DIR/pickle_key` (mode 0600). It shares its room keys with
-every device in the room, verified or not, and reads whatever the bot shares with it.
+every device in the room, verified or not, and reads whatever the bot shares with it. Today's Element and the
+bot's default trust ignore a device its owner has not cross-signed: `--recovery-key` (the key from CCHAT_RECOVERY_KEY
+or a prompt) reads the person's self-signing key from their secret storage and signs cchat's device with it;
+until then `send` says so in an encrypted room.
 """
 
 from __future__ import annotations
@@ -275,6 +279,34 @@ async def prepare_room(client: AsyncClient, room_id: str, encrypted: bool) -> No
     room.encrypted = room.encrypted or encrypted
     if encrypted:
         await call(upkeep(client), client)
+
+
+async def warn_unless_cross_signed(client: AsyncClient) -> None:
+    """One line on stderr when this device is not cross-signed: encrypted rooms may then not answer it."""
+    from aiagentchat.identity import IdentityError, own_device_signed  # only encrypted rooms need it
+
+    try:
+        signed = await call(own_device_signed(client), client)
+    except IdentityError:
+        return
+    if not signed:
+        error_line(
+            f"warning: this device ({client.device_id}) is not cross-signed by your identity, so today's Element "
+            "and the bot's default trust ignore what it sends in encrypted rooms; sign it with "
+            "`cchat verify --recovery-key` (your Element recovery key)"
+        )
+
+
+async def sign_this_device(client: AsyncClient, recovery_key: str) -> str:
+    """Sign cchat's device with the self-signing key kept in the person's secret storage; what to print."""
+    from aiagentchat.identity import IdentityError, fingerprint, sign_with_secret_storage
+    from aiagentchat.secret_storage import SecretStorageError, decode_recovery_key
+
+    try:
+        identity = await call(sign_with_secret_storage(client, decode_recovery_key(recovery_key)), client)
+    except (IdentityError, SecretStorageError) as exc:
+        raise Fail(EXIT_USAGE, f"this device is not cross-signed: {exc}") from None
+    return f"this device ({client.device_id}) is cross-signed by {client.user_id}'s identity ({fingerprint(identity.master)})"
 
 
 async def send_prompt(client: AsyncClient, room_id: str, content: dict[str, Any]) -> str:
@@ -617,6 +649,8 @@ async def run_send(request: SendRequest) -> int:
             raise Fail(EXIT_FORBIDDEN, f"{who} is not in {where}; nothing sent")
         encrypted = await check_room(client, room_id, request.room)
         await prepare_room(client, room_id, encrypted)
+        if encrypted:
+            await warn_unless_cross_signed(client)
         if not request.wait:
             print(await send_prompt(client, room_id, content), flush=True)
             return EXIT_OK
@@ -716,7 +750,7 @@ async def tail_room(room: str, as_json: bool, lines: int, config: Path | None, b
         await client.close()
 
 
-async def run_login(homeserver: str, user: str, password: str, path: Path) -> Credentials:
+async def run_login(homeserver: str, user: str, password: str, path: Path, recovery_key: str | None) -> Credentials:
     homeserver = homeserver.rstrip("/")
     try:
         saved: Credentials | None = load_credentials(path)
@@ -728,13 +762,23 @@ async def run_login(homeserver: str, user: str, password: str, path: Path) -> Cr
         response = await call(client.login(password, device_name="cchat"), client)
         if isinstance(response, LoginResponse):
             await call(upkeep(client), client)  # publish the device's keys, so others share theirs with it
+            Credentials(homeserver, response.user_id, response.device_id, response.access_token).save(path)
+            if recovery_key is not None:
+                print(await sign_this_device(client, recovery_key), flush=True)
     finally:
         await client.close()
     if not isinstance(response, LoginResponse):
         raise Fail(EXIT_USAGE, f"login as {user} at {homeserver} refused: {response.status_code} {response.message}")
-    credentials = Credentials(homeserver, response.user_id, response.device_id, response.access_token)
-    credentials.save(path)
-    return credentials
+    return Credentials(homeserver, response.user_id, response.device_id, response.access_token)
+
+
+async def run_verify(recovery_key: str) -> None:
+    client = connect(load_credentials(credentials_path()))
+    try:
+        await call(upkeep(client), client)
+        print(await sign_this_device(client, recovery_key), flush=True)
+    finally:
+        await client.close()
 
 
 @contextlib.contextmanager
@@ -809,31 +853,55 @@ BotOption = Annotated[
 ]
 
 
-def ask_password(user: str) -> str:
+def ask_secret(variable: str, prompt: str, what: str) -> str:
+    """A secret from the environment, else from the terminal without echo; Fail when there is neither."""
+    if value := os.environ.get(variable, ""):
+        return value
     if not _isatty(sys.stdin):
-        raise Fail(EXIT_USAGE, "no password: set CCHAT_PASSWORD or run cchat login on a terminal")
+        raise Fail(EXIT_USAGE, f"no {what}: set {variable} or run cchat on a terminal")
     try:
-        password = getpass.getpass(f"Password for {user}: ")
+        value = getpass.getpass(prompt)
     except (EOFError, KeyboardInterrupt):
-        password = ""
-    if not password:
-        raise Fail(EXIT_USAGE, "no password given")
-    return password
+        value = ""
+    if not value:
+        raise Fail(EXIT_USAGE, f"no {what} given")
+    return value
+
+
+RecoveryKeyOption = Annotated[
+    bool,
+    typer.Option(
+        "--recovery-key",
+        help="Sign this device with your identity, using your recovery key (from CCHAT_RECOVERY_KEY or a prompt).",
+    ),
+]
 
 
 @app.command()
 def login(
     homeserver: Annotated[str, typer.Option("--homeserver", help="Homeserver URL, e.g. https://matrix.example.org")],
     user: Annotated[str, typer.Option("--user", help="Your full Matrix ID, e.g. @you:example.org")],
+    recovery_key: RecoveryKeyOption = False,
 ) -> None:
     """Log in as USER (password from CCHAT_PASSWORD or a prompt) and save the login, mode 0600."""
     with failing():
         if not user.startswith("@") or ":" not in user:
             raise Fail(EXIT_USAGE, f"--user must be a full Matrix ID like @you:example.org, not {user!r}")
-        password = os.environ.get("CCHAT_PASSWORD", "") or ask_password(user)
+        password = ask_secret("CCHAT_PASSWORD", f"Password for {user}: ", "password")
+        key = ask_secret("CCHAT_RECOVERY_KEY", "Recovery key: ", "recovery key") if recovery_key else None
     path = credentials_path()
-    saved = run(run_login(homeserver, user, password, path))
+    saved = run(run_login(homeserver, user, password, path, key))
     print(f"logged in as {saved.user_id} (device {saved.device_id}); saved to {path}")
+
+
+@app.command()
+def verify(recovery_key: RecoveryKeyOption = False) -> None:
+    """Cross-sign this device with your identity, so that encrypted rooms and Element trust it."""
+    with failing():
+        if not recovery_key:
+            raise Fail(EXIT_USAGE, "cchat verify needs --recovery-key (your Element recovery key)")
+        key = ask_secret("CCHAT_RECOVERY_KEY", "Recovery key: ", "recovery key")
+    run(run_verify(key))
 
 
 @app.command()

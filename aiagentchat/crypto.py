@@ -224,6 +224,7 @@ class Crypto:
             response = await query()
             if isinstance(response, KeysQueryResponse) and response.transport_response is not None:
                 self.trust.learn(await response.transport_response.json(content_type=None))
+                self._rotate_for_newly_trusted()
             return response
 
         self.client.keys_query = query_and_learn
@@ -305,6 +306,20 @@ class Crypto:
             self._kicked.set()
         log.info("room_key_shared", room_id=room_id, trust=trust, left_out=[f"{d.user_id}/{d.id}" for d in devices])
         return {(d.user_id, d.id) for d in devices}
+
+    def _rotate_for_newly_trusted(self) -> None:
+        """A device left out of a room's key that the room's trust accepts now (its owner cross-signed it, say)
+        gets the room's next messages: the room's outbound session is dropped, so the next send makes and
+        shares a new one (nio never shares a session again with a device it left out)."""
+        olm = self.client.olm
+        for room_id, user_id, device_id in list(self._told):
+            room = self.rooms.get(room_id)
+            device = olm.device_store[user_id].get(device_id) if user_id in olm.device_store.users else None
+            if room is None or device is None or not self.trust.accepts(room.trust, device):
+                continue
+            self._told.discard((room_id, user_id, device_id))
+            if olm.outbound_group_sessions.pop(room_id, None) is not None:
+                log.info("room_key_rotated", room_id=room_id, now_trusted=f"{user_id}/{device_id}")
 
     async def _post_left_out(self) -> None:
         while self._left_out:

@@ -34,6 +34,7 @@ from signedjson.types import SigningKey
 
 from aiagentchat.api import call
 from aiagentchat.private import read_private, write_private
+from aiagentchat.secret_storage import read_secret
 
 log = structlog.get_logger(__name__)
 
@@ -103,12 +104,16 @@ class CrossSigningKeys:
         }
 
     def sign_device(self, device: dict[str, Any]) -> dict[str, Any]:
-        """`device` (its keys as the homeserver publishes them) with the self-signing key's signature added."""
-        return sign_json(_unsigned_copy(device), self.user_id, self.self_signing)
+        return sign_device(device, self.user_id, self.self_signing)
 
     def sign_identity(self, master: dict[str, Any]) -> dict[str, Any]:
         """Another user's master key object with our user-signing key's signature: we verified them."""
         return sign_json(_unsigned_copy(master), self.user_id, self.user_signing)
+
+
+def sign_device(device: dict[str, Any], user_id: str, self_signing: SigningKey) -> dict[str, Any]:
+    """`device` (its keys as the homeserver publishes them) with the self-signing key's signature added."""
+    return sign_json(_unsigned_copy(device), user_id, self_signing)
 
 
 def key_object(user_id: str, usage: str, key: str) -> dict[str, Any]:
@@ -248,13 +253,49 @@ async def upload_signatures(client: AsyncClient, signed: dict[str, dict[str, Any
 async def sign_own_device(client: AsyncClient, keys: CrossSigningKeys, published: dict[str, Any]) -> bool:
     """Sign the client's device with the self-signing key unless the homeserver already has that signature;
     whether a signature was uploaded."""
+    return await _sign_own_device(client, keys.self_signing, published)
+
+
+async def _sign_own_device(client: AsyncClient, self_signing: SigningKey, published: dict[str, Any]) -> bool:
     device = read_devices(published, client.user_id).get(client.device_id)
     if device is None:
-        raise IdentityError(f"the homeserver has no keys for the bot's device {client.device_id} yet")
-    if signed_by(device, client.user_id, public(keys.self_signing)):
+        raise IdentityError(f"the homeserver has no keys for the device {client.device_id} yet")
+    if signed_by(device, client.user_id, public(self_signing)):
         return False
-    await upload_signatures(client, {client.user_id: {client.device_id: keys.sign_device(device)}})
+    await upload_signatures(
+        client, {client.user_id: {client.device_id: sign_device(device, client.user_id, self_signing)}}
+    )
     return True
+
+
+async def own_device_signed(client: AsyncClient) -> bool:
+    """Whether the client's own identity has cross-signed the client's device (what Element requires)."""
+    published = await query(client, [client.user_id])
+    identity = read_identity(published, client.user_id)
+    device = read_devices(published, client.user_id).get(client.device_id)
+    ed25519 = client.olm.account.identity_keys["ed25519"] if client.olm is not None else ""
+    return identity is not None and identity.signs(device, ed25519)
+
+
+async def sign_with_secret_storage(client: AsyncClient, recovery_key: bytes) -> Identity:
+    """Sign the client's device with the user's self-signing key, read from their secret storage with their
+    recovery key (what Element does when a person verifies a new session with the recovery key)."""
+    seed = await read_secret(client, SECRET_NAMES["self_signing"], recovery_key)
+    try:
+        self_signing = signing_key(seed)
+    except (ValueError, TypeError, nacl.exceptions.CryptoError):
+        raise IdentityError("the self-signing key in your secret storage is not a key") from None
+    published = await query(client, [client.user_id])
+    identity = read_identity(published, client.user_id)
+    if identity is None:
+        raise IdentityError("your account has no cross-signing identity: set one up in Element (Settings → Encryption)")
+    if identity.self_signing != public(self_signing):
+        raise IdentityError(
+            "the self-signing key in your secret storage is not the one your identity publishes: "
+            "set up recovery again in Element (Settings → Encryption)"
+        )
+    await _sign_own_device(client, self_signing, published)
+    return identity
 
 
 # --- the bot's private keys on disk -----------------------------------------------------------------------------

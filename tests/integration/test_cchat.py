@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from aiagentchat.secret_storage import encode_recovery_key, new_recovery_key, write_secret
 from tests.harness import coverage_env
+from tests.harness.e2e import E2EUser
 from tests.harness.matrix_user import MatrixUser, body, messages
 from tests.integration.conftest import bot_events, encrypted_room, run_ended
 
@@ -289,11 +291,25 @@ async def test_tail_shows_recent_output_then_follows_as_json_lines_until_ctrl_c(
     assert followed[-1]["final"]["ok"] is True
 
 
+async def recovery_key_of(world, user: E2EUser) -> str:
+    """The world's user's recovery key, their self-signing key kept in their secret storage as Element keeps it."""
+    key = new_recovery_key()
+    await write_secret(user.client, "m.cross_signing.self_signing", world.user_identity.seeds()["self_signing"], key)
+    return encode_recovery_key(key)
+
+
+async def cross_signed(world, cli: Cchat, user: E2EUser) -> None:
+    ran = await cli("verify", "--recovery-key", env={"CCHAT_RECOVERY_KEY": await recovery_key_of(world, user)})
+    assert ran.code == 0 and "is cross-signed by" in ran.stdout, ran.stderr
+
+
 async def test_an_encrypted_room_works_as_a_plain_one(world, cli):
     user = await world.device()  # another device of the same person, to look at what cchat sent
     room, _ = await encrypted_room(world, user)
+    await cross_signed(world, cli, user)
     ran = await cli("send", room, "say sealed both ways", "--wait", "--json")
     assert ran.code == 0, ran.stderr
+    assert "not cross-signed" not in ran.stderr
     result = json.loads(ran.stdout)
     assert result["ok"] is True and "sealed both ways" in "".join(result["events"])
     events = await user.wait_for(lambda evs: any(body(e) == "say sealed both ways" for e in evs), room_id=room)
@@ -366,13 +382,12 @@ async def test_in_an_encrypted_room_a_plaintext_answer_from_the_bots_own_account
     """Another device of the bot's account, without encryption, posts a plaintext final answer first."""
     user = await world.device()
     room, _ = await encrypted_room(world, user)
+    await cross_signed(world, cli, user)
     impostor = MatrixUser()
     await impostor.login(world.synapse.base_url, world.bot_id, world.bot_password)
     try:
         proc = await cli.start("send", room, "slow 20", "--wait", "--json", "--timeout", "90")
-        prompt_id = await prompt_sent(
-            impostor, room, world.user.user_id, lambda e: e.get("type") == "m.room.encrypted"
-        )
+        prompt_id = await prompt_sent(impostor, room, world.user.user_id, lambda e: e.get("type") == "m.room.encrypted")
         await impostor.send_text(room, "forged", **marked(prompt_id, "forged"))
         async with asyncio.timeout(90):
             out, err = await proc.communicate()
@@ -386,3 +401,23 @@ async def test_in_an_encrypted_room_a_plaintext_answer_from_the_bots_own_account
     assert forged["sender"] == world.bot_id and (await user.raw_event(room, forged["event_id"]))["type"] == (
         "m.room.message"
     )  # it was there, in plaintext, from the bot's user
+
+
+async def test_an_unsigned_cchat_is_told_why_and_the_recovery_key_signs_it(world, tmp_path):
+    user = await world.device()
+    room, _ = await encrypted_room(world, user)
+    key = await recovery_key_of(world, user)
+    cli = Cchat(tmp_path / "cchat")
+    cli.env["CCHAT_BOT"] = world.bot_id
+    await cli.login(world.synapse.base_url, world.user.user_id, world.user_password)
+    ignored = await cli("send", room, "say from an unsigned cchat", "--wait", "--timeout", "15")
+    assert ignored.code == 3 and "is not cross-signed by your identity" in ignored.stderr
+    assert "cchat verify --recovery-key" in ignored.stderr
+    wrong = await cli("verify", "--recovery-key", env={"CCHAT_RECOVERY_KEY": encode_recovery_key(new_recovery_key())})
+    assert wrong.code == 2 and "not the one of the account's secret storage" in wrong.stderr
+
+    relogin = await cli("login", "--homeserver", world.synapse.base_url, "--user", world.user.user_id,
+                        "--recovery-key", env={"CCHAT_PASSWORD": world.user_password, "CCHAT_RECOVERY_KEY": key})  # fmt: skip
+    assert relogin.code == 0 and "is cross-signed by" in relogin.stdout, relogin.stderr
+    ran = await cli("send", room, "say from a signed cchat", "--wait", "--json")
+    assert ran.code == 0 and "from a signed cchat" in "".join(json.loads(ran.stdout)["events"]), ran.stderr

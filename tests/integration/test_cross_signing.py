@@ -5,7 +5,6 @@ and the `aiagentchat keys` and `aiagentchat trust` commands."""
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import sys
 from typing import Any
@@ -80,7 +79,7 @@ async def test_a_person_on_element_reads_the_bots_answers_and_sees_its_device_si
     person = await people(world.user.user_id, world.user_password, "element")
     await person.bootstrap_cross_signing(world.user_password)
     room, daemon = await element_room(world, person)
-    prompt, answer = await element_asks(world, person, room, "say hello to element")
+    _, answer = await element_asks(world, person, room, "say hello to element")
     assert answer["decryption_failure"] is None and answer["encrypted"] is True
     assert "hello to element" in answer["content"]["body"]
     assert answer["content"][MARKER]["final"]["ok"] is True

@@ -11,7 +11,7 @@ import pytest
 
 from tests.harness.e2e import E2EUser
 from tests.harness.js_person import JsPerson
-from tests.integration.conftest import membership, settled
+from tests.integration.conftest import joined, membership, settled
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 
