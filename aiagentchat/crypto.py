@@ -299,7 +299,9 @@ class Crypto:
         readers = [d for d in members if d not in devices and room is not None and d.user_id in room.allowed_users]
         if devices and not readers:
             log.warning("no_allowed_user_can_read", room_id=room_id, trust=trust)
-        news = [d for d in devices if (room_id, d.user_id, d.id) not in self._told]
+        news = [  # the bot's own stale devices are left out without telling the room
+            d for d in devices if (room_id, d.user_id, d.id) not in self._told and d.user_id != self.client.user_id
+        ]
         if news:
             self._told.update((room_id, d.user_id, d.id) for d in news)
             self._left_out.setdefault(room_id, []).extend(news)

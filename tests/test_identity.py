@@ -11,9 +11,11 @@ from nio.crypto import OlmDevice
 from signedjson.key import encode_verify_key_base64
 from signedjson.sign import sign_json
 
+from aiagentchat.crypto import Crypto
 from aiagentchat.identity import CrossSigningKeys, IdentityError, KeyFile, key_of, read_identity, signed_by
+from aiagentchat.settings import RoomSettings
 from aiagentchat.trust import DeviceTrust, Pins
-from tests.test_crypto import ALICE, bot_client
+from tests.test_crypto import ALICE, ROOM, bot_client, known, settings_for
 
 BOT = "@bot:localhost"
 
@@ -155,3 +157,24 @@ def test_verified_means_an_identity_the_bot_signed(tmp_path):
     published["master_keys"][ALICE] = forged
     trust.learn(published)
     assert not trust.accepts("verified", phone)
+
+
+def test_a_room_key_is_rotated_when_a_device_it_left_out_becomes_trusted(tmp_path):
+    keys = CrossSigningKeys.generate(ALICE)
+    phone, unsigned = person_device(None, "PHONE")
+    client = bot_client(tmp_path)
+    known(client, phone)
+    rooms = {ROOM: RoomSettings(id=ROOM, allowed_users=[ALICE])}  # the default trust: cross_signed
+    crypto = Crypto(client, settings_for(tmp_path), rooms, lambda _: None, None)
+    crypto.attach()
+    crypto.trust.learn(answer(keys, {"PHONE": unsigned}))
+    list(client.olm.share_group_session_parallel(ROOM, [ALICE]))
+    assert client.olm.outbound_group_sessions[ROOM].users_ignored == {(ALICE, "PHONE")}
+    crypto._rotate_for_newly_trusted()
+    assert ROOM in client.olm.outbound_group_sessions  # still left out: the session stays
+
+    crypto.trust.learn(answer(keys, {"PHONE": keys.sign_device(unsigned)}))  # alice signed her phone
+    crypto._rotate_for_newly_trusted()
+    assert ROOM not in client.olm.outbound_group_sessions  # the next message gets a new key, shared with it
+    list(client.olm.share_group_session_parallel(ROOM, [ALICE]))
+    assert client.olm.outbound_group_sessions[ROOM].users_ignored == set()

@@ -16,7 +16,7 @@ from tests.harness.e2e import E2EUser
 from tests.harness.js_person import Event, JsPerson
 from tests.integration.conftest import MARKER, World, encrypted_room, joined, membership, run_ended, settled
 from tests.integration.daemon import Daemon
-from tests.integration.test_e2e import Verify, ask, bot_device_id, emoji_names, run_ended_or_refused
+from tests.integration.test_e2e import ask, bot_device_id, run_ended_or_refused, verified_by_sas
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 
@@ -152,12 +152,18 @@ async def test_a_changed_identity_is_refused_until_an_operator_accepts_it(world)
     assert "accepted again" in "".join(e["content"]["body"] for e in answer)
 
 
-async def test_keys_export_and_import_carry_the_identity_to_a_rebuilt_host(world):
+async def stopped_after_an_answer(world: World) -> tuple[E2EUser, str, Daemon, str]:
+    """A person, an encrypted room and its daemon, stopped after one answer; the bot's master key then."""
     user = await world.device()
     room, daemon = await encrypted_room(world, user)
-    await ask(user, room, "say on the old host")
+    await ask(user, room, "say with the first identity")
     master, _ = await bot_identity(user, world.bot_id)
     assert await daemon.stop() == 0
+    return user, room, daemon, master
+
+
+async def test_keys_export_and_import_carry_the_identity_to_a_rebuilt_host(world):
+    user, room, daemon, master = await stopped_after_an_answer(world)
     export = world.tmp_path / "bot-keys.json"
     code, output = await cli(daemon, "keys", "export", str(export))
     assert code == 0 and master[:4] in output
@@ -187,11 +193,7 @@ async def test_keys_export_and_import_carry_the_identity_to_a_rebuilt_host(world
 
 
 async def test_keys_reset_makes_a_new_identity_that_signs_the_device(world):
-    user = await world.device()
-    room, daemon = await encrypted_room(world, user)
-    await ask(user, room, "say with the first identity")
-    old, _ = await bot_identity(user, world.bot_id)
-    assert await daemon.stop() == 0
+    user, _, daemon, old = await stopped_after_an_answer(world)
     code, output = await cli(daemon, "keys", "reset")
     assert code == 0 and "New identity" in output
     new, signed = await bot_identity(user, world.bot_id)
@@ -209,12 +211,7 @@ async def test_verifying_a_person_trusts_every_device_they_cross_sign(world):
     bot_device = await phone.device_of(world.bot_id)
     assert await daemon.stop() == 0
 
-    verify = await Verify.start(daemon, world.user.user_id, phone.client.device_id)
-    sas = await phone.accept_sas(bot_device)
-    assert emoji_names(sas) in await verify.read_until("numbers:")
-    await verify.answer("y")
-    await phone.confirm_sas(sas)
-    code, output = await verify.finish()
+    code, output = await verified_by_sas(daemon, phone, bot_device)
     assert code == 0 and f"✅ Verified {world.user.user_id}'s identity" in output
 
     laptop = await device_in(world, room)  # never verified by the bot on its own: its owner's identity signed it

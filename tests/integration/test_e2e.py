@@ -159,6 +159,19 @@ def emoji_names(sas: Any) -> str:
     return " | ".join(name for _, name in sas.get_emoji())
 
 
+async def verified_by_sas(daemon: Daemon, user: E2EUser, bot_device: Any) -> tuple[int, str]:
+    """`aiagentchat verify USER DEVICE` started by the bot, accepted on the user's device, the emoji confirmed on
+    both sides; its exit code and output."""
+    verify = await Verify.start(daemon, user.user_id, user.client.device_id)
+    sas = await user.accept_sas(bot_device)
+    assert emoji_names(sas) in await verify.read_until("numbers:")
+    await verify.answer("y")
+    await user.confirm_sas(sas)
+    code, output = await verify.finish()
+    assert sas.verified, output
+    return code, output
+
+
 async def test_verify_started_from_the_bot_is_recorded_on_both_sides(world):
     user = await world.device()
     room, daemon = await encrypted_room(world, user)
@@ -172,14 +185,9 @@ async def test_verify_started_from_the_bot_is_recorded_on_both_sides(world):
     assert code == 2 and "in use by pid" in output
     assert await daemon.stop() == 0
 
-    verify = await Verify.start(daemon, user.user_id, user.client.device_id)
-    sas = await user.accept_sas(bot_device)
-    assert emoji_names(sas) in await verify.read_until("numbers:")
-    await verify.answer("y")
-    await user.confirm_sas(sas)
-    code, output = await verify.finish()
+    code, output = await verified_by_sas(daemon, user, bot_device)
     assert code == 0 and f"✅ Verified {user.user_id}'s device {user.client.device_id}" in output
-    assert sas.verified and user.client.olm.is_device_verified(bot_device)
+    assert user.client.olm.is_device_verified(bot_device)
 
     strict = world.daemon([{"id": room, "trust": "verified"}])  # the same bot device, now trusting verified ones only
     await strict.start()
