@@ -180,7 +180,8 @@ class Bot:
     async def run(self) -> None:
         await self.login()
         self.crypto.attach()
-        await self.crypto.publish_identity(retry=False)  # before any room: no client meets the device unsigned
+        # before any room, so no client meets the device unsigned; what fails here is retried in the background
+        await guarded(self.crypto.publish_identity(retry=False), "cross_signing_failed")
         await self._resolve_rooms()
         self.workers = {room_id: self._make_worker(room_id, room) for room_id, room in self.rooms.items()}
         for pid, started, room_id in await self.store.take_agents():

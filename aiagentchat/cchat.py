@@ -1,7 +1,8 @@
 """`cchat`: talk to aiagentchat rooms from a terminal or from another agent's shell.
 
     cchat login --homeserver URL --user @you:server [--recovery-key]   password from a prompt or CCHAT_PASSWORD
-    cchat verify --recovery-key                       sign this device with your identity (Element's recovery key)
+    cchat verify [--recovery-key] [--timeout S]       sign this device with your identity: emoji with another
+                                                      of your sessions, or with Element's recovery key
     cchat send ROOM TEXT [--wait [--json] [--timeout S] [--bot USER]]
     cchat rooms [--json]
     cchat tail ROOM [--json] [--bot USER]
@@ -292,8 +293,8 @@ async def warn_unless_cross_signed(client: AsyncClient) -> None:
     if not signed:
         error_line(
             f"warning: this device ({client.device_id}) is not cross-signed by your identity, so today's Element "
-            "and the bot's default trust ignore what it sends in encrypted rooms; sign it with "
-            "`cchat verify --recovery-key` (your Element recovery key)"
+            "and the bot's default trust ignore what it sends in encrypted rooms; sign it with `cchat verify` "
+            "(emoji with another of your sessions) or `cchat verify --recovery-key` (your Element recovery key)"
         )
 
 
@@ -772,13 +773,42 @@ async def run_login(homeserver: str, user: str, password: str, path: Path, recov
     return Credentials(homeserver, response.user_id, response.device_id, response.access_token)
 
 
-async def run_verify(recovery_key: str) -> None:
+async def run_verify(recovery_key: str | None, timeout: float) -> None:
     client = connect(load_credentials(credentials_path()))
     try:
         await call(upkeep(client), client)
-        print(await sign_this_device(client, recovery_key), flush=True)
+        if recovery_key is not None:
+            print(await sign_this_device(client, recovery_key), flush=True)
+        else:
+            await verify_with_another_session(client, time.monotonic() + timeout)
     finally:
         await client.close()
+
+
+async def verify_with_another_session(client: AsyncClient, deadline: float) -> None:
+    """Emoji verification that another session of the same person starts; that session, which holds the
+    person's self-signing key, then signs this device."""
+    from aiagentchat.identity import own_device_signed
+    from aiagentchat.verify import VERIFIED, Cancelled, Target, Verification, compare_emoji, say_now
+
+    session = Verification(client, {client.user_id}, Target(client.user_id, None), say_now)
+    syncing = asyncio.create_task(session.sync())
+    try:
+        say_now(
+            f"Waiting for another of your sessions to verify this one ({client.device_id}); in Element: Settings → "
+            "Sessions → this session → Verify session..."
+        )
+        if await compare_emoji(session, deadline, say_now) != VERIFIED:
+            raise Fail(EXIT_AGENT_ERROR, "this device is not verified")
+        say_now("Verified; waiting for your other session to sign this device...")
+        try:
+            await session.until_async(lambda: own_device_signed(client), deadline, "signature from your other session")
+        except Cancelled as exc:
+            raise Fail(EXIT_TIMEOUT, f"this device is verified but not cross-signed: {exc}") from None
+        say_now(f"this device ({client.device_id}) is cross-signed by {client.user_id}'s identity")
+    finally:
+        syncing.cancel()
+        await asyncio.gather(syncing, return_exceptions=True)
 
 
 @contextlib.contextmanager
@@ -853,12 +883,12 @@ BotOption = Annotated[
 ]
 
 
-def ask_secret(variable: str, prompt: str, what: str) -> str:
+def ask_secret(variable: str, prompt: str, what: str, command: str) -> str:
     """A secret from the environment, else from the terminal without echo; Fail when there is neither."""
     if value := os.environ.get(variable, ""):
         return value
     if not _isatty(sys.stdin):
-        raise Fail(EXIT_USAGE, f"no {what}: set {variable} or run cchat on a terminal")
+        raise Fail(EXIT_USAGE, f"no {what}: set {variable} or run cchat {command} on a terminal")
     try:
         value = getpass.getpass(prompt)
     except (EOFError, KeyboardInterrupt):
@@ -887,21 +917,23 @@ def login(
     with failing():
         if not user.startswith("@") or ":" not in user:
             raise Fail(EXIT_USAGE, f"--user must be a full Matrix ID like @you:example.org, not {user!r}")
-        password = ask_secret("CCHAT_PASSWORD", f"Password for {user}: ", "password")
-        key = ask_secret("CCHAT_RECOVERY_KEY", "Recovery key: ", "recovery key") if recovery_key else None
+        password = ask_secret("CCHAT_PASSWORD", f"Password for {user}: ", "password", "login")
+        key = ask_secret("CCHAT_RECOVERY_KEY", "Recovery key: ", "recovery key", "login") if recovery_key else None
     path = credentials_path()
     saved = run(run_login(homeserver, user, password, path, key))
     print(f"logged in as {saved.user_id} (device {saved.device_id}); saved to {path}")
 
 
 @app.command()
-def verify(recovery_key: RecoveryKeyOption = False) -> None:
-    """Cross-sign this device with your identity, so that encrypted rooms and Element trust it."""
+def verify(
+    recovery_key: RecoveryKeyOption = False,
+    timeout: Annotated[float, typer.Option("--timeout", help="Give up after S seconds.")] = 300.0,
+) -> None:
+    """Cross-sign this device with your identity, so that encrypted rooms and Element trust it: compare emoji
+    with another of your sessions that starts the verification, or use your recovery key."""
     with failing():
-        if not recovery_key:
-            raise Fail(EXIT_USAGE, "cchat verify needs --recovery-key (your Element recovery key)")
-        key = ask_secret("CCHAT_RECOVERY_KEY", "Recovery key: ", "recovery key")
-    run(run_verify(key))
+        key = ask_secret("CCHAT_RECOVERY_KEY", "Recovery key: ", "recovery key", "verify") if recovery_key else None
+    run(run_verify(key, timeout))
 
 
 @app.command()

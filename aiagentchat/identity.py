@@ -319,12 +319,17 @@ class KeyFile:
         """The keys kept here, whoever they belong to; None when there are none."""
         if not self.path.exists():
             return None
-        stored = json.loads(read_private(self.path))
         try:
+            stored = json.loads(read_private(self.path))
             seeds = json.loads(self._box.decrypt(base64.b64decode(stored["box"])))
+            return CrossSigningKeys.from_seeds(stored["user_id"], seeds)
         except nacl.exceptions.CryptoError:
             raise IdentityError(f"{self.path} was not written with this pickle key") from None
-        return CrossSigningKeys.from_seeds(stored["user_id"], seeds)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise IdentityError(
+                f"{self.path} is damaged ({type(exc).__name__}: {exc}); restore it from "
+                "`aiagentchat keys export`, or `aiagentchat keys reset`"
+            ) from None
 
     def save(self, keys: CrossSigningKeys) -> None:
         box = base64.b64encode(self._box.encrypt(json.dumps(keys.seeds()).encode())).decode()

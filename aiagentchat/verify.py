@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,7 @@ from aiagentchat.crypto import NETWORK_ERRORS, DeviceLock, describe, upkeep
 from aiagentchat.identity import IdentityError, query, read_devices, read_identity, upload_signatures
 from aiagentchat.identity import fingerprint as key_fingerprint
 from aiagentchat.keys import key_file
+from aiagentchat.sas import use_spec_sas
 from aiagentchat.settings import Settings
 from aiagentchat.transport import login, make_client
 
@@ -57,6 +59,7 @@ class Verification:
     """The bot's device, synced just for to-device events, running one SAS verification."""
 
     def __init__(self, client: AsyncClient, allowed: set[str], target: Target, say: Callable[[str], None]) -> None:
+        use_spec_sas()
         self.client = client
         self.allowed = allowed
         self.target = target
@@ -64,6 +67,8 @@ class Verification:
         self.sas: Sas | None = None
         self.verified: OlmDevice | None = None  # the device the owner confirmed
         self.cancelled = ""
+        self._requested: str | None = None  # the transaction of the request we sent
+        self._ready = False  # ... which the other device accepted
         self._synced = asyncio.Event()
         client.add_to_device_callback(self._on_event, (UnknownToDeviceEvent, KeyVerificationStart))
         client.add_to_device_callback(self._on_cancel, (KeyVerificationCancel,))
@@ -80,19 +85,27 @@ class Verification:
                 await asyncio.sleep(1)
             self._synced.set()
 
+    async def until_async(self, done: Callable[[], Awaitable[bool]], deadline: float, what: str) -> None:
+        """`until`, for a condition that asks the homeserver."""
+        while not await done():
+            await self._next_sync(deadline, what)
+
     async def until(self, done: Callable[[], bool], deadline: float, what: str) -> None:
         """Wait, sync after sync, until `done()`; Cancelled when the other side cancels or time runs out."""
         while not done():
-            if self.cancelled:
-                raise Cancelled(self.cancelled)
-            if self.sas is not None and self.sas.canceled:
-                raise Cancelled(f"the verification was cancelled: {self.sas.cancel_reason}")
-            self._synced.clear()
-            try:
-                async with asyncio.timeout(max(deadline - time.monotonic(), 0)):
-                    await self._synced.wait()
-            except TimeoutError:
-                raise Cancelled(f"no {what} before the time limit") from None
+            await self._next_sync(deadline, what)
+
+    async def _next_sync(self, deadline: float, what: str) -> None:
+        if self.cancelled:
+            raise Cancelled(self.cancelled)
+        if self.sas is not None and self.sas.canceled:
+            raise Cancelled(f"the verification was cancelled: {self.sas.cancel_reason}")
+        self._synced.clear()
+        try:
+            async with asyncio.timeout(max(deadline - time.monotonic(), 0)):
+                await self._synced.wait()
+        except TimeoutError:
+            raise Cancelled(f"no {what} before the time limit") from None
 
     def _expected(self, user_id: str, device_id: str) -> bool:
         if self.target.user_id is None:
@@ -110,6 +123,8 @@ class Verification:
                 self.sas = sas
                 self.say(f"{event.sender}'s device {device_id} started a verification; accepting it.")
                 await self.client.accept_key_verification(event.transaction_id)
+        elif event.type == "m.key.verification.ready" and content.get("transaction_id") == self._requested:
+            self._ready = True
         elif event.type == "m.key.verification.request" and "m.sas.v1" in content.get("methods", []):
             self.say(f"{event.sender}'s device {device_id} asks for a verification; answering it.")
             self.client.olm.users_for_key_query.add(event.sender)
@@ -119,12 +134,24 @@ class Verification:
             await self.client.to_device(ToDeviceMessage("m.key.verification.ready", event.sender, device_id, ready))
 
     async def _on_cancel(self, event: KeyVerificationCancel) -> None:
-        if self.sas is not None and event.transaction_id == self.sas.transaction_id:
+        ours = [self._requested, self.sas.transaction_id if self.sas is not None else None]
+        if event.transaction_id in ours:
             self.cancelled = f"the other device cancelled: {event.reason} ({event.code})"
 
-    async def start(self, device: OlmDevice) -> None:
-        await self.client.start_key_verification(device)
-        self.sas = self.client.olm.get_active_sas(device.user_id, device.id)
+    async def start(self, device: OlmDevice, deadline: float) -> None:
+        """Start as Element does: a request, and once the device is ready for it, the emoji verification."""
+        transaction_id = uuid.uuid4().hex
+        self._requested = transaction_id
+        request = {"from_device": self.client.device_id, "methods": ["m.sas.v1"],
+                   "timestamp": int(time.time() * 1000), "transaction_id": transaction_id}  # fmt: skip
+        await self.client.to_device(ToDeviceMessage("m.key.verification.request", device.user_id, device.id, request))
+        await self.until(lambda: self._ready, deadline, "answer to the verification request")
+        olm = self.client.olm
+        own_key = olm.account.identity_keys["ed25519"]
+        sas = Sas(self.client.user_id, self.client.device_id, own_key, device, transaction_id)
+        olm.key_verifications[transaction_id] = sas
+        await self.client.to_device(sas.start_verification())
+        self.sas = sas
 
     async def device(self, user_id: str, device_id: str) -> OlmDevice:
         """The device as its keys are published now; Cancelled if it has none."""
@@ -215,10 +242,21 @@ async def _run(session: Verification, target: Target, deadline: float, say: Call
                 session.verified = device if code == VERIFIED else None
                 return code
             say(f"Starting a verification with {describe(device)}; accept it there.")
-            await session.start(device)
+            await session.start(device, deadline)
         else:
             who = target.user_id or "an allowed user"
             say(f"Waiting for {who} to start a verification of this device from their client...")
+    except Cancelled as exc:
+        say(f"❌ Not verified: {exc}")
+        return NOT_VERIFIED
+    code = await compare_emoji(session, deadline, say)
+    return _verified(session.verified, say) if session.verified is not None else code
+
+
+async def compare_emoji(session: Verification, deadline: float, say: Callable[[str], None]) -> int:
+    """Once a verification has started: show the emoji, ask whether they match, finish it; VERIFIED (with
+    `session.verified` set) or NOT_VERIFIED."""
+    try:
         await session.until(lambda: session.sas is not None, deadline, "verification")
         sas = session.sas
         await session.until(lambda: sas.established_sas is not None, deadline, "keys from the other device")
@@ -229,7 +267,7 @@ async def _run(session: Verification, target: Target, deadline: float, say: Call
         say(f"❌ Not verified: {exc}")
         return NOT_VERIFIED
     session.verified = sas.other_olm_device
-    return _verified(sas.other_olm_device, say)
+    return VERIFIED
 
 
 async def _sign_identity(

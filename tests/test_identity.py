@@ -77,11 +77,11 @@ def test_a_device_counts_only_when_every_signature_in_the_chain_checks_out():
     assert not read_identity(published, ALICE).signs(signed, phone.ed25519)
 
 
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
-    max_leaves=12,
-)
+def containers(inner: st.SearchStrategy) -> st.SearchStrategy:
+    return st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8), containers, max_leaves=12)
 
 
 @settings(max_examples=200, deadline=None)
@@ -105,6 +105,9 @@ def test_the_private_keys_are_kept_under_the_pickle_key(tmp_path):
     with pytest.raises(IdentityError, match="not @other:localhost"):
         KeyFile(path, "pickle").load("@other:localhost")
     assert KeyFile(tmp_path / "none.json", "pickle").load(BOT) is None
+    path.write_text('{"user_id": "@bot:localhost", "box": "not base64!"}')
+    with pytest.raises(IdentityError, match="is damaged"):
+        KeyFile(path, "pickle").load(BOT)
 
 
 def trust_with(tmp_path, published: dict) -> DeviceTrust:

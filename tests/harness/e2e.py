@@ -23,9 +23,11 @@ from nio import Api, RoomKeyRequest, RoomSendResponse, ToDeviceError, ToDeviceMe
 from nio.crypto import OlmDevice, Sas
 
 from aiagentchat.identity import CrossSigningKeys, query, sign_own_device, upload_identity
+from aiagentchat.sas import use_spec_sas
 from tests.harness.matrix_user import MatrixUser
 
 MEGOLM = "m.megolm.v1.aes-sha2"
+use_spec_sas()  # this device verifies the way the bot does, and Element
 
 
 @dataclass(frozen=True)
@@ -172,8 +174,19 @@ class E2EUser(MatrixUser):
         return sas
 
     async def accept_sas(self, device: OlmDevice, timeout: float = 60) -> Sas:
-        """Wait for `device` to start a verification, accept it; returns once the emoji can be shown."""
+        """Wait for `device` to request a verification, answer it ready, accept the start that follows, as Element
+        does; returns once the emoji can be shown."""
         client = self._client()
+
+        def requests() -> list[dict[str, Any]]:
+            contents = [e.source.get("content", {}) for e in self.to_device
+                        if e.source.get("type") == "m.key.verification.request"]  # fmt: skip
+            return [content for content in contents if content.get("from_device") == device.id]
+
+        await self.wait_for(lambda _: requests() != [], timeout=timeout)
+        ready = {"from_device": client.device_id, "methods": ["m.sas.v1"],
+                 "transaction_id": requests()[-1]["transaction_id"]}  # fmt: skip
+        await self._send_to_device(ToDeviceMessage("m.key.verification.ready", device.user_id, device.id, ready))
 
         def started() -> Sas | None:
             return client.olm.get_active_sas(device.user_id, device.id)

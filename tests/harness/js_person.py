@@ -166,6 +166,16 @@ class JsPerson:
         """Sign another device of this user (this session holds the private keys after bootstrapping)."""
         await self._request("cross_sign_device", device_id=device_id)
 
+    async def verify_device(self, user_id: str, device_id: str, timeout: float = 120) -> dict[str, Any]:
+        """Emoji verification of that device, started and confirmed here; what this side showed: `emoji` (the
+        symbols) and `decimals`."""
+        return await self._request("verify_device", timeout=timeout, user_id=user_id, device_id=device_id)
+
+    async def accept_verification(self, user_id: str, timeout: float = 120) -> dict[str, Any]:
+        """Accept the next emoji verification a device of `user_id` requests and confirm it; what was shown, as
+        `verify_device` returns it."""
+        return await self._request("accept_verification", timeout=timeout, user_id=user_id)
+
     async def create_room(self, invite: list[str] | None = None, encrypted: bool = True) -> str:
         return (await self._request("create_room", invite=invite or [], encrypted=encrypted))["room_id"]
 

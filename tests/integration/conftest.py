@@ -249,3 +249,12 @@ def membership(room_id: str, user_id: str) -> Callable[[Event], bool]:
 def settled(event_id: str) -> Callable[[Event], bool]:
     """A js person's predicate: the event's decryption has a final outcome (clear text, or a lasting failure)."""
     return lambda event: event["event_id"] == event_id and event["decryption_failure"] not in NOT_YET
+
+
+def same_sas(shown_by_js: dict[str, Any], printed: str) -> bool:
+    """Whether a js person showed the emoji and numbers that `aiagentchat verify` or `cchat verify` printed (emoji
+    compared without variation selectors, which the two emoji tables write differently)."""
+    plain = printed.replace("\ufe0f", "")
+    emoji = "   ".join(symbol.replace("\ufe0f", "") for symbol in shown_by_js["emoji"])
+    numbers = " ".join(str(n) for n in shown_by_js["decimals"] or [])
+    return emoji in plain and f"numbers: {numbers}" in plain

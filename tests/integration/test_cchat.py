@@ -18,7 +18,7 @@ from aiagentchat.secret_storage import encode_recovery_key, new_recovery_key, wr
 from tests.harness import coverage_env
 from tests.harness.e2e import E2EUser
 from tests.harness.matrix_user import MatrixUser, body, messages
-from tests.integration.conftest import bot_events, encrypted_room, run_ended
+from tests.integration.conftest import bot_events, encrypted_room, run_ended, same_sas
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 
@@ -421,3 +421,27 @@ async def test_an_unsigned_cchat_is_told_why_and_the_recovery_key_signs_it(world
     assert relogin.code == 0 and "is cross-signed by" in relogin.stdout, relogin.stderr
     ran = await cli("send", room, "say from a signed cchat", "--wait", "--json")
     assert ran.code == 0 and "from a signed cchat" in "".join(json.loads(ran.stdout)["events"]), ran.stderr
+
+
+async def test_cchat_verify_compares_emoji_with_another_session_which_signs_it(world, people, tmp_path):
+    element = await people(world.user.user_id, world.user_password, "element")
+    await element.bootstrap_cross_signing(world.user_password)
+    cli = Cchat(tmp_path / "cchat")
+    await cli.login(world.synapse.base_url, world.user.user_id, world.user_password)
+    device_id = json.loads(cli.credentials.read_text())["device_id"]
+    proc = await cli.start("verify", "--timeout", "120")
+    shown = ""
+    verifying = asyncio.create_task(element.verify_device(world.user.user_id, device_id))
+    async with asyncio.timeout(60):
+        while "numbers:" not in shown:
+            line = await proc.stdout.readline()
+            assert line, f"cchat verify ended before showing emoji: {shown}"
+            shown += line.decode()
+    proc.stdin.write(b"y\n")
+    assert same_sas(await verifying, shown)
+    async with asyncio.timeout(90):
+        out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    assert f"this device ({device_id}) is cross-signed by {world.user.user_id}'s identity" in out.decode()
+    status = await element.device_status(world.user.user_id, device_id)
+    assert status["signed_by_owner"] is True

@@ -14,9 +14,18 @@ import pytest
 from aiagentchat.identity import CrossSigningKeys, query, read_devices, read_identity
 from tests.harness.e2e import E2EUser
 from tests.harness.js_person import Event, JsPerson
-from tests.integration.conftest import MARKER, World, encrypted_room, joined, membership, run_ended, settled
+from tests.integration.conftest import (
+    MARKER,
+    World,
+    encrypted_room,
+    joined,
+    membership,
+    run_ended,
+    same_sas,
+    settled,
+)
 from tests.integration.daemon import Daemon
-from tests.integration.test_e2e import ask, bot_device_id, run_ended_or_refused, verified_by_sas
+from tests.integration.test_e2e import Verify, ask, bot_device_id, run_ended_or_refused, verified_by_sas
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 
@@ -219,3 +228,28 @@ async def test_verifying_a_person_trusts_every_device_they_cross_sign(world):
     prompt = await laptop.send_text(room, "say from the laptop")
     events = await laptop.wait_for(run_ended(prompt), timeout=60, room_id=room)
     assert "from the laptop" in "".join(e["content"]["body"] for e in events if e["content"].get(MARKER))
+
+
+async def test_the_bot_verifies_a_person_on_element_who_then_counts_where_trust_is_verified(world, people):
+    person = await people(world.user.user_id, world.user_password, "element")
+    await person.bootstrap_cross_signing(world.user_password)
+    room, daemon = await element_room(world, person, trust="verified")
+    refused = await person.send_text(room, "say before verification")
+    entry = await daemon.wait_for_log("prompt_ignored", event_id=refused)
+    assert f"{world.user.user_id}'s identity is not verified by me" in entry["reason"]
+    assert await daemon.stop() == 0
+
+    verify = await Verify.start(daemon, world.user.user_id, person.device_id)
+    accepting = asyncio.create_task(person.accept_verification(world.bot_id))
+    shown = await verify.read_until("numbers:")
+    await verify.answer("y")
+    assert same_sas(await accepting, shown)  # Element showed the same emoji and numbers
+    code, output = await verify.finish()
+    assert code == 0 and f"✅ Verified {world.user.user_id}'s identity" in output
+    status = await person.device_status(world.bot_id, bot_device_id(world))
+    assert status["signed_by_owner"] is True and status["locally_verified"] is True, status
+
+    await daemon.start()
+    _, answer = await element_asks(world, person, room, "say verified on element")
+    assert answer["content"][MARKER]["final"]["ok"] is True
+    assert "verified on element" in answer["content"]["body"]

@@ -23,9 +23,11 @@ for (const method of ["log", "info", "debug", "trace"]) console[method] = verbos
 console.warn = console.error;
 
 const sdk = await import("matrix-js-sdk");
-const { CryptoEvent, OnlySignedDevicesIsolationMode } = await import("matrix-js-sdk/lib/crypto-api/index.js");
+const { CryptoEvent, OnlySignedDevicesIsolationMode, VerificationPhase, VerificationRequestEvent, VerifierEvent } =
+    await import("matrix-js-sdk/lib/crypto-api/index.js");
 
 let client = null;
+const incoming = []; // verification requests other devices sent to this one, oldest first
 const reported = new Map(); // event_id -> the last outcome written, so each outcome is written once
 
 function write(line) {
@@ -84,6 +86,11 @@ function passwordAuth(password) {
     };
 }
 
+// What a person compares: the emoji (symbols) and the numbers.
+function shownSas(generated) {
+    return { emoji: generated.emoji.map(([symbol]) => symbol), decimals: generated.decimal ?? null };
+}
+
 const ops = {
     // Log in with a password, start crypto (in memory, OnlySignedDevices) and the client; after the first sync.
     async login({ base_url, user_id, password }) {
@@ -103,6 +110,7 @@ const ops = {
         const devices = (userIds) => write({ event: "devices", user_ids: [...userIds] });
         client.on(CryptoEvent.DevicesUpdated, devices);
         client.on(CryptoEvent.UserTrustStatusChanged, (userId) => devices([userId]));
+        client.on(CryptoEvent.VerificationRequestReceived, (request) => incoming.push(request));
         const prepared = new Promise((resolve) =>
             client.on(sdk.ClientEvent.Sync, (state) => state === sdk.SyncState.Prepared && resolve()),
         );
@@ -126,6 +134,44 @@ const ops = {
         await crypto().getUserDeviceInfo([client.getUserId()], true);
         await crypto().crossSignDevice(device_id);
         return {};
+    },
+
+    // Verify a device with emoji, as Element's "Verify session" does: request, start SAS once the other side is
+    // ready, confirm the emoji (the test compares them with the other side's, returned here once both sides are
+    // done, see shownSas). Verifying one of this user's own devices signs it with this session's self-signing key.
+    async verify_device({ user_id, device_id }) {
+        await crypto().getUserDeviceInfo([user_id], true);
+        const request = await crypto().requestDeviceVerification(user_id, device_id);
+        while (request.phase !== VerificationPhase.Ready) {
+            if (request.phase === VerificationPhase.Cancelled) throw new Error(`cancelled: ${request.cancellationCode}`);
+            await new Promise((resolve) => request.once(VerificationRequestEvent.Change, resolve));
+        }
+        const verifier = await request.startVerification("m.sas.v1");
+        const shown = new Promise((resolve) => verifier.once(VerifierEvent.ShowSas, resolve));
+        const done = verifier.verify();
+        const sas = await shown;
+        await sas.confirm();
+        await done;
+        return shownSas(sas.sas);
+    },
+
+    // Accept the next emoji verification a device of `user_id` requests, as a person clicking through Element's
+    // incoming request does, and confirm the emoji; what was shown (shownSas), once both sides are done.
+    async accept_verification({ user_id }) {
+        let request;
+        await afterSync(() => (request = incoming.find((r) => r.otherUserId === user_id)) !== undefined);
+        incoming.splice(incoming.indexOf(request), 1);
+        await request.accept();
+        while (request.verifier === undefined) {
+            if (request.phase === VerificationPhase.Cancelled) throw new Error(`cancelled: ${request.cancellationCode}`);
+            await new Promise((resolve) => request.once(VerificationRequestEvent.Change, resolve));
+        }
+        const shown = new Promise((resolve) => request.verifier.once(VerifierEvent.ShowSas, resolve));
+        const done = request.verifier.verify();
+        const sas = await shown;
+        await sas.confirm();
+        await done;
+        return shownSas(sas.sas);
     },
 
     // Create a room (encrypted as Element does, unless told otherwise); returns once this client has synced it.
