@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
-from bench import first_output, floor, machine, ratelimit, sandbox, scale, throughput
+from bench import first_output, floor, identity, machine, ratelimit, sandbox, scale, throughput
 from bench.profile import Profiler
 from bench.report import Results, render
 from bench.world import cli_environment, homeserver
@@ -30,6 +30,7 @@ T = TypeVar("T")
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results.md"
 SANDBOX = HERE / "sandbox.md"
+IDENTITY = HERE / "identity.md"
 LAST_RUN = HERE / ".last-run.pickle"
 
 
@@ -61,6 +62,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--sandbox", action="store_true",
                         help="only the sandbox's cost: the CLI floor and first output with and without bwrap "
                         "(--cli-cold and --cli-warm runs each), written to bench/sandbox.md")
+    parser.add_argument("--identity", type=int, default=0, metavar="RUNS",
+                        help="only cross-signing's cost, over RUNS fresh accounts, written to bench/identity.md")
     parser.add_argument("--profile", action="store_true",
                         help="py-spy the largest in-process flood, the largest scale round and one start-up")
     args = parser.parse_args(argv)
@@ -118,6 +121,15 @@ async def measure_sandbox(args: argparse.Namespace, scratch: Path, command: str)
     return sandbox.SandboxCost(described, command, modes)
 
 
+async def measure_identity(args: argparse.Namespace, scratch: Path, command: str) -> identity.IdentityCost:
+    described = machine.describe()
+    async with model_server() as model, homeserver(model, scratch) as server:
+        progress(f"cross-signing: {args.identity} fresh accounts")
+        samples = await identity.measure(server, scratch, args.identity)
+    described["load average at end (1/5/15 min)"] = machine.load_average()
+    return identity.IdentityCost(described, command, *samples)
+
+
 def in_scratch(
     measuring: Callable[[argparse.Namespace, Path, str], Awaitable[T]], args: argparse.Namespace, argv: list[str]
 ) -> T:
@@ -131,6 +143,10 @@ def in_scratch(
 
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
+    if args.identity:
+        IDENTITY.write_text(identity.render(in_scratch(measure_identity, args, argv)))
+        progress(f"wrote {IDENTITY}")
+        return
     if args.sandbox:
         SANDBOX.write_text(sandbox.render(in_scratch(measure_sandbox, args, argv)))
         progress(f"wrote {SANDBOX}")
