@@ -165,13 +165,16 @@ class DeviceTrust:
         user = device.user_id
         identity = self.identities.get(user)
         cross_sign = CROSS_SIGN_HINT.format(user=user)
-        if identity is None:
-            reason = (
-                f"{user} has no cross-signing identity"
-                if user in self.identities
-                else f"I do not know {user}'s cross-signing keys yet"
+        if identity is None and user not in self.identities:
+            return Verdict(
+                f"I could not fetch {user}'s cross-signing keys from the homeserver",
+                "send it again once my homeserver answers (its log shows `key_upkeep_failed` meanwhile)",
             )
-            return Verdict(reason, f"{user} sets up cross-signing (in Element: Settings → Encryption)")
+        if identity is None:
+            return Verdict(
+                f"{user} has no cross-signing identity",
+                f"{user} sets up cross-signing (in Element: Settings → Encryption → Set up recovery)",
+            )
         pin = self.pins.get(user)
         if pin.get("pinned") not in (None, identity.master):
             return Verdict(

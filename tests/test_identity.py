@@ -139,7 +139,7 @@ def test_cross_signed_accepts_signed_devices_and_pins_the_identity(tmp_path):
 def test_cross_signed_refuses_users_without_an_identity_or_not_queried_yet(tmp_path):
     phone, unsigned = person_device(None, "PHONE")
     trust = DeviceTrust(bot_client(tmp_path), tmp_path)
-    assert "do not know" in trust.why_not("cross_signed", phone).reason
+    assert "could not fetch" in trust.why_not("cross_signed", phone).reason
     trust.learn({"device_keys": {ALICE: {"PHONE": unsigned}}})
     assert "has no cross-signing identity" in trust.why_not("cross_signed", phone).reason
 
