@@ -88,9 +88,9 @@ def verify_command(
     timeout: Annotated[float, typer.Option("--timeout", help="Give up after S seconds.")] = 300.0,
     config: ConfigOption = None,
 ) -> None:
-    """SAS emoji verification of the bot's device with USER's DEVICE, or, without DEVICE, with a device of USER
-    (of any allowed user, without USER) who starts it from their client; with --key, a comparison of DEVICE's
-    key instead. A verified device that its owner cross-signed makes the owner verified: the bot signs their
+    """SAS emoji verification of the bot's device with USER's DEVICE, or, without DEVICE, with whichever device
+    of USER accepts the request first; without USER, with the device of an allowed user who starts it from their
+    client. With --key, a comparison of DEVICE's key instead. A verified device that its owner cross-signed makes the owner verified: the bot signs their
     identity. Runs while the daemon is stopped."""
     if (device is not None and user is None) or (key is not None and device is None):
         print("aiagentchat verify: DEVICE needs USER, and --key needs both", file=sys.stderr)

@@ -68,7 +68,8 @@ class Verification:
         self.verified: OlmDevice | None = None  # the device the owner confirmed
         self.cancelled = ""
         self._requested: str | None = None  # the transaction of the request we sent
-        self._ready = False  # ... which the other device accepted
+        self._asked: set[str] = set()  # ... of these devices
+        self._ready = ""  # ... and the one that accepted it first
         self._synced = asyncio.Event()
         client.add_to_device_callback(self._on_event, (UnknownToDeviceEvent, KeyVerificationStart))
         client.add_to_device_callback(self._on_cancel, (KeyVerificationCancel,))
@@ -124,7 +125,7 @@ class Verification:
                 self.say(f"{event.sender}'s device {device_id} started a verification; accepting it.")
                 await self.client.accept_key_verification(event.transaction_id)
         elif event.type == "m.key.verification.ready" and content.get("transaction_id") == self._requested:
-            self._ready = True
+            self._ready = self._ready or (device_id if device_id in self._asked else "")
         elif event.type == "m.key.verification.request" and "m.sas.v1" in content.get("methods", []):
             self.say(f"{event.sender}'s device {device_id} asks for a verification; answering it.")
             self.client.olm.users_for_key_query.add(event.sender)
@@ -138,20 +139,39 @@ class Verification:
         if event.transaction_id in ours:
             self.cancelled = f"the other device cancelled: {event.reason} ({event.code})"
 
-    async def start(self, device: OlmDevice, deadline: float) -> None:
-        """Start as Element does: a request, and once the device is ready for it, the emoji verification."""
+    async def start(self, devices: list[OlmDevice], deadline: float) -> OlmDevice:
+        """Start as Element does: a request to `devices` (one person's), and with the first that accepts it, the
+        emoji verification; the others are told it was answered elsewhere. The device that accepted."""
         transaction_id = uuid.uuid4().hex
-        self._requested = transaction_id
+        self._requested, self._asked = transaction_id, {device.id for device in devices}
         request = {"from_device": self.client.device_id, "methods": ["m.sas.v1"],
                    "timestamp": int(time.time() * 1000), "transaction_id": transaction_id}  # fmt: skip
-        await self.client.to_device(ToDeviceMessage("m.key.verification.request", device.user_id, device.id, request))
-        await self.until(lambda: self._ready, deadline, "answer to the verification request")
+        for device in devices:
+            await self.client.to_device(ToDeviceMessage("m.key.verification.request", device.user_id, device.id,
+                                                        request))  # fmt: skip
+        await self.until(lambda: self._ready != "", deadline, "answer to the verification request")
+        device = next(device for device in devices if device.id == self._ready)
+        accepted = {"transaction_id": transaction_id, "code": "m.accepted", "reason": "accepted on another device"}
+        for other in devices:
+            if other is not device:
+                await self.client.to_device(ToDeviceMessage("m.key.verification.cancel", other.user_id, other.id,
+                                                            accepted))  # fmt: skip
         olm = self.client.olm
         own_key = olm.account.identity_keys["ed25519"]
         sas = Sas(self.client.user_id, self.client.device_id, own_key, device, transaction_id)
         olm.key_verifications[transaction_id] = sas
         await self.client.to_device(sas.start_verification())
         self.sas = sas
+        return device
+
+    async def devices(self, user_id: str) -> list[OlmDevice]:
+        """`user_id`'s devices as their keys are published now; Cancelled if there are none."""
+        self.client.olm.users_for_key_query.add(user_id)
+        await self.client.keys_query()
+        devices = list(self.client.olm.device_store.active_user_devices(user_id))
+        if not devices:
+            raise Cancelled(f"{user_id} has no device with published keys")
+        return devices
 
     async def device(self, user_id: str, device_id: str) -> OlmDevice:
         """The device as its keys are published now; Cancelled if it has none."""
@@ -242,10 +262,13 @@ async def _run(session: Verification, target: Target, deadline: float, say: Call
                 session.verified = device if code == VERIFIED else None
                 return code
             say(f"Starting a verification with {describe(device)}; accept it there.")
-            await session.start(device, deadline)
+            await session.start([device], deadline)
+        elif target.user_id is not None:
+            say(f"Asking every device of {target.user_id} for a verification; accept it on one of them.")
+            device = await session.start(await session.devices(target.user_id), deadline)
+            say(f"{describe(device)} accepted.")
         else:
-            who = target.user_id or "an allowed user"
-            say(f"Waiting for {who} to start a verification of this device from their client...")
+            say("Waiting for an allowed user to start a verification of this device from their client...")
     except Cancelled as exc:
         say(f"❌ Not verified: {exc}")
         return NOT_VERIFIED

@@ -239,13 +239,22 @@ async def test_the_bot_verifies_a_person_on_element_who_then_counts_where_trust_
     assert f"{world.user.user_id}'s identity is not verified by me" in entry["reason"]
     assert await daemon.stop() == 0
 
-    verify = await Verify.start(daemon, world.user.user_id, person.device_id)
+    other = await world.device(cross_signed=False)  # another session of theirs, which lets it ring
+    await other.sync_once()  # uploads its keys: the bot's request reaches it too
+    verify = await Verify.start(daemon, world.user.user_id)  # any of their sessions
     accepting = asyncio.create_task(person.accept_verification(world.bot_id))
     shown = await verify.read_until("numbers:")
+    assert f"device {person.device_id}" in shown and "accepted" in shown
     await verify.answer("y")
     assert same_sas(await accepting, shown)  # Element showed the same emoji and numbers
     code, output = await verify.finish()
     assert code == 0 and f"✅ Verified {world.user.user_id}'s identity" in output
+
+    def told_elsewhere(_: Any) -> bool:
+        cancels = [e.source["content"] for e in other.to_device if e.source.get("type") == "m.key.verification.cancel"]
+        return any(cancel.get("code") == "m.accepted" for cancel in cancels)
+
+    await other.wait_for(told_elsewhere, timeout=30)
     status = await person.device_status(world.bot_id, bot_device_id(world))
     assert status["signed_by_owner"] is True and status["locally_verified"] is True, status
 
