@@ -125,7 +125,7 @@ class DeviceTrust:
             identity = read_identity(published, user_id)
             self.identities[user_id] = identity
             self.devices[user_id] = read_devices(published, user_id)
-            if identity is not None:
+            if identity is not None and user_id != self.client.user_id:  # the bot's own: its key file says
                 self.pins.see(user_id, identity.master)
 
     def learned(self, user_id: str) -> bool:

@@ -135,6 +135,10 @@ def test_cross_signed_accepts_signed_devices_and_pins_the_identity(tmp_path):
     assert trust.accepts("cross_signed", new_phone)  # the daemon sees it at once
     assert Pins(tmp_path / "identities.json").accept(ALICE) is None  # nothing left to accept
 
+    bot = CrossSigningKeys.generate(BOT)  # the bot's own identity is never pinned: `keys reset` may replace it
+    trust.learn({"device_keys": {BOT: {}}, "master_keys": {BOT: bot.upload_body()["master_key"]}})
+    assert Pins(tmp_path / "identities.json").get(BOT) == {}
+
 
 def test_cross_signed_refuses_users_without_an_identity_or_not_queried_yet(tmp_path):
     phone, unsigned = person_device(None, "PHONE")
