@@ -142,7 +142,15 @@ def key_of(obj: Any, user_id: str, usage: str) -> str | None:
     if not isinstance(usages, list) or usage not in usages or not isinstance(keys, dict) or len(keys) != 1:
         return None
     ((key_id, key),) = keys.items()
-    return key if isinstance(key, str) and key_id == f"ed25519:{key}" else None
+    return key if isinstance(key, str) and key_id == f"ed25519:{key}" and _is_ed25519_key(key) else None
+
+
+def _is_ed25519_key(text: str) -> bool:
+    """An Ed25519 public key in unpadded base64: 32 bytes, nothing else (no stray characters, no surrogates)."""
+    try:
+        return len(base64.b64decode(text + "=" * (-len(text) % 4), validate=True)) == 32
+    except ValueError:
+        return False
 
 
 def signed_by(obj: Any, user_id: str, key: str) -> bool:

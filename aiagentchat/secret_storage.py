@@ -275,9 +275,18 @@ async def _default_key_id(client: nio.AsyncClient) -> str | None:
     if content is None or "key" not in content:
         return None
     key_id = content["key"]
-    if not isinstance(key_id, str) or not key_id:
-        raise SecretStorageError(f"the account data {DEFAULT_KEY} is malformed (key is not a string)")
+    if not isinstance(key_id, str) or not key_id or not key_id.isprintable() or not _is_unicode(key_id):
+        raise SecretStorageError(f"the account data {DEFAULT_KEY} is malformed (key is not a key id)")
     return key_id
+
+
+def _is_unicode(text: str) -> bool:
+    """False for a string with a lone surrogate (JSON allows one; no URL or UTF-8 file can hold it)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 async def _account_data(client: nio.AsyncClient, kind: str, content: dict | None = None) -> dict | None:

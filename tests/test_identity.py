@@ -54,6 +54,8 @@ def test_the_bots_keys_are_signed_by_its_master_key_and_sign_its_device():
         assert signed_by(body[f"{usage}_key"], BOT, master)
         assert not signed_by(body[f"{usage}_key"], BOT, CrossSigningKeys.generate(BOT).master_key)
     assert key_of(body["master_key"], "@mallory:localhost", "master") is None
+    for key in ("\ud800" * 43, "not base64 at all", keys.master_key[:-4]):
+        assert key_of({"user_id": BOT, "usage": ["master"], "keys": {f"ed25519:{key}": key}}, BOT, "master") is None
     assert key_of(body["self_signing_key"], BOT, "master") is None
     again = CrossSigningKeys.from_seeds(BOT, keys.seeds())
     assert again.master_key == keys.master_key and again.user_signing_key == keys.user_signing_key

@@ -434,6 +434,7 @@ async def test_write_secret_under_a_named_key_leaves_the_default_alone():
         (lambda d: d.update({KEY_PREFIX + "KEYID": JS_KEY_CHECK | {"algorithm": "m.custom"}}), "m.custom"),
         (lambda d: d.update({KEY_PREFIX + "KEYID": {"algorithm": ALGORITHM}}), None),  # no check value: MAC refuses
         (lambda d: d.update({DEFAULT_KEY: {"key": 7}}), "malformed"),
+        (lambda d: d.update({DEFAULT_KEY: {"key": "\ud800"}}), "malformed"),  # found by Hypothesis: no URL holds it
         (lambda d: d.update({DEFAULT_KEY: "not json"}), "malformed"),
         (lambda d: d.update({DEFAULT_KEY: ["KEYID"]}), "malformed"),
         (lambda d: d.update({SELF_SIGNING: {"encrypted": "x"}}), "malformed"),
