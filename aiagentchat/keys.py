@@ -27,6 +27,7 @@ from aiagentchat.identity import (
 )
 from aiagentchat.private import write_private
 from aiagentchat.secret_storage import (
+    SecretStorageError,
     decode_recovery_key,
     decrypt_secret,
     encode_recovery_key,
@@ -74,7 +75,10 @@ def import_keys(settings: Settings, path: Path, recovery_key: str) -> CrossSigni
         encrypted = body["secrets"].get(name)
         if not isinstance(encrypted, dict):
             raise IdentityError(f"{path} has no {name}")
-        seeds[usage] = decrypt_secret(key, name, encrypted)
+        try:
+            seeds[usage] = decrypt_secret(key, name, encrypted)
+        except SecretStorageError as exc:
+            raise IdentityError(f"this recovery key does not open {path}: {exc}") from None
     keys = CrossSigningKeys.from_seeds(str(body.get("user_id")), seeds)
     if keys.master_key != body.get("master_key"):
         raise IdentityError(f"{path}'s keys do not match the master key it names")

@@ -11,6 +11,9 @@ verified with nio.
 - The emoji: vodozemac's `emoji_indices` are already the seven 6-bit numbers, which nio cuts into 6-bit pieces
   again, so nio shows other emoji than Element for the same secret.
 
+And one addition: a Sas given `own_master_key` (the bot's cross-signing master key) also MACs that key, as
+Element does, so the other side verifies the bot's identity, not only its device.
+
 `use_spec_sas` patches nio's Sas class; re-check both on any nio upgrade (docs/encryption.md).
 """
 
@@ -75,6 +78,25 @@ def _generate_emoji(sas: Sas, extra_info: str) -> list[tuple[str, str]]:
     return [sas.emoji[index] for index in sas.established_sas.bytes(extra_info).emoji_indices]
 
 
+_get_mac = Sas.get_mac
+
+
+def _get_mac_with_master(sas: Sas) -> Any:
+    message = _get_mac(sas)
+    master = getattr(sas, "own_master_key", None)
+    if master is None:
+        return message
+    other = sas.other_olm_device
+    info = (f"MATRIX_KEY_VERIFICATION_MAC{sas.own_user}{sas.own_device}{other.user_id}{other.id}"
+            f"{sas.transaction_id}")  # fmt: skip
+    calculate_mac = sas.established_sas.calculate_mac
+    mac = dict(message.content["mac"])
+    mac[f"ed25519:{master}"] = calculate_mac(master, f"{info}ed25519:{master}")
+    message.content["mac"] = mac
+    message.content["keys"] = calculate_mac(",".join(sorted(mac)), info + "KEY_IDS")
+    return message
+
+
 def use_spec_sas() -> None:
     """Patch nio's Sas class (once per process; every Sas made afterwards and before)."""
     Sas._mac_normal = V2
@@ -83,3 +105,4 @@ def use_spec_sas() -> None:
     Sas.from_key_verification_start = classmethod(_accepting)
     Sas._check_commitment = _check_commitment
     Sas._generate_emoji = _generate_emoji
+    Sas.get_mac = _get_mac_with_master

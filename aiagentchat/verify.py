@@ -66,6 +66,7 @@ class Verification:
         self.say = say
         self.sas: Sas | None = None
         self.verified: OlmDevice | None = None  # the device the owner confirmed
+        self.master_key: str | None = None  # our identity's, to be verified along with the device
         self.cancelled = ""
         self._requested: str | None = None  # the transaction of the request we sent
         self._asked: set[str] = set()  # ... of these devices
@@ -187,6 +188,7 @@ class Verification:
         if not match:
             await self.client.cancel_key_verification(sas.transaction_id, reject=True)
             raise Cancelled("you said the emoji do not match; nothing was recorded")
+        sas.own_master_key = self.master_key
         await self.client.confirm_short_auth_string(sas.transaction_id)
         await self.until(lambda: sas.verified, deadline, "confirmation from the other device")
         done = {"transaction_id": sas.transaction_id}
@@ -242,6 +244,12 @@ async def _verify_as(
     say(f"  fingerprint (ed25519): {fingerprint(client.olm.account.identity_keys['ed25519'])}")
     allowed = {user for room in settings.rooms for user in room.allowed_users}
     session = Verification(client, allowed, target, say)
+    try:
+        own = key_file(settings).load(client.user_id)
+    except IdentityError as exc:
+        say(f"(Only the bot's device can be verified: {exc})")
+        own = None
+    session.master_key = own.master_key if own is not None else None
     syncing = asyncio.create_task(session.sync())
     try:
         code = await _run(session, target, deadline, say)

@@ -43,9 +43,9 @@ def test_a_wrong_key_or_a_foreign_file_is_refused_and_nothing_is_kept(tmp_path):
     export = tmp_path / "keys.json"
     _, recovery_key = export_keys(settings_in(tmp_path / "old"), export)
     new = settings_in(tmp_path / "new")
-    with pytest.raises(SecretStorageError, match="mistyped"):
+    with pytest.raises((SecretStorageError, IdentityError), match="recovery key"):  # its check byte catches most
         import_keys(new, export, recovery_key[:-1] + ("A" if recovery_key[-1] != "A" else "B"))
-    with pytest.raises(SecretStorageError):
+    with pytest.raises(IdentityError, match="this recovery key does not open"):
         import_keys(new, export, encode_recovery_key(new_recovery_key()))
     (tmp_path / "other.json").write_text(json.dumps({"format": "something else", "secrets": {}}))
     with pytest.raises(IdentityError, match="not a file written by `aiagentchat keys export`"):
