@@ -86,6 +86,11 @@ def store_key(configured: str | None, key_file: Path, store: Path) -> str:
     return key
 
 
+def key_file(settings: Settings) -> KeyFile:
+    """Where the bot's cross-signing keys are kept, sealed with the pickle key."""
+    return KeyFile(crypto_dir(settings) / "cross_signing.json", pickle_key(settings))
+
+
 class DeviceLock:
     """One process at a time uses the bot's device and crypto store: the daemon or `aiagentchat verify`.
     Two would both advance the same Olm sessions and break them."""
@@ -174,7 +179,7 @@ class Crypto:
         self._deliver = deliver
         folder = crypto_dir(settings)
         self.trust = DeviceTrust(client, folder)
-        self.key_file = KeyFile(folder / "cross_signing.json", pickle_key(settings))
+        self.key_file = key_file(settings)
         self.identity: CrossSigningKeys | None = None
         self._password = settings.matrix.password.get_secret_value() if settings.matrix.password else None
         self._waiting_path = folder / "waiting.json"

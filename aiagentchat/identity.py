@@ -103,9 +103,6 @@ class CrossSigningKeys:
             "user_signing_key": signed["user_signing"],
         }
 
-    def sign_device(self, device: dict[str, Any]) -> dict[str, Any]:
-        return sign_device(device, self.user_id, self.self_signing)
-
     def sign_identity(self, master: dict[str, Any]) -> dict[str, Any]:
         """Another user's master key object with our user-signing key's signature: we verified them."""
         return sign_json(_unsigned_copy(master), self.user_id, self.user_signing)
@@ -258,13 +255,9 @@ async def upload_signatures(client: AsyncClient, signed: dict[str, dict[str, Any
         raise IdentityError(f"the homeserver refused a cross-signing signature: {detail}")
 
 
-async def sign_own_device(client: AsyncClient, keys: CrossSigningKeys, published: dict[str, Any]) -> bool:
-    """Sign the client's device with the self-signing key unless the homeserver already has that signature;
-    whether a signature was uploaded."""
-    return await _sign_own_device(client, keys.self_signing, published)
-
-
-async def _sign_own_device(client: AsyncClient, self_signing: SigningKey, published: dict[str, Any]) -> bool:
+async def sign_own_device(client: AsyncClient, self_signing: SigningKey, published: dict[str, Any]) -> bool:
+    """Sign the client's device with `self_signing` unless the homeserver (`published`, a `/keys/query` answer)
+    already has that signature; whether a signature was uploaded."""
     device = read_devices(published, client.user_id).get(client.device_id)
     if device is None:
         raise IdentityError(f"the homeserver has no keys for the device {client.device_id} yet")
@@ -302,7 +295,7 @@ async def sign_with_secret_storage(client: AsyncClient, recovery_key: bytes) -> 
             "the self-signing key in your secret storage is not the one your identity publishes: "
             "set up recovery again in Element (Settings → Encryption)"
         )
-    await _sign_own_device(client, self_signing, published)
+    await sign_own_device(client, self_signing, published)
     return identity
 
 
@@ -369,6 +362,6 @@ async def ensure_identity(client: AsyncClient, key_file: KeyFile, password: str 
         return None
     else:
         keys = ours
-    signed = await sign_own_device(client, keys, published)
+    signed = await sign_own_device(client, keys.self_signing, published)
     log.info("cross_signing_ready", master_key=keys.master_key, device_id=client.device_id, device_signed_now=signed)
     return keys

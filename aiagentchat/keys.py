@@ -14,12 +14,11 @@ from typing import Any
 
 import structlog
 
-from aiagentchat.crypto import DeviceLock, crypto_dir, pickle_key
+from aiagentchat.crypto import DeviceLock, crypto_dir, key_file
 from aiagentchat.identity import (
     SECRET_NAMES,
     CrossSigningKeys,
     IdentityError,
-    KeyFile,
     fingerprint,
     query,
     sign_own_device,
@@ -41,10 +40,6 @@ from aiagentchat.trust import Pins
 log = structlog.get_logger(__name__)
 
 EXPORT_FORMAT = "aiagentchat cross-signing keys 1"
-
-
-def key_file(settings: Settings) -> KeyFile:
-    return KeyFile(crypto_dir(settings) / "cross_signing.json", pickle_key(settings))
 
 
 def export_keys(settings: Settings, path: Path) -> tuple[CrossSigningKeys, str]:
@@ -99,7 +94,7 @@ async def reset_keys(settings: Settings) -> CrossSigningKeys:
         password = settings.matrix.password
         await upload_identity(client, keys, password.get_secret_value() if password else None)
         key_file(settings).save(keys)
-        await sign_own_device(client, keys, await query(client, [client.user_id]))
+        await sign_own_device(client, keys.self_signing, await query(client, [client.user_id]))
         log.info("cross_signing_reset", master_key=keys.master_key, device_id=client.device_id)
         return keys
     finally:

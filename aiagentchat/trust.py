@@ -141,12 +141,12 @@ class DeviceTrust:
             return Verdict("it is blacklisted in my crypto store", "remove it from the blacklist")
         if trust == "all":
             return None
-        device_verify = Verdict("it is not verified", VERIFY_HINT.format(user=device.user_id, device=device.id))
         if trust == "tofu":
             if olm.is_device_verified(device) or self._first_seen(device):
                 return None
             return Verdict(
-                f"it appeared after I first met {device.user_id}'s devices and is not verified", device_verify.fix
+                f"it appeared after I first met {device.user_id}'s devices and is not verified",
+                VERIFY_HINT.format(user=device.user_id, device=device.id),
             )
         if trust == "verified" and olm.is_device_verified(device):
             return None

@@ -29,10 +29,9 @@ from nio import (
 )
 from nio.crypto import OlmDevice, Sas
 
-from aiagentchat.crypto import NETWORK_ERRORS, DeviceLock, describe, upkeep
+from aiagentchat.crypto import NETWORK_ERRORS, DeviceLock, describe, key_file, upkeep
 from aiagentchat.identity import IdentityError, query, read_devices, read_identity, upload_signatures
 from aiagentchat.identity import fingerprint as key_fingerprint
-from aiagentchat.keys import key_file
 from aiagentchat.sas import use_spec_sas
 from aiagentchat.settings import Settings
 from aiagentchat.transport import login, make_client

@@ -12,7 +12,15 @@ from signedjson.key import encode_verify_key_base64
 from signedjson.sign import sign_json
 
 from aiagentchat.crypto import Crypto
-from aiagentchat.identity import CrossSigningKeys, IdentityError, KeyFile, key_of, read_identity, signed_by
+from aiagentchat.identity import (
+    CrossSigningKeys,
+    IdentityError,
+    KeyFile,
+    key_of,
+    read_identity,
+    sign_device,
+    signed_by,
+)
 from aiagentchat.settings import RoomSettings
 from aiagentchat.trust import DeviceTrust, Pins
 from tests.test_crypto import ALICE, ROOM, bot_client, known, settings_for
@@ -31,7 +39,7 @@ def person_device(keys: CrossSigningKeys | None, device_id: str) -> tuple[OlmDev
         "keys": {f"ed25519:{device_id}": ed25519, f"curve25519:{device_id}": f"cu-{device_id}"},
     }
     if keys is not None:
-        published = keys.sign_device(published)
+        published = sign_device(published, ALICE, keys.self_signing)
     return OlmDevice(ALICE, device_id, {"ed25519": ed25519, "curve25519": f"cu-{device_id}"}), published
 
 
@@ -73,7 +81,7 @@ def test_a_device_counts_only_when_every_signature_in_the_chain_checks_out():
     tampered = dict(signed, keys=dict(signed["keys"], **{"curve25519:PHONE": "swapped"}))
     assert not identity.signs(tampered, phone.ed25519)
     forged = CrossSigningKeys.generate(ALICE)  # a self-signing key the master key never signed
-    published = answer(keys, {"PHONE": forged.sign_device(signed)})
+    published = answer(keys, {"PHONE": sign_device(signed, ALICE, forged.self_signing)})
     published["self_signing_keys"][ALICE] = forged.upload_body()["self_signing_key"]
     assert read_identity(published, ALICE).self_signing is None
     assert not read_identity(published, ALICE).signs(signed, phone.ed25519)
@@ -182,7 +190,7 @@ def test_a_room_key_is_rotated_when_a_device_it_left_out_becomes_trusted(tmp_pat
     crypto._rotate_for_newly_trusted()
     assert ROOM in client.olm.outbound_group_sessions  # still left out: the session stays
 
-    crypto.trust.learn(answer(keys, {"PHONE": keys.sign_device(unsigned)}))  # alice signed her phone
+    crypto.trust.learn(answer(keys, {"PHONE": sign_device(unsigned, ALICE, keys.self_signing)}))  # alice signed her phone
     crypto._rotate_for_newly_trusted()
     assert ROOM not in client.olm.outbound_group_sessions  # the next message gets a new key, shared with it
     list(client.olm.share_group_session_parallel(ROOM, [ALICE]))

@@ -6,8 +6,9 @@ import stat
 
 import pytest
 
+from aiagentchat.crypto import key_file
 from aiagentchat.identity import CrossSigningKeys, IdentityError
-from aiagentchat.keys import EXPORT_FORMAT, accept_identity, export_keys, import_keys, key_file
+from aiagentchat.keys import EXPORT_FORMAT, accept_identity, export_keys, import_keys
 from aiagentchat.secret_storage import SecretStorageError, encode_recovery_key, new_recovery_key
 from aiagentchat.settings import Settings
 from aiagentchat.trust import Pins

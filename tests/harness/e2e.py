@@ -54,7 +54,7 @@ class E2EUser(MatrixUser):
         if replace or client.user_id not in published.get("master_keys", {}):
             await upload_identity(client, keys, password)
             published = await query(client, [client.user_id])
-        await sign_own_device(client, keys, published)
+        await sign_own_device(client, keys.self_signing, published)
 
     async def device_of(self, user_id: str, device_id: str | None = None, timeout: float = 30) -> OlmDevice:
         """A device of `user_id` (the only one when `device_id` is None), once this device knows its keys."""
