@@ -15,7 +15,7 @@ from typing import Any, Literal, Protocol
 
 import structlog
 
-from aiagentchat.batcher import WAITING, WORKING, Batcher, Block, Notice, React
+from aiagentchat.batcher import WAITING, Batcher, Block, Notice, React
 from aiagentchat.settings import ClaudeSettings, RoomSettings
 from aiagentchat.store import Prompt, Store
 
@@ -427,7 +427,7 @@ class RoomToolPolicy:
             )
         log.info("approval_answered", tool=pending.tool_name, verdict=answer.verdict, by=answer.by or None)
         await batcher.put(Block(prompt.event_id, outcome, "tool"))
-        await batcher.put(React(prompt.event_id, WORKING))
+        await batcher.put(React(prompt.event_id, None))
         return decision
 
     def _decision(self, pending: Pending, answer: Answer) -> tuple[ToolDecision, str]:

@@ -24,6 +24,7 @@ from aiagentchat.outbox import (
     reaction_content,
     redaction_content,
 )
+from aiagentchat.presence import Presence, Signals
 from aiagentchat.status import ANSWER_INLINE_BYTES, AnswerText, BlockKind, LiveRun, edit_content
 from aiagentchat.store import PromptState
 
@@ -48,23 +49,33 @@ class Block:
 
 @dataclass(frozen=True)
 class Begin:
-    """A prompt's run starts: `marker` fields go into the `org.aiagentchat` key of each of its events; with
-    `react`, the prompt gets 👀 (when the room has reactions on); with `thread`, its events go in the thread
-    with that root."""
+    """A prompt's answer starts: `marker` fields go into the `org.aiagentchat` key of each of its events; with
+    `working` (an agent runs it, it is not only refused or dropped), the room sees the bot typing until the
+    run's end is delivered and the prompt's ⏳ is taken back; with `thread`, its events go in the thread with
+    that root."""
 
     prompt_id: str
     marker: dict[str, Any]
-    react: bool = True
+    working: bool = True
     thread: str | None = None
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A prompt was accepted: it is marked read, and with `queued` (it waits behind another) it gets ⏳."""
+
+    prompt_id: str
+    queued: bool = False
 
 
 @dataclass(frozen=True)
 class React:
     """Put `key` on the prompt as its status reaction, taking back the one it had (when the room has
-    reactions on)."""
+    reactions on); with None, only take that one back. ✋ (waiting for a person's approval) also stops the
+    bot typing, and None starts it again."""
 
     prompt_id: str
-    key: str
+    key: str | None
 
 
 @dataclass(frozen=True)
@@ -99,9 +110,9 @@ class EndOfRun:
     react: bool = True
 
 
-Item = Begin | Text | Block | EndOfRun | React | Notice
-DONE, FAILED, WORKING, QUEUED, WAITING = "✅", "❌", "👀", "⏳", "✋"
-STATUS_REACTIONS = (QUEUED, WORKING, WAITING)  # the ones taken back when the next comes
+Item = Begin | Text | Block | EndOfRun | Accepted | React | Notice
+DONE, FAILED, QUEUED, WAITING = "✅", "❌", "⏳", "✋"
+STATUS_REACTIONS = (QUEUED, WAITING, "👀")  # the ones taken back when the next comes (👀: shown by older versions)
 TRANSCRIPT_TYPE = "text/markdown"
 INTERNAL_ERROR = "⚠️ Internal error; this room restarts."  # a room's task failed and its supervisor restarts it
 ITEMS_BUFFERED = 1024  # a full queue makes the room's runner wait: back-pressure, and the event loop stays fair
@@ -294,6 +305,8 @@ class Batcher:
         tail_bytes: int = 8_000,
         reactions: bool = False,
         live_status: bool = False,
+        status_after_s: float = 1.0,
+        presence: Signals | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
@@ -316,6 +329,9 @@ class Batcher:
         self._markers: dict[str, dict[str, Any]] = {}
         self._threads: dict[str, str] = {}  # prompt id → the root of the thread its run's events go in
         self._live_status = live_status
+        self._status_after_s = status_after_s
+        self._presence = None if presence is None else Presence(room_id, presence, clock)
+        self._working: set[str] = set()  # prompts whose agent works now (not waiting for a person)
         self._live: dict[str, LiveRun] = {}  # with live_status: the runs going on, by prompt id
         self._pending = PendingText()
         self._reopen = ""
@@ -370,19 +386,24 @@ class Batcher:
                 self._accept(self._queue.get_nowait())
             await self._queue_built()
             now = self._clock()
-            deadline: float | None = None
+            presence = self._presence
+            signal_at = None if presence is None else presence.due(idle=self._outbox.size == 0)
+            if presence is not None and signal_at is not None and now >= signal_at:
+                await presence.send()
+                continue
+            deadline = signal_at
             if (ready_at := self._outbox.ready_at()) is not None:
                 if now >= ready_at:
                     await self._outbox.send_next()
                     continue
-                deadline = ready_at
+                deadline = ready_at if deadline is None else min(deadline, ready_at)
             elif self._draining:
                 break
             elif (due := self._flush_due()) is not None:
                 if now >= due:
                     self._flush(now, everything=False)
                     continue
-                deadline = due
+                deadline = due if deadline is None else min(deadline, due)
             item = await self._next_item(None if deadline is None else deadline - now)
             if item is not None:
                 self._accept(item)
@@ -414,8 +435,18 @@ class Batcher:
             self._draining = True
             return
         match item:
+            case Accepted(prompt_id=prompt_id, queued=queued):
+                if self._presence is not None:
+                    self._presence.read(prompt_id)
+                if queued:
+                    self._react(prompt_id, QUEUED)
+                return
             case React(prompt_id=prompt_id, key=key):
                 self._react(prompt_id, key)
+                if key == WAITING:
+                    self._work(prompt_id, False)
+                elif key is None:
+                    self._work(prompt_id, True)
                 return
             case Notice(reply_to=reply_to):
                 if reply_to == self._prompt_id and not self._live_status:  # after what its run has shown so far
@@ -429,12 +460,12 @@ class Batcher:
             self._flush(self._clock(), everything=True)
             self._prompt_id = item.prompt_id
         match item:
-            case Begin(marker=marker, react=react, thread=thread):
+            case Begin(marker=marker, working=working, thread=thread):
                 self._markers[item.prompt_id] = marker
                 if thread is not None:
                     self._threads[item.prompt_id] = thread
-                if react:
-                    self._react(item.prompt_id, WORKING)
+                if working:
+                    self._begin_work(item.prompt_id)
             case Text(text=text):
                 if self._after_block and not text.startswith("\n"):
                     text = "\n" + text
@@ -454,6 +485,7 @@ class Batcher:
                 self._flush(self._clock(), everything=True, end=item)
                 self._markers.pop(item.prompt_id, None)
                 self._threads.pop(item.prompt_id, None)
+                self._work(item.prompt_id, False)
                 if react:
                     self._react(item.prompt_id, DONE if state == "done" else FAILED, final=True)
 
@@ -463,12 +495,14 @@ class Batcher:
             run = self._live[item.prompt_id] = self._live_run(item.prompt_id, item.marker, item.thread, now)
             if self._outbox.event_of(status_ref := f"status:{item.prompt_id}") is not None:
                 run.ref = status_ref  # shown before a restart: the run's end edits that one
-            if item.react:
-                self._react(item.prompt_id, WORKING)
+            if item.working:
+                self._begin_work(item.prompt_id)
             return
         run = self._live.get(item.prompt_id) or self._live.setdefault(
             item.prompt_id, self._live_run(item.prompt_id, {}, None, now)
         )
+        if run.produced is None and not isinstance(item, EndOfRun):
+            run.produced = now
         match item:
             case Text(text=text):
                 run.add_text(text)
@@ -477,6 +511,7 @@ class Batcher:
             case EndOfRun(final=final, state=state, react=react):
                 del self._live[item.prompt_id]
                 self._end_live(run, final or {}, state, now)
+                self._work(item.prompt_id, False)
                 if react:
                     self._react(item.prompt_id, DONE if state == "done" else FAILED, final=True)
 
@@ -529,34 +564,48 @@ class Batcher:
 
     def _tick_live(self, now: float) -> None:
         for run in self._live.values():
-            if (due := run.due(self._interval_s)) is not None and now >= due:
+            if (due := run.due(self._interval_s, self._status_after_s)) is not None and now >= due:
                 self._show_status(run, now)
 
-    def _react(self, prompt_id: str, key: str, *, final: bool = False) -> None:
-        """Give the prompt its new status reaction and take back the earlier one (also one shown before a
-        restart); a final one stays."""
+    def _begin_work(self, prompt_id: str) -> None:
+        self._react(prompt_id, None)
+        self._work(prompt_id, True)
+
+    def _work(self, prompt_id: str, working: bool) -> None:
+        """Note whether the prompt's agent works now; the room sees the bot typing while any does."""
+        if working:
+            self._working.add(prompt_id)
+        else:
+            self._working.discard(prompt_id)
+        if self._presence is not None:
+            self._presence.working = bool(self._working)
+
+    def _react(self, prompt_id: str, key: str | None, *, final: bool = False) -> None:
+        """Give the prompt its new status reaction (none for None) and take back the earlier one (also one shown
+        before a restart); a final one stays."""
         if not self._reactions:
             return
         earlier = self._reacted.pop(prompt_id, None) or next(
             (ref for shown in STATUS_REACTIONS if self._outbox.event_of(ref := f"reaction:{prompt_id}:{shown}")), None
         )
-        ref = None if final else f"reaction:{prompt_id}:{key}"
+        ref = None if final or key is None else f"reaction:{prompt_id}:{key}"
         if ref is not None and ref == earlier:  # shown already, before a restart
             self._reacted[prompt_id] = ref
             return
-        contents = [reaction_content(prompt_id, key, ref)]
+        contents = [reaction_content(prompt_id, key, ref)] if key is not None else []
         if earlier is not None:
             contents.append(redaction_content(earlier))
         if ref is not None:
             self._reacted[prompt_id] = ref
-        self._built.append((contents, None, None))
+        if contents:
+            self._built.append((contents, None, None))
 
     def _flush_due(self) -> float | None:
         """When pending output (or a live status) is next due to be flushed; None while there is nothing
         worth an event."""
         due = self._text_due()
         for run in self._live.values():
-            if (when := run.due(self._interval_s)) is not None and (due is None or when < due):
+            if (when := run.due(self._interval_s, self._status_after_s)) is not None and (due is None or when < due):
                 due = when
         return due
 

@@ -31,7 +31,7 @@ from nio.exceptions import EncryptionError
 
 from aiagentchat import commands, intake
 from aiagentchat.approvals import RoomToolPolicy
-from aiagentchat.batcher import QUEUED, Batcher, Notice, React
+from aiagentchat.batcher import Accepted, Batcher, Notice
 from aiagentchat.commands import Commands, over_budget
 from aiagentchat.crypto import Crypto, DeviceLock
 from aiagentchat.desk import Desk
@@ -161,6 +161,8 @@ class Bot:
             tail_bytes=output.tail_bytes,
             reactions=room.reactions,
             live_status=room.live_status,
+            status_after_s=output.status_after_s,
+            presence=sender,
         )
         workdir = self.settings.workdir_for(room).resolve()
         guard = ToolGuard(self.settings.paths.data_dir, workdir, room.allow_claude_config_writes)
@@ -476,8 +478,8 @@ class Bot:
                 hops=event.hops,
                 synced_at=round(synced_at or time.time(), 6),
             )
-            if worker.current is not None or worker.inbox.qsize():
-                await worker.batcher.put(React(prompt.event_id, QUEUED))
+            queued = worker.current is not None or worker.inbox.qsize() > 0
+            await worker.batcher.put(Accepted(prompt.event_id, queued))
             worker.inbox.put_nowait(prompt)
 
     async def _refuse(self, worker: RoomWorker, prompt: Prompt, reason: str, why: str, **details: Any) -> None:

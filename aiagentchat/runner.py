@@ -300,7 +300,7 @@ class RoomWorker:
 
     async def refuse(self, prompt: Prompt, reason: str) -> None:
         """Answer a prompt that will not run (already recorded as refused)."""
-        await self.batcher.put(self._begin(prompt, react=False))
+        await self.batcher.put(self._begin(prompt, working=False))
         await self.batcher.put(Block(prompt.event_id, f"⛔ Not run: {reason}."))
         await self.batcher.put(EndOfRun(prompt.event_id, run_summary(None, reason), "refused"))
 
@@ -323,12 +323,12 @@ class RoomWorker:
 
     async def _report_dropped(self, prompt: Prompt, by: str) -> None:
         log.info("prompt_dropped", room_id=self.room_id, run_id=prompt.event_id, by=by)
-        await self.batcher.put(self._begin(prompt, react=False))
+        await self.batcher.put(self._begin(prompt, working=False))
         await self.batcher.put(Block(prompt.event_id, f"🛑 Dropped by {by} before it ran."))
         await self.batcher.put(EndOfRun(prompt.event_id, run_summary(None, f"dropped by {by}"), "dropped"))
 
-    def _begin(self, prompt: Prompt, *, react: bool = True) -> Begin:
-        return Begin(prompt.event_id, {"hops": prompt.hops + 1}, react, prompt.output_thread(self.reply_mode))
+    def _begin(self, prompt: Prompt, *, working: bool = True) -> Begin:
+        return Begin(prompt.event_id, {"hops": prompt.hops + 1}, working, prompt.output_thread(self.reply_mode))
 
     async def handle(self, prompt: Prompt) -> None:
         structlog.contextvars.bind_contextvars(run_id=prompt.event_id)

@@ -70,6 +70,7 @@ class ClaudeSettings(_Strict):
 
 class OutputSettings(_Strict):
     flush_interval_s: float = Field(default=2.0, gt=0)
+    status_after_s: float = Field(default=1.0, ge=0)  # a run's live status shows once it has lasted this long
     max_backoff_s: float = Field(default=60.0, gt=0)
     max_run_bytes: int = Field(default=200_000, ge=1_000)  # past it: head and tail in the room, the rest as a file
     tail_bytes: int = Field(default=8_000, ge=0)

@@ -88,6 +88,7 @@ class LiveRun:
     tools: list[str] = field(default_factory=list)
     progress: str = ""  # the latest model retry or stall notice, until the next tool line
     footer: str = ""
+    produced: float | None = None  # when the agent first showed something (text, a tool call, a notice)
     ref: str | None = None  # the status message's ref, once it is built
     shown_at: float = 0.0  # when the status was last built
     dirty: bool = True
@@ -120,11 +121,14 @@ class LiveRun:
                 self._after_block = True
         self.dirty = True
 
-    def due(self, interval_s: float) -> float | None:
-        """When the status message is next worth building: one interval after the last, once something
-        changed (the first one interval after the run began), and every REFRESH_S for the elapsed time."""
-        if self.ref is None or self.dirty:
-            return (self.shown_at or self.started) + interval_s
+    def due(self, interval_s: float, after_s: float) -> float | None:
+        """When the status message is next worth building: the first once the agent has shown something and
+        the run has lasted `after_s` (a quicker run sends only its answer), then one interval after the last
+        once something changed, and every REFRESH_S for the elapsed time."""
+        if self.ref is None:
+            return None if self.produced is None else max(self.started + after_s, self.produced)
+        if self.dirty:
+            return self.shown_at + interval_s
         return self.shown_at + REFRESH_S
 
     def outcome(self, final: dict[str, Any]) -> str:

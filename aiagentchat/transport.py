@@ -14,10 +14,12 @@ from nio import (
     LoginResponse,
     RoomRedactResponse,
     RoomSendResponse,
+    RoomTypingResponse,
     UploadResponse,
     WhoamiResponse,
 )
 
+from aiagentchat.api import call, segment
 from aiagentchat.crypto import CRYPTO_ERRORS, NETWORK_ERRORS, crypto_dir, pickle_key
 from aiagentchat.outbox import RateLimited, SendFailed, SendOutcome, Sent
 from aiagentchat.private import Credentials
@@ -132,6 +134,30 @@ class MatrixSender:
         if isinstance(response, RoomRedactResponse):
             return Sent(response.event_id)
         return failure(response)
+
+    async def typing(self, room_id: str, typing: bool, timeout_ms: int) -> bool:
+        await self._ready.wait()
+        try:
+            response = await self._client.room_typing(room_id, typing, timeout_ms)
+        except NETWORK_ERRORS:
+            return False
+        if isinstance(response, RoomTypingResponse):
+            return True
+        if response.status_code == "M_UNKNOWN_TOKEN":
+            raise TokenRevoked()
+        return False
+
+    async def receipt(self, room_id: str, event_id: str) -> bool:
+        """An unthreaded public read receipt (`m.read`): the sender sees the bot has read up to `event_id`."""
+        await self._ready.wait()
+        path = f"/rooms/{segment(room_id)}/receipt/m.read/{segment(event_id)}"
+        try:
+            reply = await call(self._client, "POST", path, {})
+        except NETWORK_ERRORS:
+            return False
+        if reply.status == 401 and reply.body.get("errcode") == "M_UNKNOWN_TOKEN":
+            raise TokenRevoked()
+        return reply.ok
 
     async def upload(self, room_id: str, path: Path, mimetype: str) -> dict[str, Any] | SendOutcome:
         await self._ready.wait()

@@ -13,11 +13,23 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from aiagentchat.batcher import Batcher, Begin, Block, EndOfRun, Item, Notice, PendingText, React, Text
+from aiagentchat.batcher import (
+    WAITING,
+    Accepted,
+    Batcher,
+    Begin,
+    Block,
+    EndOfRun,
+    Item,
+    Notice,
+    PendingText,
+    React,
+    Text,
+)
 from aiagentchat.outbox import Outbox, RateLimited, SendFailed, SendOutcome, Sent, redaction_content
 from aiagentchat.render import MAX_CHUNK_BYTES, MAX_CONTENT_BYTES, content_size
-from aiagentchat.store import Store
 from aiagentchat.status import TAIL_CHARS, AnswerText
+from aiagentchat.store import Store
 
 pytestmark = pytest.mark.anyio
 ROOM = "!room:example.org"
@@ -50,6 +62,8 @@ class FakeRoom:
         self.calls: list[Call] = []
         self.uploads: list[tuple[str, str, str]] = []
         self.outcomes = list(outcomes)
+        self.signals: list[tuple[str, float, int]] = []  # typing and receipts: what, when, after how many events
+        self.typing_works: list[bool] = []  # the outcomes of the next typing requests (then: True)
         self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
         self._generation = 0
         self._progress = asyncio.Event()
@@ -78,6 +92,16 @@ class FakeRoom:
     async def upload(self, room_id: str, path: Path, mimetype: str) -> dict[str, Any]:
         self.uploads.append((path.name, mimetype, path.read_text()))
         return {"url": f"mxc://example.org/{len(self.uploads)}"}
+
+    async def typing(self, room_id: str, typing: bool, timeout_ms: int) -> bool:
+        self.signals.append((f"typing {'on' if typing else 'off'} {timeout_ms}", self.now, len(self.calls)))
+        self._progress.set()
+        return self.typing_works.pop(0) if self.typing_works else True
+
+    async def receipt(self, room_id: str, event_id: str) -> bool:
+        self.signals.append((f"read {event_id}", self.now, len(self.calls)))
+        self._progress.set()
+        return True
 
     async def put(self, batcher: Batcher, *items: Item) -> None:
         """Hand items to the batcher; a wake-up it asked for before seeing them no longer counts."""
@@ -585,20 +609,20 @@ def kinds(calls: list[Call]) -> list[str]:
 async def test_a_prompt_gets_one_status_reaction_at_a_time_and_a_final_one() -> None:
     room = FakeRoom()
     async with running(room, reactions=True) as batcher:
-        await room.put(batcher, React("$p", "⏳"), Begin("$p", {}), Text("$p", "hi\n"), EndOfRun("$p", {"ok": True}))
-        await room.put(batcher, Begin("$q", {}), EndOfRun("$q", {"ok": False}, "failed"))
-        await room.until(lambda: len(room.calls) == 10)
+        await room.put(batcher, Accepted("$p", queued=True), Begin("$p", {}), Text("$p", "hi\n"))
+        await room.put(batcher, EndOfRun("$p", {"ok": True}), Accepted("$q"), Begin("$q", {}))
+        await room.put(batcher, React("$q", WAITING), React("$q", None), EndOfRun("$q", {"ok": False}, "failed"))
+        await room.until(lambda: len(room.calls) == 8)
+        await close(room, batcher)
     assert kinds(room.calls) == [
-        "react ⏳ to $p",
-        "react 👀 to $p",
-        "redact $event1",  # the ⏳, once 👀 is there
+        "react ⏳ to $p",  # it waited behind another
+        "redact $event1",  # the ⏳, once it runs
         "m.text",
-        "react ✅ to $p",
-        "redact $event2",  # the 👀
-        "react 👀 to $q",
+        "react ✅ to $p",  # a prompt that did not wait gets only its end
+        "react ✋ to $q",  # waiting for a person's approval
+        "redact $event5",
         "m.notice",  # "(end of run)": the failed run said nothing
         "react ❌ to $q",
-        "redact $event7",
     ]
     for call in room.calls:
         if call.event_type != "m.room.message":
@@ -608,7 +632,8 @@ async def test_a_prompt_gets_one_status_reaction_at_a_time_and_a_final_one() -> 
 async def test_without_reactions_a_run_sends_only_its_messages() -> None:
     room = FakeRoom()
     async with running(room) as batcher:
-        await room.put(batcher, React("$p", "⏳"), Begin("$p", {}), Text("$p", "hi\n"), EndOfRun("$p", {"ok": True}))
+        await room.put(batcher, Accepted("$p", queued=True), Begin("$p", {}), Text("$p", "hi\n"))
+        await room.put(batcher, React("$p", WAITING), React("$p", None), EndOfRun("$p", {"ok": True}))
         await close(room, batcher)
     assert kinds(room.calls) == ["m.text"]
 
@@ -651,9 +676,11 @@ async def test_after_a_restart_the_end_of_a_run_edits_its_status_and_takes_back_
     try:
         first = a_daemons_batcher()
         task = asyncio.create_task(first.run())
-        await room.put(first, Begin("$p", {}), Text("$p", "half way"))
-        await room.until(lambda: len(room.calls) == 2)  # 👀 on the prompt, then its status
-        await room.settled()  # and both recorded as delivered
+        await room.put(first, Accepted("$p", queued=True), Begin("$p", {}), Text("$p", "half way"))
+        await room.until(lambda: len(room.calls) == 3)  # ⏳ on the prompt, taken back, then its status
+        await room.put(first, React("$p", WAITING))
+        await room.until(lambda: len(room.calls) == 4)
+        await room.settled()  # and all recorded as delivered
         task.cancel()  # the daemon dies
         await asyncio.gather(task, return_exceptions=True)
 
@@ -661,17 +688,18 @@ async def test_after_a_restart_the_end_of_a_run_edits_its_status_and_takes_back_
         task = asyncio.create_task(second.run())
         interrupted = EndOfRun("$p", {"ok": False, "result": "interrupted"}, "interrupted")
         await room.put(second, Begin("$p", {}), Block("$p", "⚠️ Interrupted by a restart."), interrupted)
-        await room.until(lambda: len(room.calls) == 6)
+        await room.until(lambda: len(room.calls) == 8)
         await close(room, second)
         await asyncio.gather(task, return_exceptions=True)
         assert await store.refs(ROOM) == {}
     finally:
         await store.close()
-    assert kinds(room.calls) == ["react 👀 to $p", "m.notice", "m.notice", "m.text", "react ❌ to $p", "redact $event1"]
-    edit = room.calls[2]
-    assert edit.content["m.relates_to"] == {"rel_type": "m.replace", "event_id": "$event2"}
+    before = ["react ⏳ to $p", "redact $event1", "m.notice", "react ✋ to $p"]
+    assert kinds(room.calls) == [*before, "redact $event4", "m.notice", "m.text", "react ❌ to $p"]
+    edit = room.calls[5]
+    assert edit.content["m.relates_to"] == {"rel_type": "m.replace", "event_id": "$event3"}
     assert edit.content["m.new_content"]["body"] == "❌ interrupted"
-    assert room.calls[3].body == "⚠️ Interrupted by a restart."
+    assert room.calls[6].body == "⚠️ Interrupted by a restart."
 
 
 async def test_a_redaction_of_an_event_never_sent_is_dropped(tmp_path: Path) -> None:
@@ -775,7 +803,7 @@ async def test_a_run_over_before_its_status_was_due_is_one_answer_with_its_foote
 async def test_a_refused_prompt_in_live_mode_is_answered_once_without_a_second_failure_line() -> None:
     room = FakeRoom()
     async with running(room, live_status=True) as batcher:
-        items = [Begin("$p", {}, react=False), Block("$p", "⛔ Not run: busy.")]
+        items = [Begin("$p", {}, working=False), Block("$p", "⛔ Not run: busy.")]
         await room.put(batcher, *items, EndOfRun("$p", {"ok": False, "result": "busy"}, "refused"))
         await room.until(lambda: len(room.calls) == 1)
         await close(room, batcher)
@@ -808,7 +836,9 @@ async def test_a_live_answer_too_long_for_the_room_comes_as_a_file_with_its_firs
     ((name, mimetype, uploaded),) = room.uploads
     assert name.startswith("answer-") and mimetype == "text/markdown"
     assert uploaded == "```\n" + lines + "```\n"
-    assert inline.body.endswith(f"```\n\n📎 The whole answer ({len(uploaded.encode()):,} bytes) is in the attached file.")
+    assert inline.body.endswith(
+        f"```\n\n📎 The whole answer ({len(uploaded.encode()):,} bytes) is in the attached file."
+    )
     assert attached.content["msgtype"] == "m.file" and attached.content["filename"] == "answer.md"
     assert attached.content["m.relates_to"] == {"m.in_reply_to": {"event_id": "$p"}}
     assert "final" in attached.content["org.aiagentchat"]
@@ -826,3 +856,50 @@ async def test_an_edit_of_an_event_never_sent_is_dropped(tmp_path: Path) -> None
         assert room.bodies() == ["next"] and await store.outbox(ROOM) == []
     finally:
         await store.close()
+
+
+async def test_the_bot_marks_a_prompt_read_and_types_while_its_agent_works_until_the_answer_is_delivered() -> None:
+    room = FakeRoom(RateLimited(3.0))
+    async with running(room, presence=room, live_status=True) as batcher:
+        await room.put(batcher, Accepted("$p"), Begin("$p", {}))
+        await room.until(lambda: len(room.signals) == 2)
+        assert room.signals == [("read $p", 0.0, 0), ("typing on 30000", 0.0, 0)]
+        await room.until(lambda: len(room.signals) == 3)
+        assert room.signals[2] == ("typing on 30000", 20.0, 0)  # refreshed before the homeserver's timeout
+        await room.put(batcher, React("$p", WAITING))  # waiting for a person is not working
+        await room.until(lambda: len(room.signals) == 4)
+        await room.put(batcher, React("$p", None))
+        await room.until(lambda: len(room.signals) == 5)
+        await room.put(batcher, Text("$p", "the answer"), EndOfRun("$p", {"ok": True}))
+        await room.until(lambda: len(room.signals) == 6)
+        assert [call.body for call in room.calls] == ["the answer", "the answer"]  # rate limited, then sent
+    assert [what for what, _, _ in room.signals[3:]] == ["typing off 30000", "typing on 30000", "typing off 30000"]
+    assert room.signals[-1][1:] == (23.0, 2)  # typing ended only once the answer was delivered
+
+
+async def test_a_failed_typing_request_is_tried_again_and_a_refused_prompt_is_not_worked_on() -> None:
+    room = FakeRoom()
+    room.typing_works = [False]
+    async with running(room, presence=room) as batcher:
+        await room.put(batcher, Begin("$r", {}, working=False), EndOfRun("$r", {"ok": False}, "refused"))
+        await room.until(lambda: len(room.calls) == 1)
+        await room.put(batcher, Begin("$p", {}))
+        await room.until(lambda: len(room.signals) == 2)
+    assert room.signals == [("typing on 30000", 0.0, 1), ("typing on 30000", 5.0, 1)]
+
+
+async def test_a_live_status_appears_once_the_run_has_lasted_status_after_s_and_shown_something() -> None:
+    room = FakeRoom()
+    async with running(room, live_status=True, interval_s=2.0, status_after_s=1.0) as batcher:
+        await room.put(batcher, Begin("$p", {}), Text("$p", "First words"))
+        await room.until(lambda: len(room.calls) == 1)
+        assert room.calls[0].at == 1.0 and "✍️ First words" in room.calls[0].body
+        await room.put(batcher, Text("$p", ", more\n"))
+        await room.until(lambda: len(room.calls) == 2)
+        assert room.calls[1].at == 3.0  # edits at most once per interval
+        await room.put(batcher, EndOfRun("$p", {"ok": True}), Begin("$q", {}))
+        await room.until(lambda: len(room.calls) == 4)
+        room.advance(10.0)  # an agent that shows nothing gets no status: the typing notification says it works
+        await room.put(batcher, Block("$q", "🔧 Bash: `make`", "tool"))
+        await room.until(lambda: len(room.calls) == 5)
+    assert room.calls[4].at == 13.0 and "🔧 Bash" in room.calls[4].body

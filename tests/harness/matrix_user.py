@@ -30,11 +30,13 @@ from nio import (
     AsyncClientConfig,
     JoinError,
     LoginError,
+    ReceiptEvent,
     RoomCreateError,
     RoomMessagesError,
     RoomSendError,
     SyncError,
     ToDeviceEvent,
+    TypingNoticeEvent,
 )
 
 from aiagentchat.crypto import upkeep
@@ -53,13 +55,24 @@ def body(event: Event) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def flat_signs(ephemeral: Iterable[Any]) -> list[Event]:
+    """A room's ephemeral events as nio parsed them, one dict each: `{"type": "m.typing", "user_ids"}` (who types
+    now), `{"type": "m.receipt", "event_id", "user_id", "receipt_type"}` (one per receipt)."""
+    signs: list[Event] = []
+    for event in ephemeral:
+        if isinstance(event, TypingNoticeEvent):
+            signs.append({"type": "m.typing", "user_ids": list(event.users)})
+        elif isinstance(event, ReceiptEvent):
+            signs += [
+                {"type": "m.receipt", "event_id": r.event_id, "user_id": r.user_id, "receipt_type": r.receipt_type}
+                for r in event.receipts
+            ]
+    return signs
+
+
 def messages(events: Iterable[Event], sender: str | None = None) -> list[Event]:
     """The `m.room.message` events among `events`, optionally only those of `sender`."""
-    return [
-        e
-        for e in events
-        if e.get("type") == "m.room.message" and (sender is None or e.get("sender") == sender)
-    ]
+    return [e for e in events if e.get("type") == "m.room.message" and (sender is None or e.get("sender") == sender)]
 
 
 def summarize(event: Event, width: int = 160) -> str:
@@ -85,15 +98,14 @@ class MatrixUser:
         self.user_id = ""
         self.to_device: list[ToDeviceEvent] = []
         self.events: list[Event] = []  # every timeline event seen, all rooms, in arrival order
+        self.signs: list[Event] = []  # typing notifications and read receipts seen, flattened (see sync_once)
         self.invites: set[str] = set()  # rooms this user is invited to (and has not joined)
         self._event_ids: set[str] = set()
         self._next_batch: str | None = None
 
     # --- session ---------------------------------------------------------------------------------------------
 
-    async def login(
-        self, base_url: str, mxid: str, password: str, device_id: str | None = None
-    ) -> None:
+    async def login(self, base_url: str, mxid: str, password: str, device_id: str | None = None) -> None:
         config = AsyncClientConfig(
             encryption_enabled=self.store_dir is not None,
             store_sync_tokens=False,
@@ -178,6 +190,7 @@ class MatrixUser:
             self.invites.add(room_id)
         for room_id, room in response.rooms.join.items():
             self.invites.discard(room_id)
+            self.signs += [sign | {"room_id": room_id} for sign in flat_signs(room.ephemeral)]
             batch = [dict(e.source) for e in room.timeline.events]
             if room.timeline.limited and room.timeline.prev_batch:
                 batch = await self._backfill(room_id, room.timeline.prev_batch) + batch

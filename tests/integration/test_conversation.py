@@ -89,10 +89,30 @@ async def test_each_prompt_shows_one_status_reaction_ending_in_a_check_or_a_cros
         return [shown(events, bot, p) for p in (slow, queued, failing)] == [["✅"], ["✅"], ["❌"]]
 
     events = await world.user.wait_for(settled, timeout=90, room_id=room)
-    assert [key for _, key in reactions(events, bot, slow)] == ["👀", "✅"]
-    assert [key for _, key in reactions(events, bot, queued)] == ["⏳", "👀", "✅"]
-    assert [key for _, key in reactions(events, bot, failing)] == ["⏳", "👀", "❌"]
+    assert [key for _, key in reactions(events, bot, slow)] == ["✅"]
+    assert [key for _, key in reactions(events, bot, queued)] == ["⏳", "✅"]  # ⏳ only while it waited
+    assert [key for _, key in reactions(events, bot, failing)] == ["⏳", "❌"]
     assert all(e["type"] != "m.reaction" or "org.aiagentchat" not in e["content"] for e in events)
+
+
+async def test_a_warm_one_line_answer_costs_two_events_and_the_bot_reads_and_types_for_free(world):
+    room = await world.room()
+    await world.daemon([{"id": room}]).start()
+    bot = world.bot_id
+    for prompt in ("say warming up", "slow 8", "say hello"):
+        prompt_id = await world.user.send_text(room, prompt)
+        events = await world.user.wait_for(lambda ev: shown(ev, bot, prompt_id) == ["✅"], timeout=60, room_id=room)
+    from_bot = [e for e in world.user.room_events(room, after=prompt_id) if e["sender"] == bot]
+    assert [e["type"] for e in from_bot] == ["m.room.message", "m.reaction"]  # the answer and ✅, nothing else
+    assert from_bot[0]["content"]["body"].startswith("hello\n\n✅ Done") and MARKER in from_bot[0]["content"]
+    assert not redacted(events, bot)
+
+    def typing() -> list[bool]:
+        return [bot in sign["user_ids"] for sign in world.user.signs if sign["type"] == "m.typing"]
+
+    await world.user.wait_for(lambda _: True in typing() and typing()[-1] is False, timeout=40, room_id=room)
+    read = {sign["event_id"] for sign in world.user.signs if sign["type"] == "m.receipt" and sign["user_id"] == bot}
+    assert prompt_id in read
 
 
 async def test_stop_reactions_stop_a_running_prompt_and_drop_a_queued_one_from_allowed_users_only(world):
