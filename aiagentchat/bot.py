@@ -116,6 +116,8 @@ class Bot:
         self.desks: dict[str, Desk] = {}
         self.creators: dict[str, set[str]] = {}
         self._seen: set[str] = set()  # rooms recorded as watched, so a sync needs no write for them
+        self._syncing = False  # while a sync batch is handled, its prompts are recorded together at its end
+        self._accepting: list[tuple[Prompt, float | None]] = []  # accepted, not recorded yet
         self.commands = Commands(store, settings.paths.data_dir / "outgoing")
         self.ready = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -292,6 +294,14 @@ class Bot:
         return _Skipped(skipped_to)
 
     async def _handle_sync(self, response: SyncResponse, history: bool) -> None:
+        self._syncing = True
+        try:
+            await self._handle_batch(response, history)
+        finally:
+            self._syncing = False
+            await guarded(self._record_accepted(), "prompts_not_recorded")
+
+    async def _handle_batch(self, response: SyncResponse, history: bool) -> None:
         synced_at = time.time()  # when this batch arrived: the start of every prompt's dispatch in it
         for room_id, info in response.rooms.invite.items():
             await guarded(self._consider_invite(room_id, info.invite_state), "invite_failed", room_id=room_id)
@@ -408,6 +418,8 @@ class Bot:
     async def _act(
         self, room_id: str, room: RoomSettings, event: Incoming, decision: intake.Decision, synced_at: float | None
     ) -> None:
+        if not isinstance(decision, intake.Accept):  # it sees the prompts before it as queued
+            await self._record_accepted()
         match decision:
             case intake.ApprovalAnswer():
                 await self._answer_approval(room_id, event, decision)
@@ -462,22 +474,39 @@ class Bot:
     ) -> None:
         worker = self.workers[room_id]
         prompt = Prompt(room_id, event.event_id, event.sender, text, event.hops, thread=event.thread)
-        if (queued := worker.inbox.qsize()) >= room.max_queued:
+        queued = worker.inbox.qsize() + sum(accepted.room_id == room_id for accepted, _ in self._accepting)
+        if queued >= room.max_queued:
             busy = f"busy: {queued} prompts are queued in this room; send it again later"
             await self._refuse(worker, prompt, busy, "prompt_refused_busy", queued=queued)
             return
         if (spent := await over_budget(self.store, room_id, room)) is not None:
             await self._refuse(worker, prompt, spent, "prompt_refused_budget")
             return
-        if await self.store.add_prompt(prompt):
+        self._accepting.append((prompt, synced_at))
+        if not self._syncing:
+            await self._record_accepted()
+
+    async def _record_accepted(self) -> None:
+        """Record the prompts accepted since the last call in one transaction (each durable before it is
+        acknowledged, as one commit instead of one per prompt), then hand them to their rooms: a sync batch
+        that brings prompts for a hundred rooms starts them all at once."""
+        accepting, self._accepting = self._accepting, []
+        if not accepting:
+            return
+        async with self.store.transaction():
+            added = [await self.store.add_prompt(prompt) for prompt, _ in accepting]
+        for (prompt, synced_at), new in zip(accepting, added, strict=True):
+            if not new:
+                continue
             log.info(
                 "prompt_accepted",
-                room_id=room_id,
-                event_id=event.event_id,
-                sender=event.sender,
-                hops=event.hops,
+                room_id=prompt.room_id,
+                event_id=prompt.event_id,
+                sender=prompt.sender,
+                hops=prompt.hops,
                 synced_at=round(synced_at or time.time(), 6),
             )
+            worker = self.workers[prompt.room_id]
             queued = worker.current is not None or worker.inbox.qsize() > 0
             await worker.batcher.put(Accepted(prompt.event_id, queued))
             worker.inbox.put_nowait(prompt)
