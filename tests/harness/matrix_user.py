@@ -37,7 +37,7 @@ from nio import (
     ToDeviceEvent,
 )
 
-from aiagentchat.crypto import upkeep
+from aiagentchat.device_keys import upkeep
 
 Event = dict[str, Any]
 Predicate = Callable[[list[Event]], bool]
