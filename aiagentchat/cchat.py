@@ -457,9 +457,7 @@ class Follower:
         """The events a limited sync skipped, paging forward from the previous sync token (None: failed)."""
         events: list[Any] = []
         for _ in range(50):
-            response = await self.client.room_messages(
-                self.room_id, start=token, direction="f", limit=100
-            )
+            response = await self.client.room_messages(self.room_id, start=token, direction="f", limit=100)
             if getattr(response, "chunk", None) is None:  # RoomMessagesError
                 return None
             events += response.chunk
@@ -476,9 +474,7 @@ class Follower:
         for _ in range(10):
             if len(found) >= count or token is None:
                 break
-            response = await self.client.room_messages(
-                self.room_id, start=token, direction="b", limit=100
-            )
+            response = await self.client.room_messages(self.room_id, start=token, direction="b", limit=100)
             if getattr(response, "chunk", None) is None:
                 raise failure(response, "reading the room's history")
             found += [dict(e.source) for e in response.chunk if self.from_bot(e) and output_marker(dict(e.source))]
@@ -729,7 +725,8 @@ async def follow_answer(follower: Follower, prompt_id: str, timeout: float, show
     return answer
 
 
-def show_tail_event(body: str, marker: dict[str, Any], as_json: bool) -> None:
+def show_tail_event(body: str, marker: dict[str, Any], as_json: bool) -> bool:
+    """Print one bot event; whether stdout now ends mid-line (a run's text goes on in its next event)."""
     body = printable(body)
     final = printable_final(marker["final"]) if isinstance(marker.get("final"), dict) else None
     if as_json:
@@ -738,6 +735,7 @@ def show_tail_event(body: str, marker: dict[str, Any], as_json: bool) -> None:
     else:  # bodies of one run are its text cut into pieces: end a line only where a run ends
         sys.stdout.write(body + ("\n" if final is not None and not body.endswith("\n") else ""))
     sys.stdout.flush()
+    return not as_json and final is None and bool(body) and not body.endswith("\n")
 
 
 async def run_tail(room: str, as_json: bool, lines: int, config: Path | None, bot: str | None) -> int:
@@ -764,6 +762,7 @@ async def tail_room(room: str, as_json: bool, lines: int, config: Path | None, b
     settings = read_settings(config, needs_settings(room, bot, follows=True))
     bot_id = bot_user(bot, settings)
     client: Any = connect_plain(credentials)
+    line_open = False
     try:
         room_id, _ = await resolve_room(client, room, settings)
         encrypted = await check_room(client, room_id, room)
@@ -775,9 +774,12 @@ async def tail_room(room: str, as_json: bool, lines: int, config: Path | None, b
         while True:
             for event in events:
                 if (marker := output_marker(event)) is not None:
-                    show_tail_event(event["content"]["body"], marker, as_json)
+                    line_open = show_tail_event(event["content"]["body"], marker, as_json)
             events = await follower.poll(30_000)
     finally:
+        if line_open:  # Ctrl-C in the middle of a run: the output still ends with a newline
+            sys.stdout.write("\n")
+            sys.stdout.flush()
         await client.close()
 
 
@@ -999,7 +1001,9 @@ def rooms(
         settings = read_settings(config)
         entries = settings.rooms if settings else []
         if not entries and config is None and not DEFAULT_SETTINGS.exists():
-            raise Fail(EXIT_USAGE, "no settings file and no built-in homeserver here: pass --config or set AIAGENTCHAT_CONFIG")
+            raise Fail(
+                EXIT_USAGE, "no settings file and no built-in homeserver here: pass --config or set AIAGENTCHAT_CONFIG"
+            )
     if as_json:
         keys = ("name", "id", "allowed_users", "allowed_bots", "max_hops")
         print(json.dumps([{key: getattr(r, key) for key in keys} for r in entries], ensure_ascii=False))
