@@ -38,10 +38,10 @@ class CchatCost:
     wait_end_s: list[float]
 
 
-async def _exits(*args: str | Path, env: dict[str, str] | None = None) -> float:
+async def _exits(*args: str | Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> float:
     """Run a command to its end; seconds from spawning it until it exited (0 expected)."""
     started = time.monotonic()
-    proc = await asyncio.create_subprocess_exec(*args, env=env, stdout=asyncio.subprocess.DEVNULL)
+    proc = await asyncio.create_subprocess_exec(*args, env=env, cwd=cwd, stdout=asyncio.subprocess.DEVNULL)
     if await proc.wait() != 0:
         raise AssertionError(f"{args} exited {proc.returncode}")
     return time.monotonic() - started
@@ -51,24 +51,24 @@ def _prompt(text: str) -> Any:
     return lambda events: next((e["event_id"] for e in events if e.get("content", {}).get("body") == text), None)
 
 
-async def _send(user: MatrixUser, room: str, env: dict[str, str], *options: str) -> float:
-    """Start `cchat send`; seconds until `user`'s client sees the prompt."""
+async def _send(user: MatrixUser, room: str, env: dict[str, str], cwd: Path, *options: str) -> float:
+    """Start `cchat send` in `cwd`; seconds until `user`'s client sees the prompt."""
     text = f"bench prompt {secrets.token_hex(4)}"
     watching = asyncio.create_task(user.wait_for(_prompt(text), timeout=TIMEOUT_S, room_id=room))
     await asyncio.sleep(0.2)  # the client's long poll is waiting
     started = time.monotonic()
-    sending = asyncio.create_task(_exits(CCHAT, "send", *options, text, env=env))
+    sending = asyncio.create_task(_exits(CCHAT, "send", *options, text, env=env, cwd=cwd))
     await watching
     seen = time.monotonic() - started
     await sending
     return seen
 
 
-async def _wait_end(user: MatrixUser, room: str, env: dict[str, str], bot: str) -> float:
+async def _wait_end(user: MatrixUser, room: str, env: dict[str, str], cwd: Path, bot: str) -> float:
     """`cchat send --wait`: seconds from `user`'s client seeing the answer's last event until cchat exited."""
     text = f"say bench answer {secrets.token_hex(4)}"
     proc = await asyncio.create_subprocess_exec(
-        CCHAT, "send", room, text, "--wait", "--bot", bot, env=env, stdout=asyncio.subprocess.DEVNULL
+        CCHAT, "send", room, text, "--wait", "--bot", bot, env=env, cwd=cwd, stdout=asyncio.subprocess.DEVNULL
     )
     prompt = await user.wait_for(_prompt(text), timeout=TIMEOUT_S, room_id=room)
     prompt_id = _prompt(text)(prompt)
@@ -106,10 +106,11 @@ async def measure(server: Homeserver, runs: int) -> CchatCost:
     daemon = server.daemon("cchat", bot, [room], user_id, {"binary": claude_binary()})
     await daemon.start()
     named = env | {"AIAGENTCHAT_CONFIG": str(daemon.config)}
-    send = [await _send(user, room, env, room) for _ in range(runs)]
-    send_settings = [await _send(user, room, named, room) for _ in range(runs)]
-    await _wait_end(user, room, env, bot[0])  # the room's agent started: what follows is warm
-    wait_end = [await _wait_end(user, room, env, bot[0]) for _ in range(runs)]
+    # in the scratch directory, which has no ./settings.toml: the room id alone, no settings read
+    send = [await _send(user, room, env, server.scratch, room) for _ in range(runs)]
+    send_settings = [await _send(user, room, named, server.scratch, room) for _ in range(runs)]
+    await _wait_end(user, room, env, server.scratch, bot[0])  # the room's agent started: what follows is warm
+    wait_end = [await _wait_end(user, room, env, server.scratch, bot[0]) for _ in range(runs)]
     await daemon.stop()
     return CchatCost(python, help_s, send, send_settings, wait_end)
 
