@@ -49,31 +49,24 @@ from collections import deque
 from collections.abc import Coroutine, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Optional, TextIO
+from typing import TYPE_CHECKING, Annotated, Any, Optional, TextIO
 
-import aiohttp
 import typer
-from nio import (
-    AsyncClient,
-    AsyncClientConfig,
-    LoginResponse,
-    MatrixRoom,
-    MessageDirection,
-    RoomMessagesResponse,
-    RoomResolveAliasResponse,
-    RoomSendResponse,
-    SyncError,
-)
 from typer.core import TyperGroup
 
-from aiagentchat.crypto import store_key, upkeep
+from aiagentchat.device_keys import store_key, upkeep
+from aiagentchat.errors import ConfigError
 from aiagentchat.private import Credentials
-from aiagentchat.settings import ConfigError, RoomSettings, Settings, load_settings
 from aiagentchat.wire import HOPS_KEY, HOPS_VARIABLE, MARKER_KEY
+
+if TYPE_CHECKING:  # each command imports what it needs when it runs: `--help` and a plain room start quickly
+    from nio import AsyncClient
+
+    from aiagentchat.plainclient import PlainClient
+    from aiagentchat.settings import RoomSettings, Settings
 
 EXIT_OK, EXIT_AGENT_ERROR, EXIT_USAGE, EXIT_TIMEOUT, EXIT_FORBIDDEN, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 DEFAULT_SETTINGS = Path("settings.toml")
-NETWORK_ERRORS = (aiohttp.ClientError, TimeoutError, OSError)
 SEND_ATTEMPTS = 5
 
 
@@ -140,12 +133,15 @@ def load_credentials(path: Path) -> Credentials:
 # --- settings and rooms -----------------------------------------------------------------------------------------
 
 
-def read_settings(config: Path | None, required: bool = False) -> Settings | None:
+def read_settings(config: Path | None, needed: bool = True) -> Settings | None:
+    """The daemon's settings, read as the daemon reads them: `config`, else ./settings.toml, else (only when
+    `needed`: a room name to look up, the bot to find) the defaults and the environment alone. With the built-in
+    homeserver, its room "local" and its bot are added. None: no file, and not needed."""
     path = config if config is not None else (DEFAULT_SETTINGS if DEFAULT_SETTINGS.exists() else None)
-    if path is None:
-        if required:
-            raise Fail(EXIT_USAGE, "no settings file: pass --config or set AIAGENTCHAT_CONFIG")
+    if path is None and not needed:
         return None
+    from aiagentchat.settings import load_settings  # pydantic: only commands that read settings pay for it
+
     try:
         settings = load_settings(path)
     except ConfigError as exc:
@@ -155,6 +151,12 @@ def read_settings(config: Path | None, required: bool = False) -> Settings | Non
     from aiagentchat.localserver import add_saved_room  # the built-in homeserver's room "local", if made
 
     return add_saved_room(settings)
+
+
+def needs_settings(room: str, bot: str | None, follows: bool) -> bool:
+    """Whether a command on ROOM reads the settings even when there is no file: to look up a room name, or to
+    find the bot when it follows the room (`--wait`, `tail`) without `--bot`."""
+    return not room.startswith(("!", "#")) or (follows and not bot)
 
 
 def lookup_room(settings: Settings | None, room: str) -> RoomSettings | None:
@@ -192,8 +194,8 @@ async def resolve_room(client: Any, room: str, settings: Settings | None) -> tup
 
 async def resolve_alias(client: Any, alias: str, quiet: bool = False) -> str | None:
     response = await call(client.room_resolve_alias(alias), client)
-    if isinstance(response, RoomResolveAliasResponse):
-        return response.room_id
+    if room_id := getattr(response, "room_id", None):
+        return room_id
     if quiet:
         return None
     if response.status_code == "M_NOT_FOUND":
@@ -202,9 +204,21 @@ async def resolve_alias(client: Any, alias: str, quiet: bool = False) -> str | N
 
 
 # --- talking to the homeserver ----------------------------------------------------------------------------------
+# A room without encryption is served by PlainClient; an encrypted room, a login and a verification by matrix-nio
+# with cchat's crypto store. Responses are told apart by the fields a success carries (nio's and PlainClient's
+# alike), not by their classes, so that neither module has to be imported to read the other's answers.
+
+
+def network_errors() -> tuple[type[BaseException], ...]:
+    """What a request that never got an answer raises (aiohttp is imported once a command talks to a server)."""
+    import aiohttp
+
+    return (aiohttp.ClientError, TimeoutError, OSError)
 
 
 def make_client(homeserver: str, user_id: str, device_id: str = "") -> AsyncClient:
+    from nio import AsyncClient, AsyncClientConfig
+
     logging.getLogger("nio").setLevel(logging.CRITICAL)
     store = config_dir() / "store"
     store.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -225,10 +239,22 @@ def connect(credentials: Credentials) -> AsyncClient:
     return client
 
 
+def connect_plain(credentials: Credentials) -> PlainClient:
+    from aiagentchat.plainclient import PlainClient
+
+    return PlainClient(credentials.homeserver, credentials.user_id, credentials.device_id, credentials.access_token)
+
+
+async def for_encryption(plain: PlainClient, credentials: Credentials) -> AsyncClient:
+    """The nio client with cchat's crypto store in place of `plain`: the room turned out to be encrypted."""
+    await plain.close()
+    return connect(credentials)
+
+
 async def call(awaitable: Coroutine[Any, Any, Any], client: AsyncClient) -> Any:
     try:
         return await awaitable
-    except NETWORK_ERRORS as exc:
+    except network_errors() as exc:
         raise Fail(EXIT_USAGE, f"cannot reach {client.homeserver}: {type(exc).__name__}: {exc}") from None
 
 
@@ -273,13 +299,14 @@ async def check_room(client: AsyncClient, room_id: str, room: str) -> bool:
     raise failure(response, f"checking {room}")
 
 
-async def prepare_room(client: AsyncClient, room_id: str, encrypted: bool) -> None:
-    """What nio must know before sending to the room without a sync: whether to encrypt (room_send then loads
-    the members and shares a room key with their devices), and this device's keys published."""
+async def prepare_room(client: AsyncClient, room_id: str) -> None:
+    """What nio must know before sending to an encrypted room without a sync: that it is encrypted (room_send
+    then loads the members and shares a room key with their devices), and this device's keys published."""
+    from nio import MatrixRoom
+
     room = client.rooms.setdefault(room_id, MatrixRoom(room_id, client.user_id))
-    room.encrypted = room.encrypted or encrypted
-    if encrypted:
-        await call(upkeep(client), client)
+    room.encrypted = True
+    await call(upkeep(client), client)
 
 
 async def warn_unless_cross_signed(client: AsyncClient) -> None:
@@ -319,12 +346,12 @@ async def send_prompt(client: AsyncClient, room_id: str, content: dict[str, Any]
             response = await client.room_send(
                 room_id, "m.room.message", content, tx_id=txn_id, ignore_unverified_devices=True
             )
-        except NETWORK_ERRORS as exc:
+        except network_errors() as exc:
             last = f"{type(exc).__name__}: {exc}"
             await asyncio.sleep(min(2.0**attempt, 10.0))
             continue
-        if isinstance(response, RoomSendResponse):
-            return response.event_id
+        if event_id := getattr(response, "event_id", None):
+            return event_id
         status = status_of(response)
         if status == 429 or response.status_code == "M_LIMIT_EXCEEDED":
             last = "rate limited"
@@ -383,7 +410,7 @@ class Follower:
         """One sync round; on a passing failure, back off and keep the old position (retried next round)."""
         try:
             response = await self.client.sync(timeout_ms, sync_filter(self.room_id, limit), since=self.token)
-            if isinstance(response, SyncError):
+            if getattr(response, "next_batch", None) is None:  # SyncError
                 status = status_of(response)
                 if response.status_code == "M_UNKNOWN_TOKEN" or (status and 400 <= status < 500 and status != 429):
                     raise failure(response, "syncing")
@@ -396,7 +423,7 @@ class Follower:
                 if skipped is None:
                     return await self._back_off()
                 events = skipped + events
-        except NETWORK_ERRORS:
+        except network_errors():
             return await self._back_off()
         self._failures = 0
         first, self.token = self.token is None, response.next_batch
@@ -430,10 +457,8 @@ class Follower:
         """The events a limited sync skipped, paging forward from the previous sync token (None: failed)."""
         events: list[Any] = []
         for _ in range(50):
-            response = await self.client.room_messages(
-                self.room_id, start=token, direction=MessageDirection.front, limit=100
-            )
-            if not isinstance(response, RoomMessagesResponse):
+            response = await self.client.room_messages(self.room_id, start=token, direction="f", limit=100)
+            if getattr(response, "chunk", None) is None:  # RoomMessagesError
                 return None
             events += response.chunk
             if not response.chunk or not response.end or response.end == token:
@@ -449,10 +474,8 @@ class Follower:
         for _ in range(10):
             if len(found) >= count or token is None:
                 break
-            response = await self.client.room_messages(
-                self.room_id, start=token, direction=MessageDirection.back, limit=100
-            )
-            if not isinstance(response, RoomMessagesResponse):
+            response = await self.client.room_messages(self.room_id, start=token, direction="b", limit=100)
+            if getattr(response, "chunk", None) is None:
                 raise failure(response, "reading the room's history")
             found += [dict(e.source) for e in response.chunk if self.from_bot(e) and output_marker(dict(e.source))]
             token = response.end if response.chunk and response.end != token else None
@@ -638,10 +661,10 @@ class SendRequest:
 
 async def run_send(request: SendRequest) -> int:
     credentials = load_credentials(credentials_path())
-    settings = read_settings(request.config)
+    settings = read_settings(request.config, needs_settings(request.room, request.bot, request.wait))
     bot = bot_user(request.bot, settings) if request.wait else ""
     content = prompt_content(request.text)
-    client = connect(credentials)
+    client: Any = connect_plain(credentials)
     try:
         room_id, entry = await resolve_room(client, request.room, settings)
         if entry is not None and not may_prompt(entry, credentials.user_id):
@@ -649,8 +672,9 @@ async def run_send(request: SendRequest) -> int:
             where = f"allowed_users or allowed_bots of {request.room}"
             raise Fail(EXIT_FORBIDDEN, f"{who} is not in {where}; nothing sent")
         encrypted = await check_room(client, room_id, request.room)
-        await prepare_room(client, room_id, encrypted)
         if encrypted:
+            client = await for_encryption(client, credentials)
+            await prepare_room(client, room_id)
             await warn_unless_cross_signed(client)
         if not request.wait:
             print(await send_prompt(client, room_id, content), flush=True)
@@ -701,7 +725,8 @@ async def follow_answer(follower: Follower, prompt_id: str, timeout: float, show
     return answer
 
 
-def show_tail_event(body: str, marker: dict[str, Any], as_json: bool) -> None:
+def show_tail_event(body: str, marker: dict[str, Any], as_json: bool) -> bool:
+    """Print one bot event; whether stdout now ends mid-line (a run's text goes on in its next event)."""
     body = printable(body)
     final = printable_final(marker["final"]) if isinstance(marker.get("final"), dict) else None
     if as_json:
@@ -710,6 +735,7 @@ def show_tail_event(body: str, marker: dict[str, Any], as_json: bool) -> None:
     else:  # bodies of one run are its text cut into pieces: end a line only where a run ends
         sys.stdout.write(body + ("\n" if final is not None and not body.endswith("\n") else ""))
     sys.stdout.flush()
+    return not as_json and final is None and bool(body) and not body.endswith("\n")
 
 
 async def run_tail(room: str, as_json: bool, lines: int, config: Path | None, bot: str | None) -> int:
@@ -733,25 +759,33 @@ async def run_tail(room: str, as_json: bool, lines: int, config: Path | None, bo
 
 async def tail_room(room: str, as_json: bool, lines: int, config: Path | None, bot: str | None) -> int:
     credentials = load_credentials(credentials_path())
-    settings = read_settings(config)
+    settings = read_settings(config, needs_settings(room, bot, follows=True))
     bot_id = bot_user(bot, settings)
-    client = connect(credentials)
+    client: Any = connect_plain(credentials)
+    line_open = False
     try:
         room_id, _ = await resolve_room(client, room, settings)
         encrypted = await check_room(client, room_id, room)
+        if encrypted:
+            client = await for_encryption(client, credentials)
         follower = Follower(client, room_id, bot_id, encrypted)
         await follower.start()
         events = await follower.recent(lines)
         while True:
             for event in events:
                 if (marker := output_marker(event)) is not None:
-                    show_tail_event(event["content"]["body"], marker, as_json)
+                    line_open = show_tail_event(event["content"]["body"], marker, as_json)
             events = await follower.poll(30_000)
     finally:
+        if line_open:  # Ctrl-C in the middle of a run: the output still ends with a newline
+            sys.stdout.write("\n")
+            sys.stdout.flush()
         await client.close()
 
 
 async def run_login(homeserver: str, user: str, password: str, path: Path, recovery_key: str | None) -> Credentials:
+    from nio import LoginResponse
+
     homeserver = homeserver.rstrip("/")
     try:
         saved: Credentials | None = load_credentials(path)
@@ -868,6 +902,7 @@ app = typer.Typer(
     name="cchat",
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: rich's formatting would import for longer than the rest of --help takes
     help="Talk to aiagentchat rooms from a terminal or another agent.",
 )
 
@@ -963,8 +998,12 @@ def rooms(
 ) -> None:
     """List the rooms of the daemon's settings: name, id, allowed users (tab-separated)."""
     with failing():
-        settings = read_settings(config, required=True)
-    entries = settings.rooms if settings else []
+        settings = read_settings(config)
+        entries = settings.rooms if settings else []
+        if not entries and config is None and not DEFAULT_SETTINGS.exists():
+            raise Fail(
+                EXIT_USAGE, "no settings file and no built-in homeserver here: pass --config or set AIAGENTCHAT_CONFIG"
+            )
     if as_json:
         keys = ("name", "id", "allowed_users", "allowed_bots", "max_hops")
         print(json.dumps([{key: getattr(r, key) for key in keys} for r in entries], ensure_ascii=False))

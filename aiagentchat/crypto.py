@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-import hashlib
 import json
 import os
 import secrets
@@ -39,6 +38,7 @@ from nio import (
 from nio.crypto import OlmDevice
 
 from aiagentchat.batcher import Batcher, Block, EndOfRun
+from aiagentchat.device_keys import store_key, upkeep
 from aiagentchat.identity import CrossSigningKeys, IdentityError, KeyFile, ensure_identity
 from aiagentchat.private import read_private, write_private
 from aiagentchat.settings import ConfigError, RoomSettings, Settings, Trust
@@ -63,27 +63,6 @@ def pickle_key(settings: Settings) -> str:
     configured = settings.matrix.pickle_key
     key_file = settings.paths.data_dir / "pickle_key"
     return store_key(configured.get_secret_value() if configured else None, key_file, crypto_dir(settings))
-
-
-def store_key(configured: str | None, key_file: Path, store: Path) -> str:
-    """A crypto store's pickle key: `configured`, else the 0600 `key_file` (generated on first use). A key
-    other than the one the store was made with is refused (ConfigError); nio would fail deep inside login."""
-    if configured is not None:
-        key = configured
-    else:
-        if not key_file.exists():
-            write_private(key_file, secrets.token_urlsafe(32))
-        key = read_private(key_file).strip()
-    check = store / "pickle_key.check"
-    digest = hashlib.sha256(b"aiagentchat pickle key\0" + key.encode()).hexdigest()
-    if not check.exists():
-        write_private(check, digest)
-    elif read_private(check).strip() != digest:
-        raise ConfigError(
-            f"the pickle key ({key_file} or its environment variable) is not the one that encrypted the crypto "
-            f"store in {store}: restore that key, or move the store away to start over as a new device"
-        )
-    return key
 
 
 def key_file(settings: Settings) -> KeyFile:
@@ -114,19 +93,6 @@ class DeviceLock:
 
     def release(self) -> None:
         self._file.close()
-
-
-async def upkeep(client: AsyncClient) -> None:
-    """What nio's sync_forever does after each sync: keys uploaded, queried and claimed, to-device sent."""
-    if not client.olm:
-        return
-    if client.should_upload_keys:
-        await client.keys_upload()
-    if client.should_query_keys:
-        await client.keys_query()
-    if client.should_claim_keys:
-        await client.keys_claim(client.get_users_for_key_claiming())
-    await client.send_to_device_messages()
 
 
 def refused(event_id: str, text: str) -> EndOfRun:

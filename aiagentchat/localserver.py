@@ -61,6 +61,7 @@ KILLED_WAIT_S = 1.0
 BOT_NAME = "aiagentchat"
 USER_NAME = "you"
 ROOM_NAME = "local"
+CCHAT_VARIABLE = "AIAGENTCHAT_CCHAT"  # how to run cchat from where the daemon was started (scripts/run sets it)
 
 # Synapse's defaults (rc_login: 0.003/s, burst 5 per address and per account; rc_registration: 0.17/s, burst
 # 3) lock a person out after a few logins from cchat, Element and the daemon on one machine.
@@ -622,6 +623,7 @@ class LocalHomeserver:
         accounts = self.accounts
         assert accounts is not None, "prepare() first"
         config = f" --config {shlex.quote(str(self.config))}" if self.config is not None else ""
+        cchat = shlex.quote(self.env.get(CCHAT_VARIABLE) or "cchat")
         lines = [
             "",
             "aiagentchat is running with its built-in homeserver (Synapse on this machine only).",
@@ -636,7 +638,7 @@ class LocalHomeserver:
             "Sign in with that user and password from a Matrix client on this machine (in Element, change the",
             "homeserver to the URL above) and write in the room, or send a prompt from a terminal:",
             "",
-            f'  cchat send local "say hello" --wait{config}',
+            f'  {cchat} send local "say hello" --wait{config}',
         ]
         saved = _read_json(self.cchat_credentials)
         if saved.get("homeserver") != self.base_url or saved.get("user_id") != accounts.user.user_id:
@@ -644,7 +646,7 @@ class LocalHomeserver:
             lines += [
                 "",
                 f"cchat is {where} ({self.cchat_credentials}); to use this room, first run:",
-                f"  cchat login --homeserver {self.base_url} --user {accounts.user.user_id}",
+                f"  {cchat} login --homeserver {self.base_url} --user {accounts.user.user_id}",
             ]
         lines.append(f"\nThe accounts are kept in {self.accounts_path}; the bot is {settings.matrix.user_id}.")
         return "\n".join(lines) + "\n"

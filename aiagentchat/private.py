@@ -13,7 +13,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from aiagentchat.settings import ConfigError
+from aiagentchat.errors import ConfigError
 
 PR_SET_DUMPABLE = 4  # <linux/prctl.h>
 

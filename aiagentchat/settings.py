@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from aiagentchat.errors import ConfigError
+
 PermissionMode = Literal["default", "acceptEdits", "plan", "bypassPermissions", "dontAsk"]
 Trust = Literal["all", "tofu", "cross_signed", "verified"]
 Sandbox = Literal["bwrap", "off"]
@@ -24,10 +26,6 @@ LogLevel = Annotated[
 
 DEFAULT_ENV_PASSTHROUGH = ["PATH", "HOME", "LANG", "ANTHROPIC_*", "CLAUDE_CODE_*", "DISABLE_*"]
 SECRET_KEYS = ("password", "access_token", "pickle_key")
-
-
-class ConfigError(Exception):
-    """A settings problem a person must fix; the message names the key and, when known, the line."""
 
 
 class _Strict(BaseModel):

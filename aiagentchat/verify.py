@@ -29,7 +29,8 @@ from nio import (
 )
 from nio.crypto import OlmDevice, Sas
 
-from aiagentchat.crypto import NETWORK_ERRORS, DeviceLock, describe, key_file, upkeep
+from aiagentchat.crypto import NETWORK_ERRORS, DeviceLock, describe, key_file
+from aiagentchat.device_keys import upkeep
 from aiagentchat.identity import IdentityError, query, read_devices, read_identity, upload_signatures
 from aiagentchat.identity import fingerprint as key_fingerprint
 from aiagentchat.sas import use_spec_sas

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
-from bench import first_output, floor, identity, machine, ratelimit, sandbox, scale, throughput
+from bench import cchat, first_output, floor, identity, machine, ratelimit, sandbox, scale, throughput
 from bench.profile import Profiler
 from bench.report import Results, render
 from bench.world import cli_environment, homeserver
@@ -31,6 +31,8 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results.md"
 SANDBOX = HERE / "sandbox.md"
 IDENTITY = HERE / "identity.md"
+CCHAT = HERE / "cchat.md"
+CCHAT_RUNS = 10  # in a full run
 LAST_RUN = HERE / ".last-run.pickle"
 
 
@@ -64,6 +66,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "(--cli-cold and --cli-warm runs each), written to bench/sandbox.md")
     parser.add_argument("--identity", type=int, default=0, metavar="RUNS",
                         help="only cross-signing's cost, over RUNS fresh accounts, written to bench/identity.md")
+    parser.add_argument("--cchat", type=int, default=0, metavar="RUNS",
+                        help="only cchat's cost (--help, send, the end of --wait), RUNS of each, written to "
+                        "bench/cchat.md; a full run measures it too, for results.md")
     parser.add_argument("--profile", action="store_true",
                         help="py-spy the largest in-process flood, the largest scale round and one start-up")
     args = parser.parse_args(argv)
@@ -103,11 +108,14 @@ async def measure(args: argparse.Namespace, scratch: Path, command: str) -> Resu
             progress("(5) scale and (6) start-up")
             scaled = await scale.measure(server, args.scale, args.scale_lines, args.scale_interval_ms,
                                          args.startup_runs, profiler)
+            progress("cchat")
+            cchat_cost = await cchat.measure(server, 3 if args.quick else CCHAT_RUNS)
         async with homeserver(model, scratch, default_rc_message=True) as server:
             progress("(4) rate-limited delivery")
             limited = await ratelimit.measure(server, args.drip_seconds)
     return Results(command, described, machine.load_average(), time.monotonic() - started, floor_result, first,
-                   pipeline, pipeline_live, end_to_end, limited, scaled, profiler.profiles if profiler else [])
+                   pipeline, pipeline_live, end_to_end, limited, scaled, profiler.profiles if profiler else [],
+                   cchat_cost)
 
 
 async def measure_sandbox(args: argparse.Namespace, scratch: Path, command: str) -> sandbox.SandboxCost:
@@ -130,6 +138,17 @@ async def measure_identity(args: argparse.Namespace, scratch: Path, command: str
     return identity.IdentityCost(described, command, *samples)
 
 
+async def measure_cchat(args: argparse.Namespace, scratch: Path, command: str) -> cchat.CchatRun:
+    described = machine.describe()
+    async with model_server() as model:
+        cli_environment(model, scratch / "cli-home")
+        async with homeserver(model, scratch) as server:
+            progress(f"cchat: {args.cchat} runs of each")
+            cost = await cchat.measure(server, args.cchat)
+    described["load average at end (1/5/15 min)"] = machine.load_average()
+    return cchat.CchatRun(described, command, cost)
+
+
 def in_scratch(
     measuring: Callable[[argparse.Namespace, Path, str], Awaitable[T]], args: argparse.Namespace, argv: list[str]
 ) -> T:
@@ -146,6 +165,10 @@ def main(argv: list[str]) -> None:
     if args.identity:
         IDENTITY.write_text(identity.render(in_scratch(measure_identity, args, argv)))
         progress(f"wrote {IDENTITY}")
+        return
+    if args.cchat:
+        CCHAT.write_text(cchat.render(in_scratch(measure_cchat, args, argv)))
+        progress(f"wrote {CCHAT}")
         return
     if args.sandbox:
         SANDBOX.write_text(sandbox.render(in_scratch(measure_sandbox, args, argv)))

@@ -6,6 +6,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.cchat import CchatCost, section, summary_rows
 from bench.first_output import FirstOutput
 from bench.floor import Floor
 from bench.pipeline import PipelineRun
@@ -33,6 +34,7 @@ class Results:
     rate_limited: RateLimited
     scale: Scale
     profiles: list[Profile]
+    cchat: CchatCost | None = None  # runs before cchat was measured have none
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -103,6 +105,7 @@ def _summary(results: Results) -> list[str]:
          _verdict(dispatch.p95 < 100, f"by {dispatch.p95 - 100:.0f} ms")],
         [f"(6) start-up, {results.scale.startup.rooms} rooms, median", "< 2 s", f"{ready.median:.2f} s",
          _verdict(ready.median < 2, f"by {ready.median - 2:.2f} s")],
+        *(summary_rows(results.cchat) if results.cchat else []),
     ]
     return ["## Against the targets", "", *_table(["what", "target", "measured", "verdict"], rows)]
 
@@ -274,6 +277,7 @@ def render(results: Results) -> str:
         *_rate_limited(results),
         *_scale(results),
         *_startup(results),
+        *(section(results.cchat, "## 7. cchat") if results.cchat else []),
     ]
     if FINDINGS.exists():
         lines += [FINDINGS.read_text()]

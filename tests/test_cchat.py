@@ -6,6 +6,8 @@ import io
 import json
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -16,7 +18,9 @@ from typer.testing import CliRunner
 
 from aiagentchat import cchat
 from aiagentchat.cchat import Answer, Credentials, Fail, Live, SendRequest
+from aiagentchat.plainclient import Response
 from aiagentchat.settings import load_settings
+from tests.harness import REPO_ROOT
 
 ME = "@me:example.org"
 SETTINGS = """
@@ -189,6 +193,83 @@ def test_the_built_in_homeservers_room_local_is_found_by_name(tmp_path):
     entry = cchat.lookup_room(cchat.read_settings(config), "local")
     assert entry is not None and entry.id == "!local:localhost" and cchat.may_prompt(entry, "@you:localhost")
     assert cchat.bot_user(None, cchat.read_settings(config)) == "@bot:localhost"
+
+
+def test_without_a_settings_file_the_daemons_defaults_find_the_room_local_in_data(tmp_path, monkeypatch):
+    # The daemon without a settings file runs on its defaults (data_dir ./data): cchat reads the same, when needed.
+    monkeypatch.delenv("AIAGENTCHAT_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    from aiagentchat.localserver import Account, Accounts
+
+    (tmp_path / "data" / "homeserver").mkdir(parents=True)
+    Accounts(Account("@bot:localhost", "pw"), Account("@you:localhost", "pw"), "!local:localhost").save(
+        tmp_path / "data" / "homeserver" / "accounts.json"
+    )
+    settings = cchat.read_settings(None, cchat.needs_settings("local", None, follows=True))
+    assert cchat.lookup_room(settings, "local").id == "!local:localhost"
+    assert cchat.bot_user(None, settings) == "@bot:localhost"
+    assert cchat.read_settings(None, cchat.needs_settings("!r:x", "@bot:x", follows=True)) is None  # nothing to find
+
+
+def test_scripts_cchat_reads_the_projects_settings_from_any_directory(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "AIAGENTCHAT_CONFIG"} | {"CCHAT_CONFIG_DIR": str(tmp_path)}
+    script = REPO_ROOT / "scripts" / "cchat"
+    found = subprocess.run(
+        [script, "rooms", "--json"], cwd=tmp_path, env=env, capture_output=True, text=True, check=False
+    )
+    assert found.returncode == 0, found.stderr
+    assert isinstance(json.loads(found.stdout), list)
+    # the same command run here directly has no settings file to read
+    command = [sys.executable, "-m", "aiagentchat.cchat", "rooms"]
+    here = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, check=False)
+    assert here.returncode == 2 and "no settings file" in here.stderr
+
+
+def loaded_modules(code: str) -> set[str]:
+    """The modules a fresh interpreter has loaded once `code` ran (also when it ends with SystemExit)."""
+    report = "import atexit, sys; atexit.register(lambda: print(*sorted(sys.modules), file=sys.stderr)); "
+    command = [sys.executable, "-c", report + code]
+    ran = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, check=False)
+    return set(ran.stderr.split())
+
+
+# what a command loads only when it needs it (typer itself uses pydantic, so that is not among them)
+HEAVY = {"aiagentchat.batcher", "aiagentchat.runner", "aiagentchat.crypto", "aiagentchat.settings", "nio"}
+HEAVY |= {"nio.crypto", "vodozemac", "pydantic_settings", "aiohttp", "rich"}
+
+
+def test_importing_cchat_loads_no_daemon_pipeline_no_nio_crypto_and_no_settings():
+    loaded = loaded_modules("import aiagentchat.cchat")
+    assert "aiagentchat.cchat" in loaded
+    assert loaded.isdisjoint(HEAVY), sorted(loaded.intersection(HEAVY))
+
+
+def test_help_loads_neither_rich_nor_a_matrix_client():
+    loaded = loaded_modules("from aiagentchat.cchat import app; app(['send', '--help'])")
+    assert "typer" in loaded
+    assert loaded.isdisjoint(HEAVY), sorted(loaded.intersection(HEAVY))
+
+
+def test_the_plain_clients_answers_read_like_nios():
+    ok = SimpleNamespace(status=200, headers={})
+    answer = Response(ok, {"next_batch": "s2", "rooms": {"join": {"!r:x": {"timeline": {"events": [{"a": 1}, 7]}}}}})
+    room = answer.rooms.join["!r:x"]
+    assert [e.source for e in room.timeline.events] == [{"a": 1}] and room.timeline.limited is False
+    assert (answer.next_batch, answer.status_code, answer.event_id) == ("s2", None, None)
+    assert Response(ok, {"rooms": "nonsense"}).rooms.join == {}
+    refused = Response(SimpleNamespace(status=429, headers={}), {"errcode": "M_LIMIT_EXCEEDED", "retry_after_ms": 5})
+    assert (refused.status_code, refused.retry_after_ms, refused.next_batch, refused.chunk) == (
+        "M_LIMIT_EXCEEDED", 5, None, None
+    )  # fmt: skip
+    assert Response(SimpleNamespace(status=502, headers={}), {}).status_code is None  # a proxy's page: no errcode
+
+
+def test_tail_ends_its_output_with_a_newline_even_inside_a_run(capsys):
+    marker = {"prompt": "$p"}
+    assert cchat.show_tail_event("first words", marker, as_json=False) is True  # the run goes on: line open
+    assert cchat.show_tail_event(" and the end", marker | {"final": {"ok": True}}, as_json=False) is False
+    assert cchat.show_tail_event("line\n", marker, as_json=False) is False
+    assert capsys.readouterr().out == "first words and the end\nline\n"
 
 
 def test_the_bot_is_the_option_else_the_settings_user(settings_file):
@@ -499,7 +580,7 @@ def test_the_progress_line_shows_on_a_terminal():
         (["send", "!r:x", "   "], "cchat: the prompt is empty"),
         (["send", "nowhere", "hi"], "cchat: unknown room 'nowhere': give a room id"),
         (["send", "work", "hi", "--config", "missing.toml"], "cchat: missing.toml: cannot read settings"),
-        (["rooms"], "cchat: no settings file: pass --config or set AIAGENTCHAT_CONFIG"),
+        (["rooms"], "cchat: no settings file and no built-in homeserver here: pass --config or set AIAGENTCHAT_CONFIG"),
         (["fly"], "cchat: No such command 'fly'."),
     ],
 )

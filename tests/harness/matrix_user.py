@@ -39,7 +39,7 @@ from nio import (
     TypingNoticeEvent,
 )
 
-from aiagentchat.crypto import upkeep
+from aiagentchat.device_keys import upkeep
 
 Event = dict[str, Any]
 Predicate = Callable[[list[Event]], bool]

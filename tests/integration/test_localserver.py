@@ -169,7 +169,8 @@ async def test_first_run_makes_everything_and_a_second_run_reuses_it(model, tmp_
         "AIAGENTCHAT_CLAUDE__BINARY": claude_binary(),
         "AIAGENTCHAT_LOCAL_SYNAPSE_PYTHON": synapse_python(),
     } | coverage_env()
-    daemon = LocalDaemon(config, env)
+    cchat = REPO_ROOT / "scripts" / "cchat"
+    daemon = LocalDaemon(config, env | {"AIAGENTCHAT_CCHAT": str(cchat)})  # as scripts/run sets it
     hs_dir = data / "homeserver"
     synapse_config = hs_dir / "synapse" / "hs.yaml"
     try:
@@ -180,7 +181,22 @@ async def test_first_run_makes_everything_and_a_second_run_reuses_it(model, tmp_
         assert url == f"http://127.0.0.1:{port}"
         assert info["user"] == "@you:localhost"
         assert info["room"].startswith("!")
-        assert f'cchat send local "say hello" --wait --config {config}' in daemon.stdout
+        printed = f'{cchat} send local "say hello" --wait --config {config}'
+        assert f"\n  {printed}\n" in daemon.stdout
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        ran = await asyncio.create_subprocess_exec(
+            "bash",
+            "-c",
+            printed,
+            cwd=elsewhere,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(ran.communicate(), 60)
+        assert ran.returncode == 0, err.decode()
+        assert "hello" in out.decode() and out.decode().endswith("\n"), out.decode()  # the line works as printed
         assert not any(e.get("event") == "no_claude_login" for e in daemon.logs)
 
         accounts = json.loads((hs_dir / "accounts.json").read_text())
