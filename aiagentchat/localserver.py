@@ -39,6 +39,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import structlog
@@ -60,6 +61,7 @@ STOP_TIMEOUT_S = 2.0
 KILLED_WAIT_S = 1.0
 BOT_NAME = "aiagentchat"
 USER_NAME = "you"
+ADMIN_NAME = "aiagentchat-admin"  # the admin that lifts the bot's rate limit, deactivated after
 ROOM_NAME = "local"
 CCHAT_VARIABLE = "AIAGENTCHAT_CCHAT"  # how to run cchat from where the daemon was started (scripts/run sets it)
 
@@ -295,6 +297,26 @@ class SynapseProcess:
 async def register(base_url: str, shared_secret: str, username: str, password: str, admin: bool = False) -> str:
     """Create a user by shared-secret registration (`/_synapse/admin/v1/register`); returns the MXID.
     Raises UserExists if the name is taken."""
+    return (await _registered(base_url, shared_secret, username, password, admin))["user_id"]
+
+
+async def exempt_from_rate_limits(base_url: str, shared_secret: str, user_id: str) -> None:
+    """Lift the message rate limit of `user_id` (Synapse's admin API `override_ratelimit`, 0 meaning none). The
+    admin that does it is registered for this alone, with a password nobody keeps, and deactivated after."""
+    name = f"{ADMIN_NAME}-{secrets.token_hex(4)}"
+    admin = await _registered(base_url, shared_secret, name, secrets.token_urlsafe(24), admin=True)
+    headers = {"Authorization": f"Bearer {admin['access_token']}"}
+    limit = f"{base_url}/_synapse/admin/v1/users/{quote(user_id, safe='')}/override_ratelimit"
+    deactivate = f"{base_url}/_synapse/admin/v1/deactivate/{quote(admin['user_id'], safe='')}"
+    async with aiohttp.ClientSession(headers=headers) as session:
+        for url, payload in ((limit, {"messages_per_second": 0, "burst_count": 0}), (deactivate, {"erase": True})):
+            async with session.post(url, json=payload) as resp:
+                if resp.status != 200:
+                    raise HomeserverError(f"POST {url}: HTTP {resp.status} {await resp.text()}")
+
+
+async def _registered(base_url: str, shared_secret: str, username: str, password: str, admin: bool) -> dict[str, Any]:
+    """The answer to a shared-secret registration: `user_id`, `access_token`, `device_id`."""
     url = base_url + "/_synapse/admin/v1/register"
     async with aiohttp.ClientSession() as session:
         async with session.get(url) as resp:
@@ -310,7 +332,7 @@ async def register(base_url: str, shared_secret: str, username: str, password: s
             if resp.status != 200:
                 error = UserExists if body.get("errcode") == "M_USER_IN_USE" else HomeserverError
                 raise error(f"registering {username!r}: HTTP {resp.status} {body}")
-            return body["user_id"]
+            return body
 
 
 # --- the built-in homeserver -----------------------------------------------------------------------------------
@@ -391,6 +413,7 @@ class Accounts:
     bot: Account
     user: Account
     room_id: str = ""
+    bot_unlimited: bool = False  # the bot's message rate limit is lifted
 
     @classmethod
     def generate(cls) -> Accounts:
@@ -404,7 +427,12 @@ class Accounts:
         if not path.exists():
             return None
         data = json.loads(path.read_text(encoding="utf-8"))
-        return cls(bot=Account(**data["bot"]), user=Account(**data["user"]), room_id=data.get("room_id", ""))
+        return cls(
+            bot=Account(**data["bot"]),
+            user=Account(**data["user"]),
+            room_id=data.get("room_id", ""),
+            bot_unlimited=data.get("bot_unlimited") is True,
+        )
 
     def save(self, path: Path) -> None:
         write_private(path, json.dumps(asdict(self), indent=2) + "\n")
@@ -552,6 +580,8 @@ class LocalHomeserver:
                     self._save_cchat_login(await self._login(session, accounts.user))
                 except HomeserverError as exc:  # e.g. the password was changed in a client: cchat login will do
                     log.warning("cchat_login_not_saved", error=str(exc))
+            if not accounts.bot_unlimited:
+                await self._lift_rate_limit(secret, accounts)
         self.accounts = accounts
         matrix = settings.matrix.model_copy(
             update={
@@ -561,6 +591,19 @@ class LocalHomeserver:
             }
         )
         return settings.model_copy(update={"matrix": matrix, "rooms": [*settings.rooms, local_room(accounts)]})
+
+    async def _lift_rate_limit(self, secret: str, accounts: Accounts) -> None:
+        """Exempt the bot from the message rate limit (Synapse's default allows a burst of 10 events, then one
+        each 5 s: a few quick prompts would wait seconds for their answers); tried again on the next start if
+        it fails."""
+        try:
+            await exempt_from_rate_limits(self.base_url, secret, accounts.bot.user_id)
+        except (HomeserverError, aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("rate_limit_not_lifted", user_id=accounts.bot.user_id, error=str(exc))
+            return
+        accounts.bot_unlimited = True
+        accounts.save(self.accounts_path)
+        log.info("rate_limit_lifted", user_id=accounts.bot.user_id)
 
     async def _login(self, session: aiohttp.ClientSession, account: Account) -> dict[str, Any]:
         payload = {

@@ -62,6 +62,10 @@ REPLACES_KEY = "org.aiagentchat.replaces"  # an edit: the `ref` of the event it 
 LAST_EDIT_KEY = "org.aiagentchat.last_edit"  # the last edit of that event: its ref is forgotten once it is sent
 REDACTION = "m.room.redaction"
 _LOCAL_KEYS = (TYPE_KEY, REF_KEY, REDACTS_KEY, REPLACES_KEY, LAST_EDIT_KEY)
+RATE_LIMIT_HELP = (
+    "the homeserver holds the bot's messages back; README.md#rate-limits shows how its admin exempts the bot"
+)
+_rate_limit_explained = False  # the first rate_limited line of the process carries RATE_LIMIT_HELP
 
 
 def reaction_content(event_id: str, key: str, ref: str | None = None) -> dict[str, Any]:
@@ -241,8 +245,12 @@ class Outbox:
         return OutboxRow(uuid.uuid4().hex, content, row.prompt_id)
 
     def _in_trouble(self, state: str, **details: Any) -> None:
+        global _rate_limit_explained
         if self._trouble != state:
             self._trouble = state
+            if state == "rate_limited" and not _rate_limit_explained:
+                _rate_limit_explained = True
+                details["help"] = RATE_LIMIT_HELP
             log.warning(state, room_id=self.room_id, **details)
 
     def _recovered(self) -> None:

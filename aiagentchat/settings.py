@@ -100,7 +100,7 @@ class RoomSettings(_Strict):
     aliases: dict[str, str] = Field(default_factory=dict)  # `!t` → "run the tests": the word without prefix
     allowed_models: list[str] = Field(default_factory=list)  # what `!model NAME` may choose
     budget_usd_per_day: float | None = Field(default=None, ge=0)  # per UTC day; then prompts are refused
-    reactions: bool = True  # 👀 / ⏳ / ✅ / ❌ on each prompt
+    reactions: bool = True  # ⏳ / ✋ / ✅ / ❌ on each prompt
     max_upload_bytes: int = Field(default=20_000_000, ge=0)  # files users upload, and files `!get` sends
     unlisted_tools: Literal["ask", "deny"] = "ask"  # a tool neither allowed nor denied: ask the room, or deny
     approvers: list[str] = Field(default_factory=list)  # who may answer approval requests (default allowed_users)

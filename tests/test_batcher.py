@@ -26,6 +26,7 @@ from aiagentchat.batcher import (
     React,
     Text,
 )
+from aiagentchat import outbox
 from aiagentchat.outbox import Outbox, RateLimited, SendFailed, SendOutcome, Sent, redaction_content
 from aiagentchat.render import MAX_CHUNK_BYTES, MAX_CONTENT_BYTES, content_size
 from aiagentchat.status import TAIL_CHARS, AnswerText
@@ -345,6 +346,20 @@ async def test_a_rate_limited_event_is_resent_unchanged_after_the_wait() -> None
         assert "".join(room.bodies([retry, second])) == "one\ntwo\nthree\n"
         assert (batcher.stats.events_sent, batcher.stats.rate_limited) == (2, 1)
         assert batcher.stats.bytes_sent == content_size(retry.content) + content_size(second.content)
+
+
+async def test_the_first_rate_limit_of_the_process_says_where_the_exemption_is_explained(monkeypatch) -> None:
+    monkeypatch.setattr(outbox, "_rate_limit_explained", False)
+    room = FakeRoom(RateLimited(1.0), RateLimited(1.0), Sent("$1"), RateLimited(1.0))
+    with capture_logs() as logs:
+        async with running(room) as batcher:
+            await room.put(batcher, Text("$p", "one\n"))
+            await room.until(lambda: len(room.calls) == 3)
+            await room.put(batcher, Text("$p", "two\n"))
+            await room.until(lambda: len(room.calls) == 5)
+    limited = [entry for entry in logs if entry["event"] == "rate_limited"]
+    assert len(limited) == 2 and [entry.get("help") for entry in limited] == [outbox.RATE_LIMIT_HELP, None]
+    assert "README.md#rate-limits" in outbox.RATE_LIMIT_HELP
 
 
 async def test_without_retry_after_the_back_off_doubles_up_to_the_cap() -> None:

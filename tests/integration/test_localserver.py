@@ -240,10 +240,15 @@ async def test_first_run_makes_everything_and_a_second_run_reuses_it(model, tmp_
     assert daemon.proc is not None and daemon.proc.returncode == 0
     assert synapse_processes(synapse_config) == []
     with sqlite3.connect(hs_dir / "synapse" / "homeserver.db") as db:
-        users = {name for (name,) in db.execute("SELECT name FROM users")}
+        users = dict(db.execute("SELECT name, deactivated FROM users"))
         rooms = [room for (room,) in db.execute("SELECT room_id FROM rooms")]
-    assert users == {"@aiagentchat:localhost", "@you:localhost"}
+        overrides = list(db.execute("SELECT user_id, messages_per_second, burst_count FROM ratelimit_override"))
+        tokens = [user for (user,) in db.execute("SELECT user_id FROM access_tokens") if "admin" in user]
+    admins = [name for name in users if name.startswith("@aiagentchat-admin-")]
+    assert users == {"@aiagentchat:localhost": 0, "@you:localhost": 0, admins[0]: 1}  # one admin, deactivated
     assert rooms == [info["room"]]
+    assert overrides == [("@aiagentchat:localhost", 0, 0)] and tokens == []  # the bot is not rate limited
+    assert json.loads((hs_dir / "accounts.json").read_text())["bot_unlimited"] is True
 
 
 async def test_venv_is_installed_once_from_the_shared_pin(tmp_path: Path) -> None:
