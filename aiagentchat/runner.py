@@ -32,7 +32,7 @@ from aiagentchat.wire import HOPS_VARIABLE
 log = structlog.get_logger(__name__)
 
 STDERR_TAIL_LINES = 20
-EVENTS_BUFFERED = 256
+EVENT_BATCHES_BUFFERED = 4  # each the events of one read of the agent's stdout (protocol.READ_CHUNK)
 KILL_WAIT_S = 3.0
 GUARD_HOOK = "aiagentchat-guard"
 
@@ -102,7 +102,8 @@ class AgentProcess:
         self.model = model
         self.cost_usd = 0.0  # what its turns have cost so far
         # bounded: when the room's output falls behind, reading stops and the agent's pipe pushes back
-        self.events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=EVENTS_BUFFERED)
+        self.events: asyncio.Queue[list[dict[str, Any]] | None] = asyncio.Queue(maxsize=EVENT_BATCHES_BUFFERED)
+        self._taken: collections.deque[dict[str, Any]] = collections.deque()  # of a batch, not yet handed on
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         self.saw_output = False
         self.conversation_gone = False  # it was to resume a conversation the CLI no longer has
@@ -149,28 +150,35 @@ class AgentProcess:
         return self.proc.returncode is None and not self.proc.stdout.at_eof()
 
     async def _read_stdout(self) -> None:
-        async for line in read_lines(self.proc.stdout):
-            if isinstance(line, OverlongLine):
-                log.warning("agent_line_too_long", size=line.size)
-                continue
-            event = parse_line(line)
-            if event is None:
-                if line.strip():
-                    log.warning("agent_line_not_json", line=line[:200].decode("utf-8", "replace"))
-                continue
-            if self.resumed and not self.saw_output and event.get("type") == "result" and event.get("is_error"):
-                # an error result before anything else: the CLI could not take up the conversation (2.1.197:
-                # "No conversation found with session ID: <id>" on stderr and in `errors`, 0 turns, exit 1)
-                self.conversation_gone = True
-                continue
-            self.saw_output = True
-            await self.events.put(event)
+        """Queue the events of each read as one batch: one queue hop for all the lines a read brought."""
+        async for lines in read_lines(self.proc.stdout):
+            events = [event for line in lines if (event := self._event(line)) is not None]
+            if events:
+                await self.events.put(events)
         await self.events.put(None)
 
+    def _event(self, line: bytes | OverlongLine) -> dict[str, Any] | None:
+        if isinstance(line, OverlongLine):
+            log.warning("agent_line_too_long", size=line.size)
+            return None
+        event = parse_line(line)
+        if event is None:
+            if line.strip():
+                log.warning("agent_line_not_json", line=line[:200].decode("utf-8", "replace"))
+            return None
+        if self.resumed and not self.saw_output and event.get("type") == "result" and event.get("is_error"):
+            # an error result before anything else: the CLI could not take up the conversation (2.1.197:
+            # "No conversation found with session ID: <id>" on stderr and in `errors`, 0 turns, exit 1)
+            self.conversation_gone = True
+            return None
+        self.saw_output = True
+        return event
+
     async def _read_stderr(self) -> None:
-        async for line in read_lines(self.proc.stderr, max_line=64 * 1024):
-            if isinstance(line, bytes) and line.strip():
-                self.stderr_tail.append(line.decode("utf-8", "replace"))
+        async for lines in read_lines(self.proc.stderr, max_line=64 * 1024):
+            for line in lines:
+                if isinstance(line, bytes) and line.strip():
+                    self.stderr_tail.append(line.decode("utf-8", "replace"))
 
     async def write(self, message: dict[str, Any]) -> None:
         try:
@@ -180,17 +188,21 @@ class AgentProcess:
             raise AgentExited("the agent's input closed") from exc
 
     async def next_event(self) -> dict[str, Any]:
-        return self._checked(await self.events.get())
+        if not self._taken:
+            self._take(await self.events.get())
+        return self._taken.popleft()
 
     def ready_event(self) -> dict[str, Any] | None:
         """The next event if one is already waiting (no timer, no task: the hot path of a busy agent)."""
-        return None if self.events.empty() else self._checked(self.events.get_nowait())
+        if not self._taken and not self.events.empty():
+            self._take(self.events.get_nowait())
+        return self._taken.popleft() if self._taken else None
 
-    def _checked(self, event: dict[str, Any] | None) -> dict[str, Any]:
-        if event is None:
+    def _take(self, batch: list[dict[str, Any]] | None) -> None:
+        if batch is None:
             self.events.put_nowait(None)
             raise AgentExited("the agent exited")
-        return event
+        self._taken.extend(batch)
 
     async def close(self, wait_s: float) -> None:
         """End the process: close its input and give it `wait_s` to finish, then end its whole tree."""
