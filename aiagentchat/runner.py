@@ -7,6 +7,7 @@ import collections
 import contextlib
 import dataclasses
 import fnmatch
+import itertools
 import json
 import os
 import time
@@ -18,7 +19,7 @@ from typing import Any
 import structlog
 
 from aiagentchat.approvals import ToolDecision, ToolPolicy, suggested_rule
-from aiagentchat.batcher import INTERNAL_ERROR, Batcher, Begin, Block, EndOfRun
+from aiagentchat.batcher import INTERNAL_ERROR, Batcher, Begin, Block, EndOfRun, Item, Text
 from aiagentchat.desk import Desk
 from aiagentchat.guard import ToolGuard
 from aiagentchat.processes import start_time, terminate_tree
@@ -75,6 +76,17 @@ def cli_arguments(claude: ClaudeSettings, session_id: str | None) -> list[str]:
     if session_id:
         args += ["--resume", session_id]
     return args + list(claude.extra_args)
+
+
+def _joined(items: list[Item]) -> list[Item]:
+    """`items` with each run of Text items joined into one (the batcher concatenates texts as they are)."""
+    joined: list[Item] = []
+    for prompt_id, group in itertools.groupby(items, lambda item: item.prompt_id if isinstance(item, Text) else None):
+        if prompt_id is None:
+            joined += group
+        else:
+            joined.append(Text(prompt_id, "".join(item.text for item in group)))
+    return joined
 
 
 class AgentExited(Exception):
@@ -468,13 +480,18 @@ class RoomWorker:
         return self.agent
 
     async def _pump(self, agent: AgentProcess, prompt: Prompt, translator: Translator) -> None:
+        """Translate the agent's events into room output: all those already waiting at once, their text joined
+        into one item, and a control request answered once the output before it is with the batcher."""
         while translator.result is None:
-            event = await self._next_event_watched(agent, prompt)
-            if event.get("type") == "control_request":
-                await self._answer_control(agent, prompt, event)
-                continue
-            for item in translator.feed(event):
+            event: dict[str, Any] | None = await self._next_event_watched(agent, prompt)
+            items: list[Item] = []
+            while event is not None and event.get("type") != "control_request":
+                items += translator.feed(event)
+                event = agent.ready_event() if translator.result is None else None
+            for item in _joined(items):
                 await self.batcher.put(item)
+            if event is not None:
+                await self._answer_control(agent, prompt, event)
 
     async def _next_event_watched(self, agent: AgentProcess, prompt: Prompt) -> dict[str, Any]:
         """The agent's next event; while it stays silent, tell the room every `stall_notice_s` (and with
