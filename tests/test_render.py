@@ -1,5 +1,6 @@
 """Splitting Markdown under the event size limit, and rendering it to Matrix-safe HTML."""
 
+import json
 import unicodedata
 
 import pytest
@@ -267,3 +268,8 @@ def test_a_chunk_whose_html_escapes_too_large_is_split_again() -> None:
 
 def test_content_size_counts_utf8_bytes_of_compact_json() -> None:
     assert content_size({"body": "é"}) == len('{"body":"é"}'.encode())
+
+
+def test_content_size_is_that_of_the_json_module() -> None:
+    content = {"body": "".join(map(chr, range(256))) + '\u2028 😀 "q" \\', "n": [1, -2, 10**30, True, None, {}]}
+    assert content_size(content) == len(json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode())
