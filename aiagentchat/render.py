@@ -43,7 +43,7 @@ _IMAGE = re.compile(r'<img src="([^"]*)" alt="([^"]*)"(?: title="[^"]*")? />')
 
 
 def utf8_size(text: str) -> int:
-    return len(text.encode("utf-8"))
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
 
 
 def content_size(content: dict[str, Any]) -> int:
@@ -114,15 +114,16 @@ class _Splitter:
 
     def add(self, line: str) -> None:
         after = _fence_after(self.fence, line, self.limit)
-        if self.has_text and not self._fits(line, after) and self._fits_fresh(line, after):
-            self._break()
-        while not self._fits(line, after):
-            closing = 1 + utf8_size(self.fence.closing) if self.fence else 0
-            cut = _cut(line, self.limit - self.used - closing, forced=not self.has_text)
-            if cut:
-                self._append(line[:cut], self.fence)
-                line = line[cut:]
-            self._break()
+        if not self._fits(line, after):
+            if self.has_text and self._fits_fresh(line, after):
+                self._break()
+            while not self._fits(line, after):
+                closing = 1 + utf8_size(self.fence.closing) if self.fence else 0
+                cut = _cut(line, self.limit - self.used - closing, forced=not self.has_text)
+                if cut:
+                    self._append(line[:cut], self.fence)
+                    line = line[cut:]
+                self._break()
         self._append(line, after)
 
     def finish(self) -> list[str]:
