@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from aiagentchat.batcher import Block, Item, Text
 
 MAX_LINE_BYTES = 32 * 1024 * 1024
@@ -27,8 +29,9 @@ class OverlongLine:
 
 async def read_lines(
     stream: asyncio.StreamReader, max_line: int = MAX_LINE_BYTES
-) -> AsyncIterator[bytes | OverlongLine]:
-    """Yield complete lines (without the newline) of any length up to `max_line` bytes, in bounded memory.
+) -> AsyncIterator[list[bytes | OverlongLine]]:
+    """Yield, for each read, the lines it completed (without the newline), of any length up to `max_line`
+    bytes, in bounded memory.
 
     A longer line is skipped and reported as an OverlongLine; a last line without a newline is still
     yielded at end of stream.
@@ -36,37 +39,45 @@ async def read_lines(
     pending = bytearray()
     skipping = 0
     while chunk := await stream.read(READ_CHUNK):
-        start = 0
-        while (end := chunk.find(b"\n", start)) != -1:
-            size = skipping + len(pending) + end - start
+        lines: list[bytes | OverlongLine] = chunk.split(b"\n")
+        rest = lines.pop()
+        if lines:
+            size = skipping + len(pending) + len(lines[0])
             if size > max_line:
-                yield OverlongLine(size)
-            else:
-                pending += chunk[start:end]
-                yield bytes(pending)
+                lines[0] = OverlongLine(size)
+            elif pending:
+                lines[0] = bytes(pending + lines[0])
+            for index in range(1, len(lines)):
+                if len(lines[index]) > max_line:
+                    lines[index] = OverlongLine(len(lines[index]))
             skipping = 0
             pending.clear()
-            start = end + 1
-        rest = len(chunk) - start
+            yield lines
         if skipping:
-            skipping += rest
-        elif len(pending) + rest > max_line:
-            skipping = len(pending) + rest
+            skipping += len(rest)
+        elif len(pending) + len(rest) > max_line:
+            skipping = len(pending) + len(rest)
             pending.clear()
         else:
-            pending += chunk[start:]
+            pending += rest
     if skipping:
-        yield OverlongLine(skipping)
+        yield [OverlongLine(skipping)]
     elif pending:
-        yield bytes(pending)
+        yield [bytes(pending)]
+
+
+_decode = msgspec.json.Decoder().decode
 
 
 def parse_line(line: bytes) -> dict[str, Any] | None:
     """One stdout line as a JSON object, or None for anything else (blank, garbage, a bare value)."""
     try:
-        value = json.loads(line)
-    except ValueError:
-        return None
+        value = _decode(line)
+    except msgspec.DecodeError:  # also what only the standard library reads: NaN, 1e400, a lone surrogate
+        try:
+            value = json.loads(line)
+        except ValueError:
+            return None
     return value if isinstance(value, dict) else None
 
 

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import re
 import unicodedata
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+import comrak
+import msgspec
 import nh3
-from markdown_it import MarkdownIt
-from markdown_it.common.utils import escapeHtml
-from markdown_it.renderer import RendererHTML
-from markdown_it.token import Token
-from markdown_it.utils import EnvType, OptionsDict
 
 from aiagentchat.wire import MARKER_KEY
 
@@ -42,15 +38,18 @@ _ZERO_WIDTH_JOINER = "\u200d"
 _OPENING_FENCE = re.compile(r"( {0,3})(`{3,}|~{3,})(.*)")
 _CLOSING_FENCE = re.compile(r" {0,3}(`{3,}|~{3,})[ \t]*")
 _LANGUAGE_CLASS = re.compile(r"language-\S+")
+# an image as comrak writes it (the only `<img` in its output: raw HTML comes out escaped); the values are escaped
+_IMAGE = re.compile(r'<img src="([^"]*)" alt="([^"]*)"(?: title="[^"]*")? />')
 
 
 def utf8_size(text: str) -> int:
-    return len(text.encode("utf-8"))
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
 
 
 def content_size(content: dict[str, Any]) -> int:
-    """UTF-8 bytes of `content` as compact JSON, the way it travels inside an event."""
-    return utf8_size(json.dumps(content, ensure_ascii=False, separators=(",", ":")))
+    """UTF-8 bytes of `content` as compact JSON, the way it travels inside an event (msgspec writes the same
+    bytes as `json.dumps(content, ensure_ascii=False, separators=(",", ":"))`, ten times faster)."""
+    return len(msgspec.json.encode(content))
 
 
 @dataclass(frozen=True)
@@ -115,15 +114,16 @@ class _Splitter:
 
     def add(self, line: str) -> None:
         after = _fence_after(self.fence, line, self.limit)
-        if self.has_text and not self._fits(line, after) and self._fits_fresh(line, after):
-            self._break()
-        while not self._fits(line, after):
-            closing = 1 + utf8_size(self.fence.closing) if self.fence else 0
-            cut = _cut(line, self.limit - self.used - closing, forced=not self.has_text)
-            if cut:
-                self._append(line[:cut], self.fence)
-                line = line[cut:]
-            self._break()
+        if not self._fits(line, after):
+            if self.has_text and self._fits_fresh(line, after):
+                self._break()
+            while not self._fits(line, after):
+                closing = 1 + utf8_size(self.fence.closing) if self.fence else 0
+                cut = _cut(line, self.limit - self.used - closing, forced=not self.has_text)
+                if cut:
+                    self._append(line[:cut], self.fence)
+                    line = line[cut:]
+                self._break()
         self._append(line, after)
 
     def finish(self) -> list[str]:
@@ -180,14 +180,9 @@ def fence_left_open(markdown: str) -> tuple[str, str] | None:
     return (fence.opening, fence.closing) if fence else None
 
 
-def _render_image(
-    renderer: RendererHTML, tokens: list[Token], idx: int, options: OptionsDict, env: EnvType
-) -> str:
+def _image_or_alt(image: re.Match[str]) -> str:
     """Images only from the homeserver's media repository; any other image shows as its alt text."""
-    token = tokens[idx]
-    if str(token.attrGet("src") or "").startswith(IMAGE_PREFIX):
-        return renderer.image(tokens, idx, options, env)
-    return escapeHtml(renderer.renderInlineAsText(token.children or [], options, env))
+    return image[0] if image[1].startswith(IMAGE_PREFIX) else image[2]
 
 
 def _allowed_attribute(tag: str, attribute: str, value: str) -> str | None:
@@ -201,8 +196,11 @@ def _allowed_attribute(tag: str, attribute: str, value: str) -> str | None:
     return value
 
 
-_markdown = MarkdownIt("commonmark", {"html": False, "linkify": False}).enable(["table", "strikethrough"])
-_markdown.add_render_rule("image", _render_image)
+_extensions = comrak.ExtensionOptions()
+_extensions.table = True
+_extensions.strikethrough = True
+_rendering = comrak.RenderOptions()
+_rendering.escape = True  # raw HTML in the Markdown is shown as text, whatever the sanitiser does after
 _cleaner = nh3.Cleaner(
     tags=ALLOWED_TAGS,
     attributes=ALLOWED_ATTRIBUTES,
@@ -217,8 +215,16 @@ def sanitize(html: str) -> str:
     return _cleaner.clean(html)
 
 
+def markdown_html(markdown: str) -> str:
+    """CommonMark with GFM tables and strikethrough as HTML, before sanitising: raw HTML comes out escaped,
+    links with a dangerous scheme (`javascript:`, `data:`, ...) without their target, and an image not from the
+    media repository (`mxc://`) as its alt text."""
+    html = comrak.render_markdown(markdown, extension_options=_extensions, render_options=_rendering)
+    return _IMAGE.sub(_image_or_alt, html) if "<img " in html else html
+
+
 def to_html(markdown: str) -> str:
-    return sanitize(_markdown.render(markdown))
+    return sanitize(markdown_html(markdown))
 
 
 def without_floats(value: Any) -> Any:

@@ -7,6 +7,7 @@ import collections
 import contextlib
 import dataclasses
 import fnmatch
+import itertools
 import json
 import os
 import time
@@ -18,7 +19,7 @@ from typing import Any
 import structlog
 
 from aiagentchat.approvals import ToolDecision, ToolPolicy, suggested_rule
-from aiagentchat.batcher import INTERNAL_ERROR, Batcher, Begin, Block, EndOfRun
+from aiagentchat.batcher import INTERNAL_ERROR, Batcher, Begin, Block, EndOfRun, Item, Text
 from aiagentchat.desk import Desk
 from aiagentchat.guard import ToolGuard
 from aiagentchat.processes import start_time, terminate_tree
@@ -32,7 +33,7 @@ from aiagentchat.wire import HOPS_VARIABLE
 log = structlog.get_logger(__name__)
 
 STDERR_TAIL_LINES = 20
-EVENTS_BUFFERED = 256
+EVENT_BATCHES_BUFFERED = 4  # each the events of one read of the agent's stdout (protocol.READ_CHUNK)
 KILL_WAIT_S = 3.0
 GUARD_HOOK = "aiagentchat-guard"
 
@@ -77,6 +78,17 @@ def cli_arguments(claude: ClaudeSettings, session_id: str | None) -> list[str]:
     return args + list(claude.extra_args)
 
 
+def _joined(items: list[Item]) -> list[Item]:
+    """`items` with each run of Text items joined into one (the batcher concatenates texts as they are)."""
+    joined: list[Item] = []
+    for prompt_id, group in itertools.groupby(items, lambda item: item.prompt_id if isinstance(item, Text) else None):
+        if prompt_id is None:
+            joined += group
+        else:
+            joined.append(Text(prompt_id, "".join(item.text for item in group)))
+    return joined
+
+
 class AgentExited(Exception):
     """The CLI process ended while a prompt was running."""
 
@@ -102,7 +114,8 @@ class AgentProcess:
         self.model = model
         self.cost_usd = 0.0  # what its turns have cost so far
         # bounded: when the room's output falls behind, reading stops and the agent's pipe pushes back
-        self.events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=EVENTS_BUFFERED)
+        self.events: asyncio.Queue[list[dict[str, Any]] | None] = asyncio.Queue(maxsize=EVENT_BATCHES_BUFFERED)
+        self._taken: collections.deque[dict[str, Any]] = collections.deque()  # of a batch, not yet handed on
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         self.saw_output = False
         self.conversation_gone = False  # it was to resume a conversation the CLI no longer has
@@ -149,28 +162,35 @@ class AgentProcess:
         return self.proc.returncode is None and not self.proc.stdout.at_eof()
 
     async def _read_stdout(self) -> None:
-        async for line in read_lines(self.proc.stdout):
-            if isinstance(line, OverlongLine):
-                log.warning("agent_line_too_long", size=line.size)
-                continue
-            event = parse_line(line)
-            if event is None:
-                if line.strip():
-                    log.warning("agent_line_not_json", line=line[:200].decode("utf-8", "replace"))
-                continue
-            if self.resumed and not self.saw_output and event.get("type") == "result" and event.get("is_error"):
-                # an error result before anything else: the CLI could not take up the conversation (2.1.197:
-                # "No conversation found with session ID: <id>" on stderr and in `errors`, 0 turns, exit 1)
-                self.conversation_gone = True
-                continue
-            self.saw_output = True
-            await self.events.put(event)
+        """Queue the events of each read as one batch: one queue hop for all the lines a read brought."""
+        async for lines in read_lines(self.proc.stdout):
+            events = [event for line in lines if (event := self._event(line)) is not None]
+            if events:
+                await self.events.put(events)
         await self.events.put(None)
 
+    def _event(self, line: bytes | OverlongLine) -> dict[str, Any] | None:
+        if isinstance(line, OverlongLine):
+            log.warning("agent_line_too_long", size=line.size)
+            return None
+        event = parse_line(line)
+        if event is None:
+            if line.strip():
+                log.warning("agent_line_not_json", line=line[:200].decode("utf-8", "replace"))
+            return None
+        if self.resumed and not self.saw_output and event.get("type") == "result" and event.get("is_error"):
+            # an error result before anything else: the CLI could not take up the conversation (2.1.197:
+            # "No conversation found with session ID: <id>" on stderr and in `errors`, 0 turns, exit 1)
+            self.conversation_gone = True
+            return None
+        self.saw_output = True
+        return event
+
     async def _read_stderr(self) -> None:
-        async for line in read_lines(self.proc.stderr, max_line=64 * 1024):
-            if isinstance(line, bytes) and line.strip():
-                self.stderr_tail.append(line.decode("utf-8", "replace"))
+        async for lines in read_lines(self.proc.stderr, max_line=64 * 1024):
+            for line in lines:
+                if isinstance(line, bytes) and line.strip():
+                    self.stderr_tail.append(line.decode("utf-8", "replace"))
 
     async def write(self, message: dict[str, Any]) -> None:
         try:
@@ -180,17 +200,21 @@ class AgentProcess:
             raise AgentExited("the agent's input closed") from exc
 
     async def next_event(self) -> dict[str, Any]:
-        return self._checked(await self.events.get())
+        if not self._taken:
+            self._take(await self.events.get())
+        return self._taken.popleft()
 
     def ready_event(self) -> dict[str, Any] | None:
         """The next event if one is already waiting (no timer, no task: the hot path of a busy agent)."""
-        return None if self.events.empty() else self._checked(self.events.get_nowait())
+        if not self._taken and not self.events.empty():
+            self._take(self.events.get_nowait())
+        return self._taken.popleft() if self._taken else None
 
-    def _checked(self, event: dict[str, Any] | None) -> dict[str, Any]:
-        if event is None:
+    def _take(self, batch: list[dict[str, Any]] | None) -> None:
+        if batch is None:
             self.events.put_nowait(None)
             raise AgentExited("the agent exited")
-        return event
+        self._taken.extend(batch)
 
     async def close(self, wait_s: float) -> None:
         """End the process: close its input and give it `wait_s` to finish, then end its whole tree."""
@@ -456,13 +480,18 @@ class RoomWorker:
         return self.agent
 
     async def _pump(self, agent: AgentProcess, prompt: Prompt, translator: Translator) -> None:
+        """Translate the agent's events into room output: all those already waiting at once, their text joined
+        into one item, and a control request answered once the output before it is with the batcher."""
         while translator.result is None:
-            event = await self._next_event_watched(agent, prompt)
-            if event.get("type") == "control_request":
-                await self._answer_control(agent, prompt, event)
-                continue
-            for item in translator.feed(event):
+            event: dict[str, Any] | None = await self._next_event_watched(agent, prompt)
+            items: list[Item] = []
+            while event is not None and event.get("type") != "control_request":
+                items += translator.feed(event)
+                event = agent.ready_event() if translator.result is None else None
+            for item in _joined(items):
                 await self.batcher.put(item)
+            if event is not None:
+                await self._answer_control(agent, prompt, event)
 
     async def _next_event_watched(self, agent: AgentProcess, prompt: Prompt) -> dict[str, Any]:
         """The agent's next event; while it stays silent, tell the room every `stall_notice_s` (and with

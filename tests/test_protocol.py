@@ -23,7 +23,7 @@ async def collect(data: bytes, max_line: int = 1 << 30, chunk: int = 7):
     for start in range(0, len(data), chunk):
         stream.feed_data(data[start : start + chunk])
     stream.feed_eof()
-    return [line async for line in read_lines(stream, max_line=max_line)]
+    return [line async for lines in read_lines(stream, max_line=max_line) for line in lines]
 
 
 async def test_lines_split_across_reads_and_a_last_line_without_newline(monkeypatch):
@@ -49,6 +49,23 @@ def test_parse_line_tolerates_garbage():
     assert parse_line(b"not json") is None
     assert parse_line(b"[1, 2]") is None
     assert parse_line(b"\xff\xfe") is None
+
+
+async def test_the_lines_of_one_read_come_as_one_batch(monkeypatch):
+    monkeypatch.setattr(protocol, "READ_CHUNK", 20)
+    stream = asyncio.StreamReader()
+    stream.feed_data(b'{"a":1}\n{"b":2}\n{"c":3}\n')
+    stream.feed_eof()
+    assert [lines async for lines in read_lines(stream)] == [[b'{"a":1}', b'{"b":2}'], [b'{"c":3}']]
+
+
+def test_parse_line_keeps_what_the_standard_library_reads():
+    assert parse_line(b'{"n": 123456789012345678901234567890, "f": 0.1}') == {
+        "n": 123456789012345678901234567890,
+        "f": 0.1,
+    }
+    assert parse_line(b'{"s": "\\ud800"}') == {"s": "\ud800"}  # a lone surrogate
+    assert parse_line(b'{"x": NaN, "y": 1e400}') == {"x": pytest.approx(float("nan"), nan_ok=True), "y": float("inf")}
 
 
 def feed_all(translator: Translator, *events):

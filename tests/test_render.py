@@ -1,5 +1,6 @@
 """Splitting Markdown under the event size limit, and rendering it to Matrix-safe HTML."""
 
+import json
 import unicodedata
 
 import pytest
@@ -9,6 +10,7 @@ from aiagentchat.render import (
     MAX_CONTENT_BYTES,
     content_size,
     fence_left_open,
+    markdown_html,
     message_contents,
     sanitize,
     split_markdown,
@@ -161,14 +163,33 @@ def test_the_fence_left_open_is_found() -> None:
 def test_markdown_is_rendered_with_tables_and_strikethrough() -> None:
     html = to_html("# Title\n\n**bold** ~~gone~~\n\n| a | b |\n|---|---|\n| 1 | 2 |\n")
     assert "<h1>Title</h1>" in html
-    assert "<strong>bold</strong> <s>gone</s>" in html
+    assert "<strong>bold</strong> <del>gone</del>" in html
     assert "<table>" in html and "<td>2</td>" in html
 
 
-def test_raw_html_in_markdown_is_shown_as_text() -> None:
-    html = to_html("<script>alert(1)</script> <b onclick=x>hi</b>")
-    assert "<script" not in html and "<b" not in html
-    assert "&lt;script&gt;" in html
+def test_lists_quotes_and_code_spans_are_rendered() -> None:
+    html = to_html("- one\n  - nested\n\n3. three\n\n> said `a < b`\n")
+    assert html == (
+        "<ul>\n<li>one\n<ul>\n<li>nested</li>\n</ul>\n</li>\n</ul>\n"
+        '<ol start="3">\n<li>three</li>\n</ol>\n<blockquote>\n<p>said <code>a &lt; b</code></p>\n</blockquote>\n'
+    )
+
+
+@pytest.mark.parametrize(
+    "markdown",
+    [
+        "<script>alert(1)</script> <b onclick=x>hi</b>",
+        "text <script>alert(1)</script> and <b onclick=x>hi</b>",
+        "<div>\n<script>alert(1)</script>\n</div>\n",
+        "<!-- <script>alert(1)</script> -->",
+        "<img src=x onerror=alert(1)>",
+        "> <iframe src=https://x></iframe>\n",
+    ],
+)
+def test_raw_html_in_markdown_is_escaped_by_the_renderer_itself(markdown: str) -> None:
+    for html in (markdown_html(markdown), to_html(markdown)):
+        assert "<script" not in html and "<b " not in html and "<iframe" not in html and "<img" not in html
+        assert "&lt;" in html
 
 
 def test_links_keep_only_safe_schemes_and_get_no_rel() -> None:
@@ -177,15 +198,26 @@ def test_links_keep_only_safe_schemes_and_get_no_rel() -> None:
     )
     assert '<a href="https://example.org">a</a>' in html
     assert '<a href="mailto:me@example.org">b</a>' in html
-    assert "<p><a" in html and "[c](javascript:alert(1))" in html  # not a link: shown as written
-    assert "<a>d</a>" in html
+    assert "<a>c</a>" in html and "<a>d</a>" in html  # their targets dropped
     assert "rel=" not in html
+
+
+def test_the_renderer_itself_drops_a_dangerous_link_target() -> None:
+    html = markdown_html("[c](javascript:alert(1)) [d](data:text/html,x) [e](vbscript:x)")
+    assert "javascript" not in html and "data:" not in html and "vbscript" not in html
 
 
 def test_images_only_from_the_media_repository() -> None:
     html = to_html("![outside](https://evil/x.png) ![inside](mxc://example.org/abc)")
     assert "evil" not in html
     assert html == '<p>outside <img src="mxc://example.org/abc" alt="inside"></p>\n'
+
+
+def test_the_renderer_itself_shows_any_other_image_as_its_alt_text() -> None:
+    html = markdown_html(
+        '![a *b* &lt;](https://evil/x.png "t") [![c](data:image/png,x)](https://ok) ![d](mxc://h/m "t")'
+    )
+    assert html == '<p>a b &lt; <a href="https://ok">c</a> <img src="mxc://h/m" alt="d" title="t" /></p>\n'
 
 
 def test_a_fenced_code_block_names_its_language() -> None:
@@ -236,3 +268,8 @@ def test_a_chunk_whose_html_escapes_too_large_is_split_again() -> None:
 
 def test_content_size_counts_utf8_bytes_of_compact_json() -> None:
     assert content_size({"body": "é"}) == len('{"body":"é"}'.encode())
+
+
+def test_content_size_is_that_of_the_json_module() -> None:
+    content = {"body": "".join(map(chr, range(256))) + '\u2028 😀 "q" \\', "n": [1, -2, 10**30, True, None, {}]}
+    assert content_size(content) == len(json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode())
