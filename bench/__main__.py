@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
-from bench import cchat, first_output, floor, identity, machine, ratelimit, sandbox, scale, throughput
+from bench import cchat, first_output, floor, identity, machine, quiet, ratelimit, sandbox, scale, throughput
 from bench.profile import Profiler
 from bench.report import Results, render
 from bench.world import cli_environment, homeserver
@@ -113,9 +113,11 @@ async def measure(args: argparse.Namespace, scratch: Path, command: str) -> Resu
         async with homeserver(model, scratch, default_rc_message=True) as server:
             progress("(4) rate-limited delivery")
             limited = await ratelimit.measure(server, args.drip_seconds)
+            progress("quick and quiet")
+            quieted = await quiet.measure(server, args.drip_seconds)
     return Results(command, described, machine.load_average(), time.monotonic() - started, floor_result, first,
                    pipeline, pipeline_live, end_to_end, limited, scaled, profiler.profiles if profiler else [],
-                   cchat_cost)
+                   cchat_cost, quieted)
 
 
 async def measure_sandbox(args: argparse.Namespace, scratch: Path, command: str) -> sandbox.SandboxCost:

@@ -6,11 +6,13 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench import quiet
 from bench.cchat import CchatCost, section, summary_rows
 from bench.first_output import FirstOutput
 from bench.floor import Floor
 from bench.pipeline import PipelineRun
 from bench.profile import Profile
+from bench.quiet import Quiet
 from bench.ratelimit import RateLimited
 from bench.scale import Scale
 from bench.stats import Distribution, ms
@@ -35,6 +37,7 @@ class Results:
     scale: Scale
     profiles: list[Profile]
     cchat: CchatCost | None = None  # runs before cchat was measured have none
+    quiet: Quiet | None = None  # the same for quick and quiet
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -103,11 +106,21 @@ def _summary(results: Results) -> list[str]:
          _verdict(largest.usage.cores < 1, f"by {largest.usage.cores - 1:.2f} cores")],
         [f"(5) dispatch p95 at {largest.rooms} active rooms", "< 100 ms", f"{dispatch.p95:.0f} ms",
          _verdict(dispatch.p95 < 100, f"by {dispatch.p95 - 100:.0f} ms")],
+        *_live_dispatch(results),
         [f"(6) start-up, {results.scale.startup.rooms} rooms, median", "< 2 s", f"{ready.median:.2f} s",
          _verdict(ready.median < 2, f"by {ready.median - 2:.2f} s")],
         *(summary_rows(results.cchat) if results.cchat else []),
+        *(quiet.summary_rows(results.quiet) if results.quiet else []),
     ]
     return ["## Against the targets", "", *_table(["what", "target", "measured", "verdict"], rows)]
+
+
+def _live_dispatch(results: Results) -> list[list[str]]:
+    live = results.scale.live
+    if live is None:
+        return []
+    p95 = ms(live.dispatch_s).p95
+    return [[f"(5) the same with live status", "< 100 ms", f"{p95:.0f} ms", _verdict(p95 < 100, f"by {p95 - 100:.0f} ms")]]
 
 
 def _memory_growth(results: Results) -> tuple[float, float]:
@@ -221,10 +234,13 @@ def _rate_limited(results: Results) -> list[str]:
 
 
 def _scale(results: Results) -> list[str]:
+    rounds = [(f"{r.rooms}", r) for r in results.scale.rounds]
+    if results.scale.live is not None:
+        rounds.append((f"{results.scale.live.rooms}, live status", results.scale.live))
     rows = [
-        [str(r.rooms), f"{r.usage.peak_rss_mib:.0f} MB", f"{r.usage.cores:.2f}", ms(r.dispatch_s).cell(),
-         ms(r.sync_lag_s).cell(), f"{r.wall_s:.1f} s"]
-        for r in results.scale.rounds
+        [name, f"{r.usage.peak_rss_mib:.0f} MB", f"{r.usage.cores:.2f}", ms(r.dispatch_s).cell(),
+         ms(r.sync_lag_s).cell(), f"{r.wall_s:.1f} s", _events(r.events)]
+        for name, r in rounds
     ]
     return [
         "## 5. Scale (fake CLI)",
@@ -235,13 +251,16 @@ def _scale(results: Results) -> list[str]:
         "sync lag: the prompt's origin_server_ts → that arrival.",
         "",
         *_table(["active rooms", "daemon peak RSS", "daemon CPU (cores)", "dispatch median / p95",
-                 "sync lag median / p95", "round"], rows),
+                 "sync lag median / p95", "round", "events per answer"], rows),
         "Dispatch split at the daemon's log lines (median / p95):",
         "",
         *_table(["active rooms", *results.scale.rounds[0].phases_s],
-                [[str(r.rooms), *(ms(samples).cell() for samples in r.phases_s.values())]
-                 for r in results.scale.rounds]),
+                [[name, *(ms(samples).cell() for samples in r.phases_s.values())] for name, r in rounds]),
     ]
+
+
+def _events(events: list[int]) -> str:
+    return f"{statistics.median(events):g} (max {max(events)})" if events else "not counted"
 
 
 def _startup(results: Results) -> list[str]:
@@ -278,6 +297,7 @@ def render(results: Results) -> str:
         *_scale(results),
         *_startup(results),
         *(section(results.cchat, "## 7. cchat") if results.cchat else []),
+        *(quiet.section(results.quiet, "## 8. Quick and quiet") if results.quiet else []),
     ]
     if FINDINGS.exists():
         lines += [FINDINGS.read_text()]

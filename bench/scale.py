@@ -1,7 +1,8 @@
 """(5) Scale and (6) start-up: one daemon serving 100 rooms with the fake CLI (so the CLI's own memory does not
 count), N of them active at once, then restarted with its persisted sync token.
 
-For each N: every active room gets a prompt that streams lines for a while (`drip`). Dispatch is the time from
+For each N: every active room gets a prompt that streams lines for a while (`drip`), in the streamed output
+mode; the largest round is run again with the rooms' default live status, by a second daemon of the same bot. Dispatch is the time from
 the prompt's arrival in the daemon's sync (`synced_at` of `prompt_accepted`) to its agent process having
 started (`agent_started`); sync lag is from the prompt's `origin_server_ts` to that arrival. Idle agents close
 after 2 s, so every round starts its processes afresh.
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from bench import FAKE_CLAUDE
 from bench.procstat import Usage, rss_mib, watch
 from bench.profile import Profiler, maybe
+from bench.quiet import answer_events, checked
 from bench.world import Homeserver, log_entry, log_time, run_final
 from tests.harness.matrix_user import Event, MatrixUser
 from tests.integration.daemon import Daemon
@@ -34,6 +36,7 @@ class ScaleRound:
     sync_lag_s: list[float]
     wall_s: float
     phases_s: dict[str, list[float]]  # dispatch split at the daemon's log lines
+    events: list[int]  # per answer, as `bench.quiet.answer_events` counts them
 
 
 @dataclass(frozen=True)
@@ -50,21 +53,22 @@ class Scale:
     idle_rss_mib: float
     rounds: list[ScaleRound]
     startup: StartUp
+    live: ScaleRound | None = None  # the largest round with live status; runs before it was measured have none
 
 
-def _all_final(prompt_ids: list[str]) -> Callable[[list[Event]], bool]:
-    checks = [run_final(prompt_id) for prompt_id in prompt_ids]
+def _all_done(prompt_ids: list[str], bot: str) -> Callable[[list[Event]], bool]:
+    checks = [check for prompt_id in prompt_ids for check in (run_final(prompt_id), checked(bot, prompt_id))]
     return lambda events: all(check(events) for check in checks)
 
 
 async def _round(
-    user: MatrixUser, daemon: Daemon, rooms: list[str], prompt: str, profiler: Profiler | None
+    user: MatrixUser, daemon: Daemon, bot: str, rooms: list[str], prompt: str, profiler: Profiler | None
 ) -> ScaleRound:
     assert daemon.proc is not None
     start = time.monotonic()
     async with maybe(profiler, daemon.proc.pid, f"daemon, {len(rooms)} active rooms"), watch(daemon.proc.pid) as usage:
         prompt_ids = await asyncio.gather(*(user.send_text(room, prompt) for room in rooms))
-        await user.wait_for(_all_final(list(prompt_ids)), timeout=ROUND_TIMEOUT_S)
+        await user.wait_for(_all_done(list(prompt_ids), bot), timeout=ROUND_TIMEOUT_S)
     sent_at = {event["event_id"]: event["origin_server_ts"] / 1000 for event in user.events}
     marks = [_marks(daemon, prompt_id) for prompt_id in prompt_ids]
     phases = {
@@ -72,7 +76,8 @@ async def _round(
     }
     dispatch = [mark[-1] - mark[0] for mark in marks]
     lag = [mark[0] - sent_at[prompt_id] for mark, prompt_id in zip(marks, prompt_ids)]
-    return ScaleRound(len(rooms), usage, dispatch, lag, time.monotonic() - start, phases)
+    events = [answer_events(user.events, bot, prompt_id) for prompt_id in prompt_ids]
+    return ScaleRound(len(rooms), usage, dispatch, lag, time.monotonic() - start, phases, events)
 
 
 def _marks(daemon: Daemon, prompt_id: str) -> list[float]:
@@ -135,12 +140,17 @@ async def measure(
     await asyncio.sleep(IDLE_CLOSE_S)
     idle = rss_mib(daemon.proc.pid)
     rounds = []
+    prompt = f"drip {lines} {interval_ms}"
     for size in sizes:
         profiled = profiler if size == max(sizes) else None
-        rounds.append(await _round(user, daemon, rooms[:size], f"drip {lines} {interval_ms}", profiled))
+        rounds.append(await _round(user, daemon, bot[0], rooms[:size], prompt, profiled))
         await asyncio.sleep(IDLE_CLOSE_S + 2.0)  # every agent closed: the next round starts them afresh
     startup = await _startups(daemon, startup_runs, user, rooms)
     if profiler is not None:
         await _profiled_startup(daemon, len(rooms), profiler)
     await daemon.stop()
-    return Scale(idle, rounds, startup)
+    live = server.daemon("scale-live", bot, rooms, user.user_id, claude, live_status=True)
+    await live.start()
+    live_round = await _round(user, live, bot[0], rooms[: max(sizes)], prompt, None)
+    await live.stop()
+    return Scale(idle, rounds, startup, live_round)

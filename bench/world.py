@@ -80,9 +80,13 @@ class Homeserver:
         allowed: str,
         claude: dict[str, Any],
         output: dict[str, Any] | None = None,
+        *,
+        live_status: bool = False,
+        reactions: bool = True,
     ) -> Daemon:
         """A daemon (not started) for `bot` serving `rooms` for the user `allowed`, with product output defaults
-        unless `output` says otherwise."""
+        unless `output` says otherwise. The rooms stream (`live_status = false`) unless `live_status`: every byte
+        of a flood goes out as it comes, which is what most rows measure."""
         directory = self.scratch / name
         (directory / "home").mkdir(parents=True, exist_ok=True)
         config = directory / "settings.toml"
@@ -94,8 +98,10 @@ class Homeserver:
                 "claude": {"timeout_s": 900} | claude,
                 "output": output or {},
             },
-            # the streamed output mode: every byte of a flood goes out as it comes, which is what is measured
-            [{"id": room, "allowed_users": [allowed], "live_status": False} for room in rooms],
+            [
+                {"id": room, "allowed_users": [allowed], "live_status": live_status, "reactions": reactions}
+                for room in rooms
+            ],
         )
         env = claude_env(self.model.base_url, str(directory / "home"), LANG="C.UTF-8")
         daemon = Daemon(config, env | {"AIAGENTCHAT_MATRIX__PASSWORD": bot[1]})

@@ -78,3 +78,32 @@ def test_the_fake_cli_drips_and_floods(tmp_path: Path) -> None:
     assert deltas == numbered_lines(2)
     assert {"type": "system", "subtype": "flooded"} in events
     assert [e["type"] for e in events].count("result") == 2
+
+
+def test_an_answers_events_are_its_messages_edits_reactions_and_their_redactions() -> None:
+    from bench.quiet import answer_events
+
+    bot, marker = "@bot:x", "org.aiagentchat"
+
+    def event(event_id: str, kind: str, content: dict, sender: str = bot, **extra: str) -> dict:
+        return {"event_id": event_id, "type": kind, "sender": sender, "content": content, **extra}
+
+    def reaction(event_id: str, target: str, key: str) -> dict:
+        return event(
+            event_id, "m.reaction", {"m.relates_to": {"rel_type": "m.annotation", "event_id": target, "key": key}}
+        )
+
+    events = [
+        event("$p", "m.room.message", {"body": "say hi"}, sender="@you:x"),
+        reaction("$wait", "$p", "⏳"),
+        event("$gone", "m.room.redaction", {}, redacts="$wait"),
+        event("$status", "m.room.message", {"body": "…", marker: {"prompt": "$p", "status": True}}),
+        event("$answer", "m.room.message", {"body": "hi", marker: {"prompt": "$p", "final": {"ok": True}}}),
+        reaction("$done", "$p", "✅"),
+        reaction("$theirs", "$p", "👍") | {"sender": "@you:x"},
+        event("$other", "m.room.message", {"body": "x", marker: {"prompt": "$q"}}),
+        reaction("$done-q", "$q", "✅"),
+        event("$gone-q", "m.room.redaction", {"redacts": "$done-q"}),
+    ]
+    assert answer_events(events, bot, "$p") == 5
+    assert answer_events(events, bot, "$q") == 3
