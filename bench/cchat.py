@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 
 from aiagentchat.private import Credentials
+from bench import machine
 from bench.stats import ms
 from bench.world import Homeserver, run_final
 from tests.harness import claude_binary
@@ -174,9 +175,7 @@ def render(run: CchatRun) -> str:
         "",
         intro,
         "",
-        "|  |  |",
-        "|---|---|",
-        *(f"| {label} | {value} |" for label, value in run.machine.items()),
+        *machine.table(run.machine),
         "",
         "| what | target | measured | verdict |",
         "|---|---|---|---|",

@@ -14,6 +14,7 @@ from nio.crypto import OlmDevice
 
 from aiagentchat.identity import KeyFile, ensure_identity, query
 from aiagentchat.trust import DeviceTrust
+from bench import machine
 from bench.stats import Distribution, ms
 from bench.world import Homeserver
 from tests.harness.e2e import E2EUser
@@ -101,9 +102,7 @@ def render(cost: IdentityCost) -> str:
         "",
         intro,
         "",
-        "|  |  |",
-        "|---|---|",
-        *(f"| {label} | {value} |" for label, value in cost.machine.items()),
+        *machine.table(cost.machine),
         "",
         "| what | median / p95 |",
         "|---|---|",

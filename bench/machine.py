@@ -49,3 +49,8 @@ def describe() -> dict[str, str]:
         "aiagentchat": _output("git", "rev-parse", "--short", "HEAD"),
         "load average at start (1/5/15 min)": load_average(),
     }
+
+
+def table(described: dict[str, str]) -> list[str]:
+    """The machine as a two-column Markdown table, for the head of a results file."""
+    return ["|  |  |", "|---|---|", *(f"| {label} | {value} |" for label, value in described.items())]

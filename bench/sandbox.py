@@ -8,7 +8,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import first_output, floor
+from bench import first_output, floor, machine
 from bench.first_output import FirstOutput
 from bench.stats import ms
 from bench.world import Homeserver
@@ -73,9 +73,7 @@ def render(cost: SandboxCost) -> str:
         "in bench/results.md, with `sandbox = \"off\"` and in bubblewrap, taking turns (the machine is shared: "
         "see the load averages).",
         "",
-        "|  |  |",
-        "|---|---|",
-        *(f"| {label} | {value} |" for label, value in cost.machine.items()),
+        *machine.table(cost.machine),
         "",
         "| what | sandbox off | bwrap | cost (median) |",
         "|---|---|---|---|",
