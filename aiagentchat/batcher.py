@@ -536,14 +536,12 @@ class Batcher:
     def _end_live(self, run: LiveRun, final: dict[str, Any], state: PromptState, now: float) -> None:
         """The run's status shows its footer; its answer goes out as a new event in reply to the prompt (with
         the footer and tool lines under it when the run ended before its status message was due), as a file
-        with its beginning inline when too long for one event."""
+        with its beginning inline when too long for one event (the footer inline, under it)."""
         if run.ref is not None:
             self._show_status(run, now, final)
             closing = "" if run.answer.size else run.outcome(final)
         else:
             closing = run.status(now, final, head=not run.answer.size)
-        if closing:
-            run.add_block("", closing)
         run.answer.close()
         marker = {"prompt": run.prompt_id, **run.marker}
         reply = {"m.relates_to": relation(run.prompt_id, run.thread, fallback=False)}
@@ -556,6 +554,8 @@ class Batcher:
             answer = f"{inline.rstrip()}\n\n📎 The whole answer ({run.answer.size:,} bytes) is in the attached file."
         else:
             answer = run.answer.text().strip("\n")
+        if closing:
+            answer = f"{answer.rstrip()}\n\n{closing}" if answer.strip() else closing
         contents = [content | reply for content in render.message_contents(answer, marker)]
         if attachment is not None:
             contents.append(render.with_marker(file_content(attachment, name="answer.md"), marker) | reply)

@@ -844,15 +844,16 @@ async def test_a_live_answer_too_long_for_the_room_comes_as_a_file_with_its_firs
     room = FakeRoom()
     lines = "".join(f"line {n:05d} " + "x" * 90 + "\n" for n in range(300))
     async with running(room, live_status=True) as batcher:
-        await room.put(batcher, Begin("$p", {}), Text("$p", "```\n" + lines + "```\n"), EndOfRun("$p", {"ok": True}))
+        answer = [Begin("$p", {}), Text("$p", "```\n" + lines + "```\n"), Block("$p", "✅ Done · 0.4 s", "footer")]
+        await room.put(batcher, *answer, EndOfRun("$p", {"ok": True}))
         await room.until(lambda: len(room.calls) == 2)
     inline, attached = room.calls
     assert inline.body.startswith("```\nline 00000 ") and "line 00299" not in inline.body
     ((name, mimetype, uploaded),) = room.uploads
     assert name.startswith("answer-") and mimetype == "text/markdown"
     assert uploaded == "```\n" + lines + "```\n"
-    assert inline.body.endswith(
-        f"```\n\n📎 The whole answer ({len(uploaded.encode()):,} bytes) is in the attached file."
+    assert inline.body.endswith(  # the footer of a run too quick for a status message stays in sight
+        f"```\n\n📎 The whole answer ({len(uploaded.encode()):,} bytes) is in the attached file.\n\n✅ Done · 0.4 s"
     )
     assert attached.content["msgtype"] == "m.file" and attached.content["filename"] == "answer.md"
     assert attached.content["m.relates_to"] == {"m.in_reply_to": {"event_id": "$p"}}
