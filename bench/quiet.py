@@ -108,13 +108,15 @@ def _first_word(prompt_id: str, word: str) -> Any:
     return lambda events: any(word in e["content"].get("body", "") for e in bot_events(events, prompt_id, status=True))
 
 
-async def _timed(user: MatrixUser, room: str, text: str, *conditions: Any) -> tuple[str, list[float]]:
-    """Send `text`; seconds until each condition (given the prompt id) held, in order."""
+async def _timed(
+    user: MatrixUser, room: str, text: str, *conditions: Any, timeout: float = TIMEOUT_S
+) -> tuple[str, list[float]]:
+    """Send `text`; seconds until each condition (given the prompt id) held, in order, each within `timeout`."""
     start = time.monotonic()
     prompt_id = await user.send_text(room, text)
     times = []
     for condition in conditions:
-        await user.wait_for(condition(prompt_id), timeout=TIMEOUT_S, room_id=room)
+        await user.wait_for(condition(prompt_id), timeout=timeout, room_id=room)
         times.append(time.monotonic() - start)
     return prompt_id, times
 
@@ -168,7 +170,12 @@ async def _drip(server: Homeserver, user: MatrixUser, seconds: float) -> LiveDri
     await daemon.start()
     count = int(seconds * 1000 / LINE_INTERVAL_MS)
     prompt_id, (first, answered) = await _timed(
-        user, room, f"drip {count} {LINE_INTERVAL_MS}", lambda p: _first_word(p, "line "), run_final
+        user,
+        room,
+        f"drip {count} {LINE_INTERVAL_MS}",
+        lambda p: _first_word(p, "line "),
+        run_final,
+        timeout=seconds * 5 + TIMEOUT_S,
     )
     limited = sum(1 for entry in daemon.logs if entry.get("event") == "rate_limited")
     await daemon.stop()
