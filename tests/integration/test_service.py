@@ -1,10 +1,13 @@
 """The daemon as a service is watched (issue 18): /metrics and /healthz scraped from a running daemon, with the
-homeserver up, stopped and started again. Real Synapse and the real CLI."""
+homeserver up, stopped and started again, and what it tells systemd on the notify socket. Real Synapse and the
+real CLI."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import socket
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -39,22 +42,45 @@ async def healthz(session: aiohttp.ClientSession, address: str) -> tuple[int, st
         return response.status, await response.text()
 
 
+@pytest.fixture
+async def systemd(tmp_path: Path) -> AsyncIterator[tuple[str, list[bytes]]]:
+    """A notify socket as systemd listens on it: its path, and every datagram sent to it, read as it comes (a full
+    queue would make the daemon drop the next)."""
+    path, told = tmp_path / "notify", []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        sock.setblocking(False)
+
+        async def listen() -> None:
+            while True:
+                told.append(await asyncio.get_running_loop().sock_recv(sock, 64))
+
+        listening = asyncio.create_task(listen())
+        yield str(path), told
+        listening.cancel()
+        await asyncio.gather(listening, return_exceptions=True)
+
+
 async def until(check: Callable[[], object], what: str, timeout: float):
-    """Ask `check` (awaited) until it returns something true; that, or a failure naming `what` at the deadline."""
+    """Ask `check` (awaited when it is a coroutine function) until it returns something true; that, or a failure
+    naming `what` at the deadline."""
     last = None
     try:
         async with asyncio.timeout(timeout):
-            while not (last := await check()):
+            while not (last := await check() if asyncio.iscoroutinefunction(check) else check()):
                 await asyncio.sleep(0.25)
     except TimeoutError:
         raise AssertionError(f"{what} not within {timeout} s; last seen: {last!r}") from None
     return last
 
 
-async def test_metrics_count_an_answered_prompt_and_health_follows_the_homeserver_down_and_up(world: World):
+async def test_metrics_count_an_answered_prompt_and_health_follows_the_homeserver_down_and_up(world: World, systemd):
     room = await world.room()
-    daemon = world.daemon([{"id": room}], settings={"daemon": {"health_sync_max_age_s": SYNC_MAX_AGE_S}})
+    notify_socket, told = systemd
+    env = {"NOTIFY_SOCKET": notify_socket, "WATCHDOG_USEC": "1000000"}
+    daemon = world.daemon([{"id": room}], env=env, settings={"daemon": {"health_sync_max_age_s": SYNC_MAX_AGE_S}})
     await daemon.start()
+    await until(lambda: told[:2] == [b"READY=1", b"WATCHDOG=1"] or None, "READY, then a watchdog ping", timeout=10)
     address = await address_of(daemon)
     assert "hello" in await world.ask(room, "say hello")
     async with aiohttp.ClientSession() as session:
@@ -86,3 +112,6 @@ async def test_metrics_count_an_answered_prompt_and_health_follows_the_homeserve
         finally:
             await world.synapse.start()
         await until(answers(200), "/healthz healthy again", timeout=120)
+    assert await daemon.stop() == 0
+    await until(lambda: b"STOPPING=1" in told or None, "STOPPING=1 on SIGTERM", timeout=10)
+    assert set(told) == {b"READY=1", b"WATCHDOG=1", b"STOPPING=1"} and told.count(b"READY=1") == 1
