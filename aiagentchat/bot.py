@@ -176,8 +176,18 @@ class Bot:
         home = self.settings.home_for(room).resolve()
         wall = wall_for(claude, workdir, home, Path.home()) if claude.sandbox == "bwrap" else None
         return RoomWorker(
-            room_id, claude, workdir, self.store, batcher, policy, guard, room.reply_mode, room.session_scope, desk,
-            wall, self.metrics,
+            room_id,
+            claude,
+            workdir,
+            self.store,
+            batcher,
+            policy,
+            guard,
+            room.reply_mode,
+            room.session_scope,
+            desk,
+            wall,
+            self.metrics,
         )
 
     def waiting_since(self) -> float | None:
