@@ -16,6 +16,7 @@ from typing import Any, Literal, Protocol
 import structlog
 
 from aiagentchat.batcher import WAITING, Batcher, Block, Notice, React
+from aiagentchat.metrics import Metrics
 from aiagentchat.settings import ClaudeSettings, RoomSettings
 from aiagentchat.store import Prompt, Store
 
@@ -358,12 +359,14 @@ class RoomToolPolicy:
         room_id: str = "",
         store: Store | None = None,
         batcher: Batcher | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._allowed = set(claude.allowed_tools)
         self._room = room if room is not None and room.unlisted_tools == "ask" else None
         self._room_id = room_id
         self._store = store
         self._batcher = batcher
+        self._metrics = metrics or Metrics()  # the daemon's; one of its own in tests
         self.pending: Pending | None = None
         self._closed: collections.OrderedDict[str, str] = collections.OrderedDict()  # request event id → outcome
 
@@ -426,6 +429,7 @@ class RoomToolPolicy:
                 self._room_id, prompt.event_id, pending.what(), verdict, answer.by, answer.text
             )
         log.info("approval_answered", tool=pending.tool_name, verdict=answer.verdict, by=answer.by or None)
+        self._metrics.approvals.labels(answer.verdict if answer.by else "unanswered").inc()
         await batcher.put(Block(prompt.event_id, outcome, "tool"))
         await batcher.put(React(prompt.event_id, None))
         return decision

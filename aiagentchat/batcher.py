@@ -102,7 +102,7 @@ class EndOfRun:
     (ok, result, cost...) goes into the marker of the run's last event, so clients know the run is over, and
     `state` is recorded for the prompt together with that event. With `react`, the prompt gets its final
     status reaction, ✅ when `state` is done, else ❌ (when the room has reactions on); without, there is no
-    prompt to react to (a notice about no message)."""
+    prompt to react to (a notice about no message), and so no state to record."""
 
     prompt_id: str
     final: dict[str, Any] | None = None
@@ -356,6 +356,10 @@ class Batcher:
         """Events not yet delivered (queued in the outbox, or built and about to be)."""
         return self._outbox.size + sum(len(contents) for contents, _, _ in self._built)
 
+    def waiting_since(self) -> float | None:
+        """Since when (on the batcher's clock) the outbox's next event has waited; None when none waits."""
+        return self._outbox.waiting_since()
+
     async def put(self, item: Item) -> None:
         if self._closing:
             raise RuntimeError(f"the batcher of {self.room_id} is closed")
@@ -510,7 +514,7 @@ class Batcher:
                 run.add_block(kind, markdown)
             case EndOfRun(final=final, state=state, react=react):
                 del self._live[item.prompt_id]
-                self._end_live(run, final or {}, state, now)
+                self._end_live(run, final or {}, state if react else None, now)
                 self._work(item.prompt_id, False)
                 if react:
                     self._react(item.prompt_id, DONE if state == "done" else FAILED, final=True)
@@ -533,7 +537,7 @@ class Batcher:
         name = hashlib.sha256(f"{self.room_id} {prompt_id}".encode()).hexdigest()[:16]
         return LiveRun(prompt_id, marker, thread, now, AnswerText(self._transcripts / f"answer-{name}.md"))
 
-    def _end_live(self, run: LiveRun, final: dict[str, Any], state: PromptState, now: float) -> None:
+    def _end_live(self, run: LiveRun, final: dict[str, Any], state: PromptState | None, now: float) -> None:
         """The run's status shows its footer; its answer goes out as a new event in reply to the prompt (with
         the footer and tool lines under it when the run ended before its status message was due), as a file
         with its beginning inline when too long for one event (the footer inline, under it)."""
@@ -653,7 +657,7 @@ class Batcher:
             in_thread = relation(self._prompt_id or "", thread, fallback=True)
             contents = [content | {"m.relates_to": in_thread} for content in contents]
         if contents or end is not None:
-            self._built.append((contents, self._prompt_id, end.state if end is not None else None))
+            self._built.append((contents, self._prompt_id, end.state if end is not None and end.react else None))
         if everything:
             self._reopen = ""
         if not self._pending:

@@ -37,6 +37,7 @@ from aiagentchat.crypto import Crypto, DeviceLock
 from aiagentchat.desk import Desk
 from aiagentchat.guard import ToolGuard
 from aiagentchat.intake import Incoming, Malformed
+from aiagentchat.metrics import Metrics
 from aiagentchat.outbox import Outbox
 from aiagentchat.processes import kill_leftover
 from aiagentchat.runner import RoomWorker
@@ -120,6 +121,8 @@ class Bot:
         self._accepting: list[tuple[Prompt, float | None]] = []  # accepted, not recorded yet
         self.commands = Commands(store, settings.paths.data_dir / "outgoing")
         self.ready = asyncio.Event()
+        self.last_sync: float | None = None  # time.monotonic() at the end of the last good sync
+        self.metrics = Metrics(lambda: self.workers)
         self._stopping = asyncio.Event()
         self.crypto = Crypto(self.client, settings, self.rooms, self._batcher_of, self._consider_safely)
 
@@ -168,13 +171,30 @@ class Bot:
         )
         workdir = self.settings.workdir_for(room).resolve()
         guard = ToolGuard(self.settings.paths.data_dir, workdir, room.allow_claude_config_writes)
-        policy = self.policies[room_id] = RoomToolPolicy(claude, room, room_id, self.store, batcher)
+        policy = self.policies[room_id] = RoomToolPolicy(claude, room, room_id, self.store, batcher, self.metrics)
         desk = self.desks[room_id] = Desk(room_id)
         home = self.settings.home_for(room).resolve()
         wall = wall_for(claude, workdir, home, Path.home()) if claude.sandbox == "bwrap" else None
         return RoomWorker(
-            room_id, claude, workdir, self.store, batcher, policy, guard, room.reply_mode, room.session_scope, desk,
+            room_id,
+            claude,
+            workdir,
+            self.store,
+            batcher,
+            policy,
+            guard,
+            room.reply_mode,
+            room.session_scope,
+            desk,
             wall,
+            self.metrics,
+        )
+
+    def waiting_since(self) -> float | None:
+        """Since when the longest-waiting room's next event has waited to be delivered; None when none waits."""
+        return min(
+            (since for worker in self.workers.values() if (since := worker.batcher.waiting_since()) is not None),
+            default=None,
         )
 
     def _batcher_of(self, room_id: str) -> Batcher | None:
@@ -278,6 +298,7 @@ class Bot:
             await self.crypto.upkeep()
             token = response.next_batch
             await self.store.set_sync_token(token)
+            self.last_sync = time.monotonic()
             history = full_state = False
             if not self.ready.is_set():
                 self.ready.set()
@@ -319,6 +340,8 @@ class Bot:
             if history:
                 continue
             for event in events:
+                if isinstance(sent_at := getattr(event, "server_timestamp", None), int):
+                    self.metrics.sync_lag.observe(max(0.0, synced_at - sent_at / 1000))
                 await self._consider_safely(room_id, room, event, synced_at)
 
     def _after_own_join(self, events: list[Any]) -> list[Any]:

@@ -21,6 +21,7 @@ import typer
 
 from aiagentchat import logs
 from aiagentchat.bot import Bot
+from aiagentchat.health import Health, serving
 from aiagentchat.identity import IdentityError, fingerprint
 from aiagentchat.keys import accept_identity, export_keys, import_keys, reset_keys
 from aiagentchat.localserver import HomeserverError, LocalHomeserver
@@ -29,6 +30,7 @@ from aiagentchat.sandbox import check_bwrap
 from aiagentchat.secret_storage import SecretStorageError
 from aiagentchat.settings import ConfigError, Settings, check_safety, load_settings
 from aiagentchat.store import Store
+from aiagentchat.systemd import Notifier
 from aiagentchat.transport import LoginFailed, TokenRevoked, credentials_path
 from aiagentchat.verify import Target, verify
 
@@ -57,10 +59,23 @@ async def serve(settings: Settings) -> None:
     store = await Store.open(database_path(settings))
     try:
         bot = Bot(settings, store)
+        health = Health(settings.daemon, lambda: bot.last_sync, bot.waiting_since, store.check_writable)
+        notifier = Notifier.from_environment(os.environ)
+
+        def stop() -> None:
+            notifier.send("STOPPING=1")
+            bot.stop()
+
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, bot.stop)
-        await bot.run()
+            loop.add_signal_handler(sig, stop)
+        async with serving(health, bot.metrics):
+            notifying = asyncio.create_task(notifier.run(bot.ready, lambda: health.sync_problem() is None))
+            try:
+                await bot.run()
+            finally:
+                notifying.cancel()
+                await asyncio.gather(notifying, return_exceptions=True)
     finally:
         await store.close()
 

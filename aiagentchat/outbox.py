@@ -7,9 +7,9 @@ import math
 import random
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -62,6 +62,7 @@ REPLACES_KEY = "org.aiagentchat.replaces"  # an edit: the `ref` of the event it 
 LAST_EDIT_KEY = "org.aiagentchat.last_edit"  # the last edit of that event: its ref is forgotten once it is sent
 REDACTION = "m.room.redaction"
 _LOCAL_KEYS = (TYPE_KEY, REF_KEY, REDACTS_KEY, REPLACES_KEY, LAST_EDIT_KEY)
+EVENT_KINDS = ("message", "reaction", "redaction", "edit")
 RATE_LIMIT_HELP = (
     "the homeserver holds the bot's messages back; README.md#rate-limits shows how its admin exempts the bot"
 )
@@ -80,12 +81,21 @@ def redaction_content(ref: str) -> dict[str, Any]:
 
 @dataclass
 class Stats:
-    """What an outbox has sent so far, for benchmarks and logs."""
+    """What an outbox has sent so far, for benchmarks, logs and metrics."""
 
     events_sent: int = 0
     rate_limited: int = 0
     send_failures: int = 0
     bytes_sent: int = 0
+    backoff_s: float = 0.0  # how long sending paused, summed
+    sent_by_kind: Counter[str] = field(default_factory=Counter)  # by EVENT_KINDS
+    prompts_ended: Counter[str] = field(default_factory=Counter)  # by final state, as recorded with their events
+
+
+def event_kind(content: dict[str, Any]) -> str:
+    """Which of EVENT_KINDS an outbox row is."""
+    kind = {"m.reaction": "reaction", REDACTION: "redaction"}.get(content.get(TYPE_KEY, ""))
+    return kind or ("edit" if REPLACES_KEY in content else "message")
 
 
 def jittered(delay: float) -> float:
@@ -117,6 +127,7 @@ class Outbox:
         self._clock = clock
         self._jitter = jitter
         self._rows: deque[OutboxRow] = deque()
+        self._head_since = 0.0  # when the first row became first: how long delivery has made no progress
         self._resume_at = -math.inf
         self._backoff_s = 1.0
         self._trouble: str | None = None
@@ -133,6 +144,7 @@ class Outbox:
         self._refs = await self._store.refs(self.room_id)
         rows = await self._store.outbox(self.room_id)
         self._rows = deque(rows)
+        self._head_since = self._clock()
         if rows:
             log.info("outbox_resumed", room_id=self.room_id, events=len(rows))
         return len(rows)
@@ -145,8 +157,11 @@ class Outbox:
         rows = [OutboxRow(uuid.uuid4().hex, content, prompt_id) for content in contents]
         ending = None if ended is None or prompt_id is None else (prompt_id, ended)
         await self._store.queue_outbox(self.room_id, rows, ending)
+        if not self._rows:
+            self._head_since = self._clock()
         self._rows.extend(rows)
         if ending is not None:
+            self.stats.prompts_ended[ending[1]] += 1
             log.info("run_ended", room_id=self.room_id, prompt=prompt_id, state=ended, queued=len(self._rows))
 
     def event_of(self, ref: str) -> str | None:
@@ -159,6 +174,10 @@ class Outbox:
     @property
     def size(self) -> int:
         return len(self._rows)
+
+    def waiting_since(self) -> float | None:
+        """Since when (on its clock) the next event has waited to be delivered; None when none waits."""
+        return self._head_since if self._rows else None
 
     def ready_at(self) -> float | None:
         """When the next event may be sent; None when there is none."""
@@ -182,7 +201,7 @@ class Outbox:
             target = self._refs.get(row.content[REDACTS_KEY])
             if target is None:  # its event was never sent (refused for good): nothing to take back
                 await self._store.dropped(row)
-                self._rows.popleft()
+                self._pop()
                 return
             outcome = await self._sender.redact(self.room_id, target, row.txn_id)
             if isinstance(outcome, Sent):
@@ -193,7 +212,7 @@ class Outbox:
             if (replaces := row.content.get(REPLACES_KEY)) is not None:
                 if (original := self._refs.get(replaces)) is None:  # never sent (refused for good): no edit
                     await self._store.dropped(row)
-                    self._rows.popleft()
+                    self._pop()
                     return
                 content["m.relates_to"] = {"rel_type": "m.replace", "event_id": original}
             outcome = await self._sender.send(self.room_id, content, row.txn_id, event_type)
@@ -211,7 +230,8 @@ class Outbox:
             case Sent():
                 self.stats.events_sent += 1
                 self.stats.bytes_sent += render.content_size(row.content)
-                self._rows.popleft()
+                self.stats.sent_by_kind[event_kind(row.content)] += 1
+                self._pop()
                 self._recovered()
                 changes, self._ref_changes = self._ref_changes, {}
                 await self._store.delivered(row, self.room_id, changes)
@@ -227,7 +247,7 @@ class Outbox:
                 log.error("send_failed", room_id=self.room_id, reason=reason, bytes=size)
                 if row.txn_id in self._notices or TYPE_KEY in row.content:
                     await self._store.dropped(row)
-                    self._rows.popleft()
+                    self._pop()
                 else:
                     if (upload := row.content.get(UPLOAD_KEY)) is not None:
                         Path(upload["path"]).unlink(missing_ok=True)
@@ -236,6 +256,10 @@ class Outbox:
                     self._rows[0] = notice
                     self._notices.add(notice.txn_id)
                 self._recovered()
+
+    def _pop(self) -> None:
+        self._rows.popleft()
+        self._head_since = self._clock()
 
     def _refusal_notice(self, row: OutboxRow, size: int, reason: str) -> OutboxRow:
         """What the room sees instead of an event the homeserver refused for good; it keeps the event's
@@ -270,4 +294,5 @@ class Outbox:
             delay = retry_after_s
         delay = min(max(delay, 0.0), self._max_backoff_s)
         self._resume_at = self._clock() + delay
+        self.stats.backoff_s += delay
         return delay

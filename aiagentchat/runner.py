@@ -22,6 +22,7 @@ from aiagentchat.approvals import ToolDecision, ToolPolicy, suggested_rule
 from aiagentchat.batcher import INTERNAL_ERROR, Batcher, Begin, Block, EndOfRun, Item, Text
 from aiagentchat.desk import Desk
 from aiagentchat.guard import ToolGuard
+from aiagentchat.metrics import Metrics
 from aiagentchat.processes import start_time, terminate_tree
 from aiagentchat.protocol import OverlongLine, Translator, parse_line, read_lines, run_summary
 from aiagentchat.sandbox import Wall, installation, prepare_home
@@ -251,6 +252,7 @@ class RoomWorker:
         session_scope: str = "room",
         desk: Desk | None = None,
         wall: Wall | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.room_id = room_id
         self.reply_mode = reply_mode
@@ -263,6 +265,7 @@ class RoomWorker:
         self.guard = guard
         self.desk = desk  # the room's uploads are saved there; a prompt waits for the ones sent before it
         self.wall = wall  # the room's sandbox; None: `sandbox = "off"`
+        self.metrics = metrics or Metrics()  # the daemon's; one of its own in tests
         self.inbox: asyncio.Queue[Prompt] = asyncio.Queue()
         self.agent: AgentProcess | None = None
         self.model = claude.model  # `!model` changes it for the next agent process
@@ -358,6 +361,7 @@ class RoomWorker:
         structlog.contextvars.bind_contextvars(run_id=prompt.event_id)
         log.info("run_started", sender=prompt.sender, chars=len(prompt.text))
         self.current, self.current_since, self._stopped_by = prompt, time.time(), None
+        started = time.monotonic()
         await self.store.set_prompt_state(prompt.event_id, "running")
         await self.batcher.put(self._begin(prompt))
         try:
@@ -378,6 +382,7 @@ class RoomWorker:
         finally:
             self.current = None
             structlog.contextvars.unbind_contextvars("run_id")
+        self.metrics.run_seconds.observe(time.monotonic() - started)
         await self.batcher.put(EndOfRun(prompt.event_id, final, "done" if final["ok"] else "failed"))
 
     async def _told_of_uploads(self, prompt: Prompt) -> Prompt:
@@ -431,6 +436,7 @@ class RoomWorker:
         if result is not None and result.cost_usd:
             agent.cost_usd += result.cost_usd
             await self.store.add_cost(self.room_id, prompt.event_id, result.cost_usd)
+            self.metrics.cost_usd.labels(self.room_id).inc(result.cost_usd)
         log.info(
             "run_finished",
             ok=bool(result and not result.is_error),

@@ -78,6 +78,12 @@ class DaemonSettings(_Strict):
     # SIGTERM to exit, the built-in homeserver's stop included, fits the 10 s podman and Docker give by default
     shutdown_timeout_s: float = Field(default=5.0, gt=0)
     log_level: LogLevel = "info"
+    # /healthz and /metrics: HOST:PORT ([::1]:PORT for IPv6, port 0 for any free one); "" serves neither
+    http_listen: str = Field(default="127.0.0.1:9464", pattern=r"^$|^(\[[0-9A-Fa-f:.]+\]|[^:\s\[\]]+):\d{1,5}$")
+    # a sync long-polls for 30 s: three times that without a good one means the loop is stuck or the homeserver gone
+    health_sync_max_age_s: float = Field(default=90.0, gt=0)
+    # an event waiting this long to be delivered means sending is stuck (back-off alone stays under max_backoff_s)
+    health_outbox_max_age_s: float = Field(default=300.0, gt=0)
 
 
 class RoomSettings(_Strict):

@@ -296,6 +296,10 @@ class Store:
             (key, value),
         )
 
+    async def check_writable(self) -> None:
+        """Write one row (the health check's time): raises what any write would when the database cannot take it."""
+        await self._put("health_checked_ms", str(_now_ms()))
+
     async def sync_token(self) -> str | None:
         return await self._get("sync_token")
 

@@ -97,6 +97,7 @@ class Homeserver:
                 "paths": {"data_dir": str(directory / "data")},
                 "claude": {"timeout_s": 900} | claude,
                 "output": output or {},
+                "daemon": {"http_listen": "127.0.0.1:0"},
             },
             [
                 {"id": room, "allowed_users": [allowed], "live_status": live_status, "reactions": reactions}

@@ -26,6 +26,7 @@ from aiagentchat.approvals import (
 )
 from aiagentchat.batcher import WAITING, Block, Notice, React
 from aiagentchat.guard import ToolGuard
+from aiagentchat.metrics import Metrics
 from aiagentchat.render import to_html
 from aiagentchat.runner import RoomWorker
 from aiagentchat.settings import ClaudeSettings, RoomSettings
@@ -471,3 +472,14 @@ async def test_always_records_the_rule_the_cli_suggested(store):
     assert (await asyncio.wait_for(asked, 5)).allow
     assert await store.tool_rules(PROMPT.conversation("room")) == ["Bash:make"]
     assert (await policy.decide(PROMPT, "Bash", {"command": "make test"})).allow
+
+
+async def test_each_answer_is_counted_by_its_verdict_and_a_request_nobody_answered_as_unanswered(store):
+    recorder, metrics = AskingRecorder(), Metrics()
+    claude = ClaudeSettings(allowed_tools=["Read"])
+    policy = RoomToolPolicy(claude, room(approval_timeout_s=0.2), ROOM, store, recorder, metrics)
+    await decide_answered(policy, recorder, "Bash", TOUCH, Answer("deny", "@u:x"))
+    await asyncio.wait_for(policy.decide(PROMPT, "Write", {"file_path": "/a"}), 5)  # nobody answers
+    verdicts = ("allow", "deny", "unanswered")
+    counted = {v: metrics.registry.get_sample_value("aiagentchat_approvals_total", {"verdict": v}) for v in verdicts}
+    assert counted == {"allow": None, "deny": 1.0, "unanswered": 1.0}

@@ -2,6 +2,7 @@
 what else the batch holds still sees the prompts before it."""
 
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,6 +14,7 @@ from aiagentchat.bot import Bot
 from aiagentchat.settings import RoomSettings, Settings
 from aiagentchat.store import Store
 from tests.test_first_sight import message
+from tests.test_health import samples
 from tests.test_hostile_events import ALICE, BOT
 
 pytestmark = pytest.mark.anyio
@@ -95,3 +97,14 @@ async def test_a_stop_in_the_same_batch_drops_the_prompt_before_it_and_the_queue
     stopped = [entry for entry in logs if entry["event"] == "stop_reaction"]
     assert [(entry["prompt"], entry["outcome"]) for entry in stopped] == [("$b", "dropped")]
     assert [entry["event_id"] for entry in logs if entry["event"] == "prompt_refused_busy"] == ["$c"]
+
+
+async def test_each_event_of_a_batch_is_timed_from_its_origin_and_the_prompts_it_queues_show_in_the_metrics(tmp_path):
+    async with a_bot(tmp_path) as (bot, _):
+        recent = {"origin_server_ts": int(time.time() * 1000) - 2_000}  # sent two seconds ago
+        await take(bot, batch({ROOMS[0]: [message("$a", "say a") | recent, message("$b", "say b") | recent]}))
+        scraped = samples(bot.metrics.exposition(None)[0].decode())
+    assert scraped[("aiagentchat_sync_lag_seconds_count", ())] == 2
+    assert scraped[("aiagentchat_sync_lag_seconds_sum", ())] >= 4.0  # each was at least two seconds old
+    assert scraped[("aiagentchat_queued_prompts", (("room", ROOMS[0]),))] == 2
+    assert scraped[("aiagentchat_queued_prompts", (("room", ROOMS[1]),))] == 0

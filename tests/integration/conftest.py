@@ -155,6 +155,7 @@ class World:
             "paths": {"data_dir": str(root / "data")},
             "claude": {"binary": claude_binary(), "timeout_s": 60} | (claude or {}),
             "output": {"flush_interval_s": 0.5},
+            "daemon": {"http_listen": "127.0.0.1:0"},  # any free port: daemons side by side never collide
         }
         for name, values in (settings or {}).items():
             sections[name] = sections.get(name, {}) | values

@@ -156,7 +156,8 @@ async def test_first_run_makes_everything_and_a_second_run_reuses_it(model, tmp_
     data, home, cchat_dir = tmp_path / "data", tmp_path / "home", tmp_path / "cchat"
     home.mkdir()
     config = tmp_path / "settings.toml"
-    write_settings(config, {"paths": {"data_dir": str(data)}, "claude": {"binary": claude_binary()}}, [])
+    sections = {"paths": {"data_dir": str(data)}, "claude": {"binary": claude_binary()}}
+    write_settings(config, sections | {"daemon": {"http_listen": "127.0.0.1:0"}}, [])
     env = {
         "PATH": os.environ["PATH"],
         "HOME": str(home),
