@@ -1,5 +1,6 @@
 """`aiagentchat` / `python -m aiagentchat`: start the daemon; `aiagentchat verify`: verify the bot's device or a
-person; `aiagentchat keys`: the bot's cross-signing keys; `aiagentchat trust`: accept a person's new identity; `aiagentchat doctor`: check the set-up.
+person; `aiagentchat keys`: the bot's cross-signing keys; `aiagentchat trust`: accept a person's new identity;
+`aiagentchat doctor`: check the set-up.
 Exit codes: 2 bad settings (or the bot's device in use by another process), 3 Matrix login refused, 4 the
 built-in homeserver failed to start, 5 the access token was revoked while running, 6 the database failed
 (it cannot be read or written); `verify` exits 1 when the device was not verified, `keys` and `trust` 1 when

@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -108,7 +108,7 @@ class Session:
     logged_in: bool = False
     own_device: bool = False  # logged in as the bot's own device (not a temporary one of doctor's)
     temporary: bool = False  # logged in with the password as a new device, to be logged out at the end
-    joined: set[str] = field(default_factory=set)
+    joined: set[str] | None = None  # the rooms the bot is in, once known
     encrypted: bool = False  # a configured room is encrypted
 
 
@@ -231,7 +231,7 @@ async def _online(session: Session) -> AsyncIterator[Check]:
         check = await _login(session, session.client)
         if check.level is not Level.FAIL:
             joined = await session.client.joined_rooms()
-            session.joined = set(joined.rooms) if isinstance(joined, JoinedRoomsResponse) else set()
+            session.joined = set(joined.rooms) if isinstance(joined, JoinedRoomsResponse) else None
     except NETWORK_ERRORS as exc:
         check = Check(Level.FAIL, "login", f"the homeserver stopped answering ({_describe(exc)})", "try again")
     session.logged_in = check.level is not Level.FAIL
@@ -316,7 +316,11 @@ TRUST = {
 async def _room(session: Session, room: RoomSettings) -> AsyncIterator[Check]:
     name = f"room {room.name} ({room.id})" if room.name else f"room {room.id}"
     if session.logged_in:
-        for check in await _membership(session, room, name):
+        try:
+            checks = await _membership(session, room, name)
+        except NETWORK_ERRORS as exc:
+            checks = [Check(Level.WARN, name, f"membership and encryption not checked ({_describe(exc)})")]
+        for check in checks:
             yield check
     else:
         yield Check(Level.WARN, name, "membership and encryption not checked: no login")
@@ -336,6 +340,8 @@ async def _membership(session: Session, room: RoomSettings, name: str) -> list[C
             return [Check(Level.FAIL, name, f"the alias does not resolve ({resolved.status_code})", "check the id")]
         room_id = resolved.room_id
     bot = session.settings.matrix.user_id
+    if session.joined is None:
+        return [Check(Level.WARN, name, "membership not known: the homeserver did not list the bot's rooms")]
     if room_id not in session.joined:
         return [Check(Level.FAIL, name, f"{bot} is not in the room", f"invite {bot}; the daemon joins at its start")]
     state = await client.room_get_state_event(room_id, "m.room.encryption")
