@@ -106,6 +106,7 @@ async def test_each_broken_thing_gives_its_failure_and_exit_1(world):
     code, output = await doctor(daemon, fresh)
     assert code == 0, output
     assert f"✅ login: the password of {world.bot_id} works" in output
+    assert "⚠️ cross-signing: the bot's identity (master key" in output and "private keys missing here" in output
     assert await bot_devices(world) == devices
     wrong = "not-the-password-4711"
     code, output = await doctor(daemon, fresh, {"AIAGENTCHAT_MATRIX__PASSWORD": wrong})
@@ -113,6 +114,13 @@ async def test_each_broken_thing_gives_its_failure_and_exit_1(world):
     assert f"❌ login: the homeserver refused the password of {world.bot_id}" in output
     assert wrong not in output
     assert not (world.tmp_path / "fresh").exists()  # doctor made nothing there
+    token = json.loads((world.tmp_path / "data" / "credentials.json").read_text())["access_token"]
+    code, output = await doctor(daemon, fresh, {"AIAGENTCHAT_MATRIX__ACCESS_TOKEN": token})
+    assert code == 0, output
+    assert f"✅ login: {world.bot_id}, device" in output and "(configured access token)" in output
+    code, output = await doctor(daemon, fresh, {"AIAGENTCHAT_MATRIX__ACCESS_TOKEN": "syt_not_a_token"})
+    assert code == 1
+    assert "❌ login: the configured access token was refused (M_UNKNOWN_TOKEN)" in output
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
