@@ -9,6 +9,7 @@ they could not do what was asked; `doctor` exits 1 when a check fails."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import sqlite3
@@ -171,6 +172,7 @@ def doctor_command(ctx: typer.Context, config: ConfigOption = None) -> None:
     users, encryption and trust, working directory), bubblewrap, the Claude Code CLI and its handshake, model
     credentials, the rate limit and cross-signing. One line each (✅, ⚠️ or ❌ with the fix); exit code 1 when
     something is ❌. Read-only: safe while the daemon runs."""
+    logging.getLogger("nio").setLevel(logging.ERROR)  # its warnings about refused requests: doctor's lines say it
     code = asyncio.run(report(_config_path(config or ctx.obj), os.environ, lambda line: print(line, flush=True)))
     raise typer.Exit(code)
 

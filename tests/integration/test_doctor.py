@@ -121,6 +121,7 @@ async def test_each_broken_thing_gives_its_failure_and_exit_1(world):
     code, output = await doctor(daemon, fresh, {"AIAGENTCHAT_MATRIX__ACCESS_TOKEN": "syt_not_a_token"})
     assert code == 1
     assert "❌ login: the configured access token was refused (M_UNKNOWN_TOKEN)" in output
+    assert "nio" not in output  # no library warnings among the lines
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
