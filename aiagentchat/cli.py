@@ -1,18 +1,20 @@
 """`aiagentchat` / `python -m aiagentchat`: start the daemon; `aiagentchat verify`: verify the bot's device or a
-person; `aiagentchat keys`: the bot's cross-signing keys; `aiagentchat trust`: accept a person's new identity.
+person; `aiagentchat keys`: the bot's cross-signing keys; `aiagentchat trust`: accept a person's new identity;
+`aiagentchat doctor`: check the set-up.
 Exit codes: 2 bad settings (or the bot's device in use by another process), 3 Matrix login refused, 4 the
 built-in homeserver failed to start, 5 the access token was revoked while running, 6 the database failed
 (it cannot be read or written); `verify` exits 1 when the device was not verified, `keys` and `trust` 1 when
-they could not do what was asked."""
+they could not do what was asked; `doctor` exits 1 when a check fails."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import sqlite3
 import sys
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Optional, TypeVar
 
@@ -21,6 +23,7 @@ import typer
 
 from aiagentchat import logs
 from aiagentchat.bot import Bot
+from aiagentchat.doctor import missing_claude_login, report
 from aiagentchat.health import Health, serving
 from aiagentchat.identity import IdentityError, fingerprint
 from aiagentchat.keys import accept_identity, export_keys, import_keys, reset_keys
@@ -56,7 +59,7 @@ log = structlog.get_logger(__name__)
 async def serve(settings: Settings) -> None:
     if missing := missing_claude_login(os.environ):
         log.warning("no_claude_login", detail=missing)
-    store = await Store.open(database_path(settings))
+    store = await Store.open(settings.database)
     try:
         bot = Bot(settings, store)
         health = Health(settings.daemon, lambda: bot.last_sync, bot.waiting_since, store.check_writable)
@@ -178,8 +181,24 @@ def trust_command(
     print(accept_identity(_settings(config or ctx.obj), user))
 
 
+@app.command("doctor")
+def doctor_command(ctx: typer.Context, config: ConfigOption = None) -> None:
+    """Check what the daemon needs: the settings, the homeserver and the bot's login, every room (joined, allowed
+    users, encryption and trust, working directory), bubblewrap, the Claude Code CLI and its handshake, model
+    credentials, the rate limit and cross-signing. One line each (✅, ⚠️ or ❌ with the fix); exit code 1 when
+    something is ❌. Read-only: safe while the daemon runs."""
+    logging.getLogger("nio").setLevel(logging.ERROR)  # its warnings about refused requests: doctor's lines say it
+    code = asyncio.run(report(_config_path(config or ctx.obj), os.environ, lambda line: print(line, flush=True)))
+    raise typer.Exit(code)
+
+
+def _config_path(config: Path | None) -> Path | None:
+    """The settings file: --config (or AIAGENTCHAT_CONFIG), else ./settings.toml when there is one."""
+    return config if config is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+
+
 def _settings(config: Path | None) -> Settings:
-    path = config if config is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+    path = _config_path(config)
     try:
         return load_settings(path)
     except ConfigError as exc:
@@ -198,12 +217,12 @@ def _identity_step(step: Callable[[], T]) -> T:
 def with_settings(config: Path | None, main: Callable[[Settings], Awaitable[None]]) -> None:
     """Load the settings and run `main` with them (inside the built-in homeserver when none is configured);
     a problem becomes its exit code."""
-    path = config if config is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+    path = _config_path(config)
     try:
         settings = load_settings(path)
         warnings = check_safety(settings)
         check_bwrap(settings)
-        check_private_dir(settings.paths.data_dir, database_path(settings))
+        check_private_dir(settings.paths.data_dir, settings.database)
         # no homeserver configured: run the built-in one (it refuses a configured account without a homeserver)
         local = None if settings.matrix.homeserver else LocalHomeserver.for_settings(settings, config=path)
     except ConfigError as exc:
@@ -245,29 +264,10 @@ def with_settings(config: Path | None, main: Callable[[Settings], Awaitable[None
         raise typer.Exit(EXIT_HOMESERVER) from None
 
 
-def database_path(settings: Settings) -> Path:
-    return settings.paths.data_dir / "aiagentchat.db"
-
-
 def password_still_set(settings: Settings) -> bool:
     """Whether the password is still given although the saved login made it unnecessary."""
     password = settings.matrix.password
     return password is not None and password.get_secret_value() != "" and credentials_path(settings).exists()
-
-
-def missing_claude_login(env: Mapping[str, str]) -> str | None:
-    """What to tell the person when the agent has no way to reach the model, or None when it has one:
-    an API key or OAuth token in the environment, or the CLI's own login (`claude /login`)."""
-    if any(env.get(name) for name in ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN")):
-        return None
-    home = Path(env.get("HOME") or Path.home())
-    config_dir = Path(env["CLAUDE_CONFIG_DIR"]) if env.get("CLAUDE_CONFIG_DIR") else home / ".claude"
-    if (config_dir / ".credentials.json").exists():
-        return None
-    return (
-        "no ANTHROPIC_API_KEY, CLAUDE_CODE_OAUTH_TOKEN or Claude login (~/.claude/.credentials.json): the daemon "
-        "runs, but prompts fail until you set ANTHROPIC_API_KEY (or run `claude /login`) and restart it"
-    )
 
 
 def main() -> None:

@@ -41,9 +41,7 @@ GUARD_HOOK = "aiagentchat-guard"
 
 def agent_environment(patterns: list[str], source: Mapping[str, str]) -> dict[str, str]:
     """Only the variables named (or matched by glob) in env_passthrough reach the agent."""
-    return {
-        name: value for name, value in source.items() if any(fnmatch.fnmatchcase(name, p) for p in patterns)
-    }
+    return {name: value for name, value in source.items() if any(fnmatch.fnmatchcase(name, p) for p in patterns)}
 
 
 def cli_arguments(claude: ClaudeSettings, session_id: str | None) -> list[str]:
@@ -77,6 +75,16 @@ def cli_arguments(claude: ClaudeSettings, session_id: str | None) -> list[str]:
     if session_id:
         args += ["--resume", session_id]
     return args + list(claude.extra_args)
+
+
+def initialize_request() -> dict[str, Any]:
+    """The handshake each CLI process gets first: the daemon's PreToolUse hook (the tool guard) registered."""
+    hooks = {"PreToolUse": [{"matcher": None, "hookCallbackIds": [GUARD_HOOK]}]}
+    return {
+        "type": "control_request",
+        "request_id": uuid.uuid4().hex,
+        "request": {"subtype": "initialize", "hooks": hooks},
+    }
 
 
 def _joined(items: list[Item]) -> list[Item]:
@@ -148,14 +156,7 @@ class AgentProcess:
             start_new_session=True,
         )
         agent = cls(proc, session_id is not None, hops, claude.model, conversation)
-        hooks = {"PreToolUse": [{"matcher": None, "hookCallbackIds": [GUARD_HOOK]}]}
-        await agent.write(
-            {
-                "type": "control_request",
-                "request_id": uuid.uuid4().hex,
-                "request": {"subtype": "initialize", "hooks": hooks},
-            }
-        )
+        await agent.write(initialize_request())
         return agent
 
     @property

@@ -91,8 +91,12 @@ def prepare_home(wall: Wall) -> None:
 
 def check_bwrap(settings: Settings) -> None:
     """At start-up: when a room is to be walled in, bwrap must be able to run here (ConfigError if not)."""
-    if not any(settings.claude_for(room).sandbox == "bwrap" for room in settings.rooms):
-        return
+    if any(settings.claude_for(room).sandbox == "bwrap" for room in settings.rooms):
+        probe_bwrap()
+
+
+def probe_bwrap() -> None:
+    """Whether bwrap runs here and can create its namespaces (`bwrap --ro-bind / / true`); ConfigError if not."""
     fix = 'install bubblewrap (apt-get install bubblewrap) or set sandbox = "off" in [claude] or per room'
     bwrap = shutil.which("bwrap")
     if bwrap is None:
@@ -106,4 +110,3 @@ def check_bwrap(settings: Settings) -> None:
     if probe.returncode != 0:
         why = " ".join(probe.stderr.split()) or f"exit code {probe.returncode}"
         raise ConfigError(f"the agent sandbox cannot run: {why}; {fix} (user namespaces may be disabled here)")
-

@@ -168,11 +168,13 @@ class Settings(BaseSettings):
     def claude_for(self, room: RoomSettings) -> ClaudeSettings:
         """The room's effective agent settings: `[claude]` with the room's overrides applied."""
         overrides = {
-            key: value
-            for key in ClaudeSettings.model_fields
-            if (value := getattr(room, key, None)) is not None
+            key: value for key in ClaudeSettings.model_fields if (value := getattr(room, key, None)) is not None
         }
         return self.claude.model_copy(update=overrides)
+
+    @property
+    def database(self) -> Path:
+        return self.paths.data_dir / "aiagentchat.db"
 
     def workdir_for(self, room: RoomSettings) -> Path:
         if room.workdir is not None:
@@ -200,7 +202,7 @@ def check_safety(settings: Settings) -> list[str]:
         if "--dangerously-skip-permissions" in extra or "--allow-dangerously-skip-permissions" in extra:
             raise ConfigError(
                 f"room {room.id}: --dangerously-skip-permissions is refused in extra_args; "
-                "set permission_mode = \"bypassPermissions\" on the room instead"
+                'set permission_mode = "bypassPermissions" on the room instead'
             )
     _refuse_secret_passthrough("claude", settings.claude.env_passthrough)
     for room in settings.rooms:

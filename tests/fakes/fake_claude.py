@@ -7,7 +7,8 @@ answers with the decision it got; `hang` never answers; `crash` exits with code 
 one non-JSON line of N bytes, then answers `survived`; `drip N MS` streams N lines `line 000001 xxx...` (100
 characters each), one every MS milliseconds; `flood PATH` copies the stream-json lines in PATH to stdout as fast
 as it can, then ends the turn. Like the real CLI (2.1.197): `--resume bad` (a conversation it does not have)
-writes one error result and exits 1; `--settings` naming a missing file exits 1 with only an error on stderr.
+writes one error result and exits 1; `--settings` naming a missing file exits 1 with only an error on stderr;
+`--version` prints one line.
 """
 
 import json
@@ -25,6 +26,9 @@ def emit(event):
 
 
 session = str(uuid.uuid4())
+if sys.argv[1:] == ["--version"]:
+    print("0.0.0 (fake)")
+    sys.exit(0)
 if "--settings" in sys.argv and not os.path.exists(settings := sys.argv[sys.argv.index("--settings") + 1]):
     print(f"Error: Settings file not found: {settings}", file=sys.stderr)
     sys.exit(1)
