@@ -368,6 +368,7 @@ def install_commands(venv: Path) -> list[list[str]]:
             "--disable-pip-version-check",
             "--no-input",
             "--require-virtualenv",
+            "--require-hashes",  # installed on users' machines: every file checked against the pin
             "-r",
             str(REQUIREMENTS),
         ],

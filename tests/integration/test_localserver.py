@@ -271,6 +271,7 @@ async def test_venv_is_installed_once_from_the_shared_pin(tmp_path: Path) -> Non
             "--disable-pip-version-check",
             "--no-input",
             "--require-virtualenv",
+            "--require-hashes",
             "-r",
             str(REPO_ROOT / "aiagentchat" / "synapse-requirements.txt"),
         ],
@@ -287,6 +288,8 @@ async def test_venv_is_installed_once_from_the_shared_pin(tmp_path: Path) -> Non
     assert commands == expected and not (venv / "stale").exists()
 
     assert "matrix-synapse==" in REQUIREMENTS.read_text()
+    pins = re.findall(r"^\S+==\S+ \\\n((?:\s+--hash=sha256:[0-9a-f]{64}(?: \\)?\n)+)", REQUIREMENTS.read_text(), re.M)
+    assert len(pins) == REQUIREMENTS.read_text().count("==") and all(pins)  # every pin with its hashes
     assert "aiagentchat/synapse-requirements.txt" in (REPO_ROOT / "scripts" / "prepare").read_text()
 
 
