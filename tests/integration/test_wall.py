@@ -2,6 +2,7 @@
 directory. The attacks go around the guard on purpose (paths hidden in base64, `@path` expansion, settings
 files written directly), so that only the sandbox stops them."""
 
+import asyncio
 import base64
 import json
 from pathlib import Path
@@ -25,7 +26,10 @@ async def test_at_paths_bring_neither_the_daemon_credentials_nor_another_rooms_t
     room_a, room_b = await world.room(), await world.room()
     await world.daemon([{"id": room_a}, {"id": room_b}]).start()
     assert "✅ Done" in await world.ask(room_b, "say banana-b7 is room b's secret")
-    (transcript,) = [path for path in world.tmp_path.rglob("*.jsonl") if "banana-b7" in path.read_text()]
+    async with asyncio.timeout(30):  # the CLI writes its transcript on its own time, maybe after the answer is in
+        while not (found := [path for path in world.tmp_path.rglob("*.jsonl") if "banana-b7" in path.read_text()]):
+            await asyncio.sleep(0.05)
+    (transcript,) = found
     assert transcript.is_relative_to(room_dir(world, "homes", room_b) / ".claude" / "projects")
     credentials = world.tmp_path / "data" / "credentials.json"
     token = json.loads(credentials.read_text())["access_token"]
