@@ -65,9 +65,14 @@ def pickle_key(settings: Settings) -> str:
     return store_key(configured.get_secret_value() if configured else None, key_file, crypto_dir(settings))
 
 
+def cross_signing_path(settings: Settings) -> Path:
+    """The file of the bot's cross-signing keys (nothing made: `doctor` only reads it)."""
+    return settings.paths.data_dir / "crypto" / "cross_signing.json"
+
+
 def key_file(settings: Settings) -> KeyFile:
     """Where the bot's cross-signing keys are kept, sealed with the pickle key."""
-    return KeyFile(crypto_dir(settings) / "cross_signing.json", pickle_key(settings))
+    return KeyFile(cross_signing_path(settings), pickle_key(settings))
 
 
 class DeviceLock:

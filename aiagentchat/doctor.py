@@ -34,11 +34,13 @@ from nio import (
 )
 from pydantic import SecretStr
 
+from aiagentchat.crypto import cross_signing_path
 from aiagentchat.errors import ConfigError
 from aiagentchat.identity import IdentityError, fingerprint, query, read_devices, read_identity
 from aiagentchat.localserver import Accounts, LocalHomeserver, local_room
 from aiagentchat.private import Credentials, check_private_dir, read_private
 from aiagentchat.processes import terminate_tree
+from aiagentchat.protocol import parse_line
 from aiagentchat.runner import agent_environment, cli_arguments, initialize_request
 from aiagentchat.sandbox import installation, probe_bwrap, wall_for
 from aiagentchat.settings import ClaudeSettings, RoomSettings, Settings, check_safety, load_settings
@@ -433,7 +435,7 @@ async def _cross_signing(session: Session) -> Check:
 def _stored_master_key(settings: Settings) -> str | None:
     """The public master key in data_dir/crypto/cross_signing.json (kept in the clear), without the pickle key;
     None when there is no such file. ConfigError for an unsafe or damaged one."""
-    path = settings.paths.data_dir / "crypto" / "cross_signing.json"
+    path = cross_signing_path(settings)
     try:
         stored = json.loads(read_private(path))
     except FileNotFoundError:
@@ -571,11 +573,9 @@ async def _run(command: list[str], stdin: bytes, env: dict[str, str], cwd: Path)
 def _control_response(out: str, request_id: str) -> dict[str, Any] | None:
     """The successful answer to the request `request_id` among the CLI's output lines, if there is one."""
     for line in out.splitlines():
-        try:
-            event = json.loads(line)
-        except ValueError:
+        if (event := parse_line(line.encode())) is None:
             continue
-        response = event.get("response") if isinstance(event, dict) else None
+        response = event.get("response")
         if (
             event.get("type") == "control_response"
             and isinstance(response, dict)
