@@ -456,7 +456,9 @@ class Bot:
         guard = ToolGuard(self.settings.paths.data_dir, workdir, room.allow_claude_config_writes)
         home = self.settings.home_for(room).resolve()
         wall = wall_for(claude, workdir, home, Path.home()) if claude.sandbox == "bwrap" else None
-        self.workers[room_id].reconfigure(claude, workdir, guard, wall)
+        worker = self.workers[room_id]
+        if (claude, workdir) != (worker.claude, worker.workdir):  # `!allow` and `!deny` keep the agent running
+            worker.reconfigure(claude, workdir, guard, wall)
         self.policies[room_id].update(claude, room)
 
     def workdirs(self) -> dict[Path, str]:

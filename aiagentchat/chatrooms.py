@@ -20,7 +20,7 @@ import structlog
 from aiagentchat.batcher import Notice
 from aiagentchat.commands import Command
 from aiagentchat.runner import RoomWorker
-from aiagentchat.settings import USER_ID, RoomSettings, Settings
+from aiagentchat.settings import USER_ID, ClaudeSettings, RoomSettings, Settings
 from aiagentchat.store import Prompt, Store
 
 log = structlog.get_logger(__name__)
@@ -111,7 +111,7 @@ def sources(settings: Settings, room: RoomSettings, chat: Mapping[str, Any] | No
             source = "chat"
         elif key in defaults:
             source = "room_defaults"
-        elif key in ("allowed_tools", "disallowed_tools"):
+        elif key in ClaudeSettings.model_fields:
             source = "[claude]"
         else:
             source = "built-in default"
@@ -122,7 +122,8 @@ def sources(settings: Settings, room: RoomSettings, chat: Mapping[str, Any] | No
 def _shown(key: str, settings: Settings, room: RoomSettings) -> str:
     if key == "workdir":
         return f"`{settings.workdir_for(room)}`"
-    value = getattr(settings.claude_for(room), key) if key.endswith("_tools") else getattr(room, key)
+    claude = settings.claude_for(room)  # a `[claude]` key: the room's value, or `[claude]`'s
+    value = getattr(claude, key) if key in type(claude).model_fields else getattr(room, key)
     if isinstance(value, list):
         return ", ".join(f"`{item}`" for item in value) or "none"
     return f"`{value}`"
