@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from tests.integration.conftest import joined, room_dir, run_ended
+from tests.integration.test_cchat import cli  # noqa: F401 - a fixture
 from tests.integration.test_conversation import reply_to
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
@@ -107,3 +108,29 @@ async def test_an_admin_chooses_the_rooms_project_and_tools_within_the_roots(wor
     assert (site / "touched.txt").exists()
     status = await command(world, room, "!status")
     assert f"`workdir` = `{site}` (chat)" in status and "`unlisted_tools` = `deny` (room_defaults)" in status
+
+
+async def test_cchat_new_makes_a_room_the_bot_serves_in_the_project_given(world, cli):
+    roots = world.tmp_path / "code"
+    site = roots / "site"
+    site.mkdir(parents=True)
+    # cchat's own device is not cross-signed: this room's bot shares its keys with every device
+    daemon = admin_daemon(world, {"trust": "all"}, project_roots=[str(roots)])
+    await daemon.start()
+    other = await world.another_user()
+
+    made = await cli("new", "site work", "--workdir", str(site), "--invite", other.user_id)
+    assert made.code == 0, made.stderr
+    room = made.stdout.strip()
+    assert room.startswith("!") and f"Working directory: `{site}`" in made.stderr
+    await daemon.wait_for_log("room_changed", room_id=room, command="project", detail=str(site))
+    await other.wait_for(lambda _: room in other.invites, room_id=room)
+
+    listed = await cli("rooms", "--config", str(daemon.config))
+    assert listed.code == 0, listed.stderr
+    assert f"site work\t{room}\t{world.user.user_id}\tstored" in listed.stdout.splitlines()
+
+    refused = await cli("new", "elsewhere", "--workdir", str(world.tmp_path))
+    assert refused.code == 1 and "is outside the project roots" in refused.stderr
+    bad = await cli("new", "x", "--invite", "bob")
+    assert bad.code == 2 and "is not a full Matrix ID" in bad.stderr
