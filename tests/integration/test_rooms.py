@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from tests.integration.conftest import joined, room_dir, run_ended
-from tests.integration.test_cchat import cli  # noqa: F401 - a fixture
+from tests.integration.test_cchat import Cchat
 from tests.integration.test_conversation import reply_to
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
@@ -110,7 +110,10 @@ async def test_an_admin_chooses_the_rooms_project_and_tools_within_the_roots(wor
     assert f"`workdir` = `{site}` (chat)" in status and "`unlisted_tools` = `deny` (room_defaults)" in status
 
 
-async def test_cchat_new_makes_a_room_the_bot_serves_in_the_project_given(world, cli):
+async def test_cchat_new_makes_a_room_the_bot_serves_in_the_project_given(world):
+    cli = Cchat(world.tmp_path / "cchat")
+    cli.env["CCHAT_BOT"] = world.bot_id
+    await cli.login(world.synapse.base_url, world.user.user_id, world.user_password)
     roots = world.tmp_path / "code"
     site = roots / "site"
     site.mkdir(parents=True)
