@@ -30,6 +30,7 @@ from nio import (
 )
 from nio.crypto import decrypt_attachment
 from nio.exceptions import EncryptionError
+from pydantic import ValidationError
 
 from aiagentchat import chatrooms, commands, intake
 from aiagentchat.approvals import RoomToolPolicy
@@ -162,12 +163,30 @@ class Bot:
         for stored in await self.store.chat_rooms():  # settings.toml wins over what was set in the chat
             if stored.room_id in self.rooms:
                 continue
-            self.rooms[stored.room_id] = self.settings.room_defaults.room(stored.room_id, stored.settings)
-            self.chat[stored.room_id] = stored.settings
+            try:
+                chat = self._checked_chat(stored.room_id, stored.settings)
+                self.rooms[stored.room_id] = self.settings.room_defaults.room(stored.room_id, chat)
+            except ValidationError as exc:
+                log.error("chat_room_invalid", room_id=stored.room_id, error=str(exc).splitlines()[0])
+                continue
+            self.chat[stored.room_id] = chat
             if stored.room_id not in already:
                 joined = await self.client.join(stored.room_id)
                 if isinstance(joined, JoinError):
                     log.error("room_join_failed", room_id=stored.room_id, error=joined.message)
+
+    def _checked_chat(self, room_id: str, chat: dict[str, Any]) -> dict[str, Any]:
+        """A stored room's chat-set keys, its working directory judged again by today's project_roots: one they no
+        longer allow is dropped (the room goes back to its own directory under the data dir) and logged."""
+        workdir = chat.get("workdir")
+        if workdir is None:
+            return chat
+        try:
+            chatrooms.project_dir(str(workdir), self.settings.daemon.project_roots, self.settings.paths.data_dir)
+        except chatrooms.Refused as refused:
+            log.warning("room_workdir_refused", room_id=room_id, workdir=workdir, reason=str(refused))
+            return {key: value for key, value in chat.items() if key != "workdir"}
+        return chat
 
     def _make_worker(self, room_id: str, room: RoomSettings) -> RoomWorker:
         claude = self.settings.claude_for(room)

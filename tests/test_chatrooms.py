@@ -2,18 +2,21 @@
 and what each command changes, records and answers (no homeserver: a fake daemon and a real database)."""
 
 import asyncio
+import json
 import os
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
-from aiagentchat import intake
+from aiagentchat import cchat, intake
+from aiagentchat.bot import Bot
 from aiagentchat.chatrooms import Refused, RoomAdmin, project_dir, sources, tool_names, user_id
 from aiagentchat.commands import Command
 from aiagentchat.settings import ConfigError, Settings, check_safety, load_settings
-from aiagentchat.store import Prompt
+from aiagentchat.store import Prompt, Store
 from tests.test_intake import Approvals, event, text
 from tests.test_settings import write
 
@@ -381,3 +384,43 @@ def test_nothing_in_a_command_reaches_outside_its_checks(tree):
         with pytest.raises(Refused):
             project_dir(argument, tree.roots, tree.data)
     assert os.path.isdir(tree.roots[0])
+
+
+async def test_a_stored_project_outside_todays_roots_falls_back_to_the_rooms_own_directory(tree, store):
+    code, more = tree.roots
+    settings = Settings(
+        matrix={"homeserver": "http://127.0.0.1:9", "user_id": "@bot:x"},
+        paths={"data_dir": tree.data},
+        daemon={"project_roots": [code]},
+    )
+    bot = Bot(settings, store)
+    try:
+        kept = {"allowed_users": [ALICE], "workdir": str(code / "site")}
+        assert bot._checked_chat(ROOM_ID, kept) == kept
+        assert bot._checked_chat(ROOM_ID, {"allowed_users": [ALICE], "workdir": str(more / "site")}) == {
+            "allowed_users": [ALICE]
+        }
+    finally:
+        await bot.client.close()
+        bot.device_lock.release()
+
+
+def test_cchat_rooms_lists_the_stored_rooms_that_the_file_does_not_configure(tmp_path):
+    async def stored() -> None:
+        store = await Store.open(tmp_path / "data" / "aiagentchat.db")
+        await store.add_chat_room("!file:x", ADMIN, {"allowed_users": [ADMIN]})
+        await store.add_chat_room("!chat:x", ADMIN, {"allowed_users": [ALICE, BOB], "name": "site\x1b[2J"})
+        await store.close()
+
+    asyncio.run(stored())
+    settings = load_settings(write(tmp_path, '[paths]\ndata_dir = "{data}"\n[[rooms]]\nid = "!file:x"\n'))
+    assert cchat.stored_rooms(settings) == [
+        {"name": "site\x1b[2J", "id": "!chat:x", "allowed_users": [ALICE, BOB], "stored": True}
+    ]
+    result = CliRunner().invoke(cchat.app, ["rooms", "--config", str(tmp_path / "settings.toml")])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == ["-\t!file:x\t-", f"site\t!chat:x\t{ALICE},{BOB}\tstored"]
+    listed = CliRunner().invoke(cchat.app, ["rooms", "--json", "--config", str(tmp_path / "settings.toml")])
+    assert json.loads(listed.stdout)[1]["stored"] is True
+    empty = load_settings(write(tmp_path, f'[paths]\ndata_dir = "{tmp_path}/none"\n'))
+    assert cchat.stored_rooms(empty) == []
