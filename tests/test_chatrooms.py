@@ -9,6 +9,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from nio import JoinedRoomsResponse, JoinError, JoinResponse
 from typer.testing import CliRunner
 
 from aiagentchat import cchat, intake
@@ -424,3 +425,35 @@ def test_cchat_rooms_lists_the_stored_rooms_that_the_file_does_not_configure(tmp
     assert json.loads(listed.stdout)[1]["stored"] is True
     empty = load_settings(write(tmp_path, f'[paths]\ndata_dir = "{tmp_path}/none"\n'))
     assert cchat.stored_rooms(empty) == []
+
+
+async def test_at_start_up_the_stored_rooms_are_served_unless_the_file_configures_them(tmp_path, store):
+    settings = Settings(
+        matrix={"homeserver": "http://127.0.0.1:9", "user_id": "@bot:x"},
+        paths={"data_dir": tmp_path / "data"},
+        rooms=[{"id": "!file:x", "allowed_users": [BOB], "timeout_s": 5}],
+        room_defaults={"timeout_s": 45},
+    )
+    await store.add_chat_room("!file:x", ADMIN, {"allowed_users": [ALICE]})
+    await store.add_chat_room(ROOM_ID, ADMIN, {"allowed_users": [ALICE]})
+    await store.add_chat_room("!gone:x", ADMIN, {"allowed_users": [ALICE]})
+    bot = Bot(settings, store)
+    joins: list[str] = []
+
+    async def joined_rooms() -> JoinedRoomsResponse:
+        return JoinedRoomsResponse(["!file:x", ROOM_ID])
+
+    async def join(room_id: str) -> JoinResponse | JoinError:
+        joins.append(room_id)
+        return JoinError("M_FORBIDDEN: not invited")
+
+    bot.client.joined_rooms, bot.client.join = joined_rooms, join
+    try:
+        await bot._resolve_rooms()
+        assert (bot.rooms["!file:x"].allowed_users, bot.rooms["!file:x"].timeout_s) == ([BOB], 5)
+        assert (bot.rooms[ROOM_ID].allowed_users, bot.rooms[ROOM_ID].timeout_s) == ([ALICE], 45)
+        assert bot.chat_settings("!file:x") is None and bot.chat_settings(ROOM_ID) == {"allowed_users": [ALICE]}
+        assert joins == ["!gone:x"]  # the bot was no longer in it: it tries to join again
+    finally:
+        await bot.client.close()
+        bot.device_lock.release()
