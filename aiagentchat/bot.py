@@ -445,8 +445,8 @@ class Bot:
     async def _accept_chat_room(self, room_id: str, inviter: str, invite_state: list[Any]) -> None:
         """An admin's invite to a room not in the settings: join it and serve it with the room defaults, the
         inviter as its allowed user and a working directory of its own, from now on and after restarts."""
-        if room_id in self._room_tasks:  # still leaving it: an invite now is answered once it has left
-            log.info("invite_ignored", room_id=room_id, inviter=inviter, reason="leaving the room")
+        if room_id in self._room_tasks:  # still leaving it after `!leave`: invite it again once it has left
+            log.info("invite_ignored", room_id=room_id, inviter=inviter, reason="still leaving the room")
             return
         joined = await self.client.join(room_id)
         if isinstance(joined, JoinError):
@@ -487,7 +487,8 @@ class Bot:
         assert self._group is not None
         self.rooms.pop(room_id, None)  # nothing more from it is read
         self.chat.pop(room_id, None)
-        self._leaving.append(self._group.create_task(self._leave(room_id)))
+        leaving = guarded(self._leave(room_id), "room_leave_failed", room_id=room_id)  # never ends the daemon
+        self._leaving.append(self._group.create_task(leaving))
 
     async def _leave(self, room_id: str) -> None:
         """Stop the room's desk and worker (nothing runs: `!leave` refuses otherwise), deliver what it still has
