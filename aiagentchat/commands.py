@@ -183,7 +183,9 @@ class Commands:
         if room.session_scope != "room":
             return _answer('⛔ This room keeps a conversation per thread (`session_scope = "thread"`): not here.')
         if worker.current is not None or (queued := worker.inbox.qsize()):
-            busy = "a prompt is running" if worker.current is not None else f"{queued} prompts are queued"
+            busy = (
+                "a prompt is running" if worker.current is not None else f"{queued} queued prompt{'s' * (queued != 1)}"
+            )
             return _answer(f"⛔ Not now: {busy}. Resume once the room is idle.")
         home = worker.wall.home if worker.wall is not None else Path.home()
         try:

@@ -7,6 +7,7 @@ aiagentchat."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shlex
@@ -121,11 +122,11 @@ class Transcripts:
                 os.close(fd)
 
     def _open_folder(self, create: bool) -> int | None:
+        if create:
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
             fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
         except FileNotFoundError:
-            if create:
-                raise
             return None
         for depth, part in enumerate(self.below, start=1):
             try:
@@ -182,7 +183,8 @@ class Transcripts:
             except FileNotFoundError:
                 return None
             except OSError as exc:
-                raise HandoverError(f"{self.path(session)} cannot be read ({exc.strerror})") from None
+                why = "it is a link: refused" if exc.errno == errno.ELOOP else exc.strerror
+                raise HandoverError(f"{self.path(session)} cannot be read ({why})") from None
             with os.fdopen(file, "rb") as handle:
                 if not stat.S_ISREG(os.fstat(file).st_mode):
                     raise HandoverError(f"{self.path(session)} is not a file: refused")
