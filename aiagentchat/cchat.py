@@ -45,7 +45,6 @@ import logging
 import os
 import re
 import signal
-import sqlite3
 import sys
 import time
 import uuid
@@ -658,6 +657,8 @@ async def command_reply(follower: Follower, command_id: str, timeout: float) -> 
 
 async def run_handback(room: str, config: Path | None) -> str:
     """Copy the room's conversation into this user's ~/.claude; the command that resumes it there."""
+    import sqlite3
+
     from aiagentchat.store import peek_conversation
 
     settings = read_settings(config)
