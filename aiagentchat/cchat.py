@@ -1235,7 +1235,8 @@ def adopt(
     with failing():
         if not timeout > 0:
             raise Fail(EXIT_USAGE, "--timeout must be more than 0 seconds")
-    request = AdoptRequest(room, session, cwd if cwd is not None else Path.cwd(), timeout, config, bot)
+    here = Path(os.environ.get("CCHAT_CWD") or Path.cwd())  # scripts/cchat runs in the project: where you were
+    request = AdoptRequest(room, session, here / cwd if cwd is not None else here, timeout, config, bot)
     raise typer.Exit(run(run_adopt(request)))
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,6 +29,7 @@ from aiagentchat.handover import (
 )
 from aiagentchat.settings import RoomSettings, load_settings
 from aiagentchat.store import Prompt, Store, peek_conversation
+from tests.harness import REPO_ROOT
 from tests.test_runner import fake_claude, make_worker
 
 ME = "@me:example.org"
@@ -293,6 +295,36 @@ def test_adopt_refuses_before_anything_is_copied_or_sent(site, args, code, says)
     assert (result.exit_code, result.stdout) == (code, "")
     assert result.stderr.startswith(says) and result.stderr.count("\n") == 1, result.stderr
     assert not (site.data / "homes").exists()
+
+
+def test_adopt_takes_up_a_conversation_of_where_you_are_also_through_scripts_cchat(site, monkeypatch, tmp_path):
+    requests = []
+
+    async def adopted(request: cchat.AdoptRequest) -> int:
+        requests.append(request)
+        return 0
+
+    monkeypatch.setattr(cchat, "run_adopt", adopted)
+    monkeypatch.setenv("CCHAT_CWD", str(tmp_path / "typed-here"))  # what scripts/cchat passes on
+    for args in ([], ["--cwd", "sub"], ["--cwd", "/srv/site"]):
+        assert invoke("adopt", "work", *args).exit_code == 0
+    monkeypatch.delenv("CCHAT_CWD")
+    assert invoke("adopt", "work", "--session", ONE).exit_code == 0
+    assert [request.cwd for request in requests] == [
+        tmp_path / "typed-here", tmp_path / "typed-here" / "sub", Path("/srv/site"), site.workdir
+    ]  # fmt: skip
+    assert requests[-1] == cchat.AdoptRequest("work", ONE, site.workdir, 60.0, None)
+
+
+def test_scripts_cchat_adopts_from_where_it_was_called_not_from_the_project(site, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "CCHAT_CWD"}
+    script = REPO_ROOT / "scripts" / "cchat"
+    command = [script, "adopt", "work", "--config", str(site.config)]
+    ran = subprocess.run(command, cwd=elsewhere, env=env, capture_output=True, text=True, check=False)
+    assert ran.returncode == 2
+    assert ran.stderr.startswith(f"cchat: work works in {site.workdir}, not in {elsewhere}:"), ran.stderr
 
 
 def test_adopt_makes_the_rooms_home_as_the_daemon_would(site):
