@@ -20,8 +20,8 @@ settings), and in an encrypted room only events encrypted with a room key that o
 its homeserver lists them) shared directly. What they print has control characters and terminal escapes
 removed (newlines and tabs stay).
 
-Exit codes: 0 answered, 1 the agent reported an error (adopt: the room refused), 2 usage or configuration error (also: homeserver
-unreachable, saved login rejected), 3 timed out, 4 not allowed or not joined, 130 interrupted.
+Exit codes: 0 answered, 1 the agent reported an error (adopt: the room refused), 2 usage or configuration error
+(also: homeserver unreachable, saved login rejected), 3 timed out, 4 not allowed or not joined, 130 interrupted.
 Every error is one line on stderr.
 
 The login (`{homeserver, user_id, device_id, access_token}`, mode 0600) lives in
