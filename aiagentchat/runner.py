@@ -273,6 +273,7 @@ class RoomWorker:
         self.current: Prompt | None = None
         self.current_since = 0.0  # time.time() when the current prompt started
         self.fresh = False  # `!new`: the next prompt starts a new conversation
+        self.restart = False  # `!resume`: the next prompt starts a new agent process, which resumes the stored session
         self._deadline: asyncio.Timeout | None = None
         self._stopped_by: str | None = None
         self._dropped: dict[str, str] = {}  # queued prompts to answer as dropped → who dropped them
@@ -452,6 +453,9 @@ class RoomWorker:
             self.fresh = False
             await self._close_agent("new conversation")
             await self.store.new_conversation(conversation)
+        if self.restart:
+            self.restart = False
+            await self._close_agent("conversation adopted")
         agent, wanted = self.agent, (prompt.hops, self.model, conversation)
         if agent is not None and agent.alive and (agent.hops, agent.model, agent.conversation) == wanted:
             return agent
