@@ -370,6 +370,11 @@ class RoomToolPolicy:
         self.pending: Pending | None = None
         self._closed: collections.OrderedDict[str, str] = collections.OrderedDict()  # request event id → outcome
 
+    def update(self, claude: ClaudeSettings, room: RoomSettings) -> None:
+        """The room's settings changed from the chat (`!allow`, `!tools`): decide by the new ones from now on."""
+        self._allowed = set(claude.allowed_tools)
+        self._room = room if room.unlisted_tools == "ask" else None
+
     @property
     def answerers(self) -> list[str]:
         room = self._room

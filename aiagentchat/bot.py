@@ -16,11 +16,13 @@ import aiohttp
 import structlog
 from nio import (
     InviteMemberEvent,
+    InviteNameEvent,
     JoinedRoomsResponse,
     JoinError,
     MegolmEvent,
     MemoryDownloadResponse,
     RoomCreateEvent,
+    RoomLeaveError,
     RoomMemberEvent,
     RoomResolveAliasResponse,
     SyncError,
@@ -28,10 +30,12 @@ from nio import (
 )
 from nio.crypto import decrypt_attachment
 from nio.exceptions import EncryptionError
+from pydantic import ValidationError
 
-from aiagentchat import commands, intake
+from aiagentchat import chatrooms, commands, intake
 from aiagentchat.approvals import RoomToolPolicy
 from aiagentchat.batcher import Accepted, Batcher, Notice
+from aiagentchat.chatrooms import ADMIN_WORDS, RoomAdmin
 from aiagentchat.commands import Commands, over_budget
 from aiagentchat.crypto import Crypto, DeviceLock
 from aiagentchat.desk import Desk
@@ -116,10 +120,15 @@ class Bot:
         self.policies: dict[str, RoomToolPolicy] = {}
         self.desks: dict[str, Desk] = {}
         self.creators: dict[str, set[str]] = {}
+        self.chat: dict[str, dict[str, Any]] = {}  # rooms made from the chat that are served: their chat-set keys
+        self.admin = RoomAdmin(settings, store, self)
+        self._group: asyncio.TaskGroup | None = None  # the rooms' tasks run in it, those started later too
+        self._room_tasks: dict[str, _RoomTasks] = {}
+        self._leaving: list[asyncio.Task[None]] = []
         self._seen: set[str] = set()  # rooms recorded as watched, so a sync needs no write for them
         self._syncing = False  # while a sync batch is handled, its prompts are recorded together at its end
         self._accepting: list[tuple[Prompt, float | None]] = []  # accepted, not recorded yet
-        self.commands = Commands(store, settings.paths.data_dir / "outgoing")
+        self.commands = Commands(store, settings.paths.data_dir / "outgoing", self._settings_lines)
         self.ready = asyncio.Event()
         self.last_sync: float | None = None  # time.monotonic() at the end of the last good sync
         self.last_turn: float | None = None  # time.monotonic() when the sync loop last began a request or a wait
@@ -154,6 +163,33 @@ class Bot:
             joined = await self.client.join(room_id)
             if isinstance(joined, JoinError):
                 log.error("room_join_failed", room_id=room_id, error=joined.message)
+        for stored in await self.store.chat_rooms():  # settings.toml wins over what was set in the chat
+            if stored.room_id in self.rooms:
+                continue
+            try:
+                chat = self._checked_chat(stored.room_id, stored.settings)
+                self.rooms[stored.room_id] = self.settings.room_defaults.room(stored.room_id, chat)
+            except ValidationError as exc:
+                log.error("chat_room_invalid", room_id=stored.room_id, error=str(exc).splitlines()[0])
+                continue
+            self.chat[stored.room_id] = chat
+            if stored.room_id not in already:
+                joined = await self.client.join(stored.room_id)
+                if isinstance(joined, JoinError):
+                    log.error("room_join_failed", room_id=stored.room_id, error=joined.message)
+
+    def _checked_chat(self, room_id: str, chat: dict[str, Any]) -> dict[str, Any]:
+        """A stored room's chat-set keys, its working directory judged again by today's project_roots: one they no
+        longer allow is dropped (the room goes back to its own directory under the data dir) and logged."""
+        workdir = chat.get("workdir")
+        if workdir is None:
+            return chat
+        try:
+            chatrooms.project_dir(str(workdir), self.settings.daemon.project_roots, self.settings.paths.data_dir)
+        except chatrooms.Refused as refused:
+            log.warning("room_workdir_refused", room_id=room_id, workdir=workdir, reason=str(refused))
+            return {key: value for key, value in chat.items() if key != "workdir"}
+        return chat
 
     def _make_worker(self, room_id: str, room: RoomSettings) -> RoomWorker:
         claude = self.settings.claude_for(room)
@@ -210,35 +246,51 @@ class Bot:
         # before any room, so no client meets the device unsigned; what fails here is retried in the background
         await guarded(self.crypto.publish_identity(retry=False), "cross_signing_failed")
         await self._resolve_rooms()
-        self.workers = {room_id: self._make_worker(room_id, room) for room_id, room in self.rooms.items()}
         for pid, started, room_id in await self.store.take_agents():
             if kill_leftover(pid, started):
                 log.warning("leftover_agent_killed", pid=pid, room_id=room_id)
-        for room_id, worker in self.workers.items():
-            if (model := await self.store.room_model(room_id)) in self.rooms[room_id].allowed_models:
-                worker.model = model
-            await worker.recover()
+        for room_id in list(self.rooms):
+            await self._start_room(room_id)
         try:
-            async with asyncio.TaskGroup() as group:
-                intake_tasks = [  # the sync loop and everything that may still queue a notice for a room
-                    group.create_task(self._sync_loop()),
-                    group.create_task(supervise("", "crypto", self.crypto.run)),
-                    group.create_task(supervise("", "identity", self.crypto.publish_identity)),  # if not done yet
-                    *(group.create_task(supervise(room_id, "desk", desk.run)) for room_id, desk in self.desks.items()),
+            async with asyncio.TaskGroup() as self._group:
+                daemon_tasks = [
+                    self._group.create_task(self._sync_loop()),
+                    self._group.create_task(supervise("", "crypto", self.crypto.run)),
+                    self._group.create_task(supervise("", "identity", self.crypto.publish_identity)),  # if not done
                 ]
-                runs = [
-                    group.create_task(supervise(room_id, "worker", worker.run, worker.crashed))
-                    for room_id, worker in self.workers.items()
-                ]
-                sends = [
-                    group.create_task(supervise(room_id, "batcher", worker.batcher.run, worker.batcher.crashed))
-                    for room_id, worker in self.workers.items()
-                ]
+                for room_id in self.workers:
+                    self._spawn(room_id)
                 await self._stopping.wait()
+                rooms = [self._room_tasks[room_id] for room_id in self.workers]  # in the order _shut_down expects
+                # the sync loop and everything that may still queue a notice for a room
+                intake_tasks = [*daemon_tasks, *self._leaving, *(tasks.desk for tasks in rooms)]
+                runs, sends = [tasks.run for tasks in rooms], [tasks.send for tasks in rooms]
                 await self._shut_down(intake_tasks, runs, sends)
         finally:
             await self.client.close()
             self.device_lock.release()
+
+    async def _start_room(self, room_id: str) -> None:
+        """Make the room's worker (with its batcher and desk), answer what an earlier run left running, queue
+        what it left queued; once the daemon runs, also start its tasks."""
+        room = self.rooms[room_id]
+        worker = self._make_worker(room_id, room)
+        if (model := await self.store.room_model(room_id)) in room.allowed_models:
+            worker.model = model
+        await worker.recover()
+        self.workers[room_id] = worker  # served from here on: with its tasks, once the daemon runs
+        if self._group is not None:
+            self._spawn(room_id)
+
+    def _spawn(self, room_id: str) -> None:
+        """Start the room's tasks, each supervised: its desk, its worker and its batcher."""
+        assert self._group is not None
+        worker, desk, group = self.workers[room_id], self.desks[room_id], self._group
+        self._room_tasks[room_id] = _RoomTasks(
+            group.create_task(supervise(room_id, "desk", desk.run)),
+            group.create_task(supervise(room_id, "worker", worker.run, worker.crashed)),
+            group.create_task(supervise(room_id, "batcher", worker.batcher.run, worker.batcher.crashed)),
+        )
 
     async def _shut_down(
         self, intake: list[asyncio.Task[None]], runs: list[asyncio.Task[None]], sends: list[asyncio.Task[None]]
@@ -375,11 +427,12 @@ class Bot:
 
     def _room_state(self, room_id: str, sender: str) -> intake.RoomState:
         room = self.client.rooms.get(room_id)
+        admin = self.admin.is_admin(sender)
         if room is None:
-            return intake.RoomState(self.client.user_id, False, 0, self.policies[room_id])
+            return intake.RoomState(self.client.user_id, False, 0, self.policies[room_id], admin)
         creators = self.creators.get(room_id, set())
         level = intake.power_level(room.room_version, creators, sender, room.power_levels.get_user_level(sender))
-        return intake.RoomState(self.client.user_id, room.encrypted, level, self.policies[room_id])
+        return intake.RoomState(self.client.user_id, room.encrypted, level, self.policies[room_id], admin)
 
     async def _consider_invite(self, room_id: str, invite_state: list[Any]) -> None:
         room = self.rooms.get(room_id)
@@ -391,11 +444,83 @@ class Bot:
             ),
             None,
         )
+        if room is None and isinstance(inviter, str) and self.admin.is_admin(inviter):
+            await self._accept_chat_room(room_id, inviter, invite_state)
+            return
         if room is None or inviter not in room.allowed_users:
             log.info("invite_ignored", room_id=room_id, inviter=inviter)
             return
         joined = await self.client.join(room_id)
         log.info("invite_accepted", room_id=room_id, inviter=inviter, ok=not isinstance(joined, JoinError))
+
+    async def _accept_chat_room(self, room_id: str, inviter: str, invite_state: list[Any]) -> None:
+        """An admin's invite to a room not in the settings: join it and serve it with the room defaults, the
+        inviter as its allowed user and a working directory of its own, from now on and after restarts."""
+        if room_id in self._room_tasks:  # still leaving it after `!leave`: invite it again once it has left
+            log.info("invite_ignored", room_id=room_id, inviter=inviter, reason="still leaving the room")
+            return
+        joined = await self.client.join(room_id)
+        if isinstance(joined, JoinError):
+            log.warning("invite_accepted", room_id=room_id, inviter=inviter, ok=False, error=joined.message)
+            return
+        chat: dict[str, Any] = {"allowed_users": [inviter]}
+        names = [event.name for event in invite_state if isinstance(event, InviteNameEvent)]
+        if names and isinstance(names[-1], str) and names[-1].strip():
+            chat["name"] = names[-1].strip()[:100]
+        await self.store.add_chat_room(room_id, inviter, chat)
+        self.rooms[room_id] = self.settings.room_defaults.room(room_id, chat)
+        self.chat[room_id] = chat
+        await self._start_room(room_id)
+        log.info("invite_accepted", room_id=room_id, inviter=inviter, ok=True, made_from_chat=True)
+
+    # --- rooms made from the chat: what chatrooms.RoomAdmin asks of the daemon ---
+
+    def chat_settings(self, room_id: str) -> dict[str, Any] | None:
+        return self.chat.get(room_id)
+
+    async def change(self, room_id: str, chat: dict[str, Any]) -> None:
+        room = self.rooms[room_id] = self.settings.room_defaults.room(room_id, chat)
+        self.chat[room_id] = chat
+        claude = self.settings.claude_for(room)
+        workdir = self.settings.workdir_for(room).resolve()
+        guard = ToolGuard(self.settings.paths.data_dir, workdir, room.allow_claude_config_writes)
+        home = self.settings.home_for(room).resolve()
+        wall = wall_for(claude, workdir, home, Path.home()) if claude.sandbox == "bwrap" else None
+        worker = self.workers[room_id]
+        if (claude, workdir) != (worker.claude, worker.workdir):  # `!allow` and `!deny` keep the agent running
+            worker.reconfigure(claude, workdir, guard, wall)
+        self.policies[room_id].update(claude, room)
+
+    def workdirs(self) -> dict[Path, str]:
+        return {worker.workdir.resolve(): room_id for room_id, worker in self.workers.items()}
+
+    def leave(self, room_id: str) -> None:
+        assert self._group is not None
+        self.rooms.pop(room_id, None)  # nothing more from it is read
+        self.chat.pop(room_id, None)
+        leaving = guarded(self._leave(room_id), "room_leave_failed", room_id=room_id)  # never ends the daemon
+        self._leaving.append(self._group.create_task(leaving))
+
+    async def _leave(self, room_id: str) -> None:
+        """Stop the room's desk and worker (nothing runs: `!leave` refuses otherwise), deliver what it still has
+        to send (the answer to `!leave`), then leave the room and forget its tasks."""
+        tasks, worker = self._room_tasks[room_id], self.workers[room_id]
+        for task in (tasks.desk, tasks.run):
+            task.cancel()
+        await asyncio.wait([tasks.desk, tasks.run])
+        await worker.batcher.close()
+        await asyncio.wait([tasks.send])
+        left = await self.client.room_leave(room_id)
+        ok = not isinstance(left, RoomLeaveError)
+        log.info("room_left", room_id=room_id, ok=ok, error=None if ok else left.message)
+        for table in (self._room_tasks, self.workers, self.policies, self.desks, self.creators):
+            table.pop(room_id, None)
+        self._seen.discard(room_id)
+
+    async def _settings_lines(self, room_id: str) -> list[str]:
+        """For `!status`: where the room's settings come from."""
+        room = self.rooms.get(room_id)
+        return [] if room is None else chatrooms.sources(self.settings, room, self.chat.get(room_id))
 
     async def _consider_safely(
         self, room_id: str, room: RoomSettings, event: Any, synced_at: float | None = None
@@ -498,6 +623,9 @@ class Bot:
         prompt = Prompt(room_id, event.event_id, event.sender, text, event.hops, thread=event.thread)
         if not await self.store.add_prompt(prompt, "done"):  # recorded: a command is never run twice either
             return
+        if command.word in ADMIN_WORDS:
+            await self.admin.run(room_id, room, worker, prompt, command)
+            return
         if command.word in SLOW_COMMANDS:  # in the room's own task: the sync loop does not wait for a file copy
             self.desks[room_id].add(event.event_id, lambda: self.commands.run(room_id, room, worker, prompt, command))
             return
@@ -592,6 +720,13 @@ class Bot:
             return decrypt_attachment(response.body, upload.key, upload.sha256, upload.iv)
         except (KeyError, ValueError, EncryptionError) as exc:
             raise FileRefused(f"it could not be decrypted ({exc})") from exc
+
+
+@dataclass(frozen=True)
+class _RoomTasks:
+    desk: asyncio.Task[None]
+    run: asyncio.Task[None]
+    send: asyncio.Task[None]
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@
                                                       of your sessions, or with Element's recovery key
     cchat send ROOM TEXT [--wait [--json] [--timeout S] [--bot USER]]
     cchat rooms [--json]
+    cchat new NAME [--workdir PATH] [--invite @user…] [--timeout S] [--bot USER]
     cchat tail ROOM [--json] [--bot USER]
     cchat adopt ROOM [--session ID] [--cwd DIR]       the room goes on with a conversation started in a terminal
     cchat handback ROOM                               the room's conversation into your ~/.claude; prints the
@@ -886,6 +887,112 @@ async def run_send(request: SendRequest) -> int:
     return code
 
 
+@dataclass(frozen=True)
+class NewRoom:
+    name: str
+    invite: list[str]
+    workdir: str | None
+    timeout: float
+    config: Path | None
+    bot: str | None = None
+
+
+ENCRYPTION_STATE = {"type": "m.room.encryption", "state_key": "", "content": {"algorithm": "m.megolm.v1.aes-sha2"}}
+
+
+async def run_new(request: NewRoom) -> int:
+    """Create an encrypted room, invite the bot and the people named, print its id; with a working directory, wait
+    for the bot to join, send `!project PATH` and print the bot's answer on stderr."""
+    credentials = load_credentials(credentials_path())
+    settings = read_settings(request.config, needed=not request.bot)
+    bot = bot_user(request.bot, settings)
+    client = connect(credentials)
+    try:
+        invite = [bot, *(user for user in request.invite if user != bot)]
+        response = await call(
+            client.room_create(name=request.name, invite=invite, initial_state=[ENCRYPTION_STATE]), client
+        )
+        room_id = getattr(response, "room_id", None)
+        if not room_id:
+            raise failure(response, f"creating the room {request.name!r}")
+        print(room_id, flush=True)
+        if request.workdir is None:
+            return EXIT_OK
+        deadline = time.monotonic() + request.timeout
+        await wait_for_join(client, room_id, bot, deadline)
+        await prepare_room(client, room_id)
+        await warn_unless_cross_signed(client)
+        follower = Follower(client, room_id, bot, encrypted=True)
+        await follower.start()
+        command_id = await send_prompt(client, room_id, prompt_content(f"!project {request.workdir}"))
+        answer = await command_answer(follower, command_id, deadline)
+    finally:
+        await client.close()
+    if answer is None:
+        why = unreadable(follower, credentials)
+        error_line(f"the bot did not answer `!project` in {room_id} within {request.timeout:g} s{why}")
+        return EXIT_TIMEOUT
+    error_line(answer, prefix="bot")
+    return EXIT_AGENT_ERROR if answer.startswith("⛔") else EXIT_OK
+
+
+async def wait_for_join(client: AsyncClient, room_id: str, bot: str, deadline: float) -> None:
+    """Wait until `bot` is a member of the room, until `deadline` (time.monotonic())."""
+    while True:
+        response = await call(client.joined_members(room_id), client)
+        members = getattr(response, "members", None)
+        if members is None:
+            raise failure(response, f"reading the members of {room_id}")
+        if any(member.user_id == bot for member in members):
+            return
+        if time.monotonic() >= deadline:
+            hint = "is the daemon running, and are you one of its daemon.admins?"
+            raise Fail(EXIT_TIMEOUT, f"{bot} did not join {room_id} in time: {hint}")
+        await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
+
+async def command_answer(follower: Follower, command_id: str, deadline: float) -> str | None:
+    """The body of the bot's answer to the command event `command_id`; None if none came by `deadline`."""
+    while (left := deadline - time.monotonic()) > 0:
+        for event in await follower.poll(timeout_ms=int(min(left, 10.0) * 1000)):
+            marker = marker_of(event)
+            if marker is not None and marker.get("command") == command_id:
+                return printable(event["content"]["body"])
+    return None
+
+
+def stored_rooms(settings: Settings) -> list[dict[str, Any]]:
+    """The rooms made from the chat that the daemon keeps in its database (read-only; none without one), except
+    those settings.toml configures (it wins)."""
+    import sqlite3
+
+    database = settings.database
+    if not database.exists():
+        return []
+    configured = {room.id for room in settings.rooms}
+    try:
+        with contextlib.closing(sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True)) as db:
+            rows = db.execute("SELECT room_id, settings FROM chat_rooms ORDER BY created_ms, room_id").fetchall()
+    except sqlite3.Error as exc:
+        error_line(f"warning: the rooms made from the chat are not listed: {database}: {exc}")
+        return []
+    listed = []
+    for room_id, text in rows:
+        chat = json.loads(text)
+        if room_id not in configured and isinstance(chat, dict):
+            users = chat.get("allowed_users")
+            name = chat.get("name")
+            listed.append(
+                {
+                    "name": name if isinstance(name, str) else None,
+                    "id": room_id,
+                    "allowed_users": [u for u in users if isinstance(u, str)] if isinstance(users, list) else [],
+                    "stored": True,
+                }
+            )
+    return listed
+
+
 def unreadable(follower: Follower, credentials: Credentials) -> str:
     """Why an answer may never have shown up: events this device could not decrypt, and what to do."""
     if not follower.undecryptable:
@@ -1187,7 +1294,8 @@ def rooms(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
     config: ConfigOption = None,
 ) -> None:
-    """List the rooms of the daemon's settings: name, id, allowed users (tab-separated)."""
+    """List the rooms of the daemon's settings: name, id, allowed users (tab-separated); then the rooms made from
+    the chat that its database keeps, marked `stored`."""
     with failing():
         settings = read_settings(config)
         entries = settings.rooms if settings else []
@@ -1195,12 +1303,44 @@ def rooms(
             raise Fail(
                 EXIT_USAGE, "no settings file and no built-in homeserver here: pass --config or set AIAGENTCHAT_CONFIG"
             )
+        stored = stored_rooms(settings) if settings else []
     if as_json:
         keys = ("name", "id", "allowed_users", "allowed_bots", "max_hops")
-        print(json.dumps([{key: getattr(r, key) for key in keys} for r in entries], ensure_ascii=False))
+        print(json.dumps([{key: getattr(r, key) for key in keys} for r in entries] + stored, ensure_ascii=False))
         return
     for r in entries:
         print(f"{r.name or '-'}\t{r.id}\t{','.join(r.allowed_users) or '-'}")
+    for room in stored:
+        users = ",".join(room["allowed_users"]) or "-"
+        print(printable(f"{room['name'] or '-'}\t{room['id']}\t{users}\tstored"))
+
+
+@app.command()
+def new(
+    name: Annotated[str, typer.Argument(help="The new room's name.")],
+    workdir: Annotated[
+        Optional[str],  # noqa: UP007 - typer needs Optional here
+        typer.Option("--workdir", help="Once the bot has joined, send `!project PATH` (PATH under its project_roots)."),
+    ] = None,
+    invite: Annotated[
+        Optional[list[str]],  # noqa: UP007 - typer needs Optional here
+        typer.Option("--invite", help="Invite this person too (a full Matrix ID); repeat for more."),
+    ] = None,
+    timeout: Annotated[float, typer.Option("--timeout", help="With --workdir: give up after S seconds.")] = 60.0,
+    config: ConfigOption = None,
+    bot: BotOption = None,
+) -> None:
+    """Create an encrypted room NAME, invite the bot (it joins when you are one of its daemon.admins) and the people
+    named, and print the room's id."""
+    with failing():
+        if not name.strip():
+            raise Fail(EXIT_USAGE, "the room needs a name")
+        for user in invite or []:
+            if not re.fullmatch(r"@[^:\s]+:\S+", user):
+                raise Fail(EXIT_USAGE, f"--invite {user!r} is not a full Matrix ID like @you:example.org")
+        if not timeout > 0:
+            raise Fail(EXIT_USAGE, "--timeout must be more than 0 seconds")
+    raise typer.Exit(run(run_new(NewRoom(name.strip(), invite or [], workdir, timeout, config, bot))))
 
 
 @app.command()

@@ -8,6 +8,7 @@ import datetime
 import mimetypes
 import re
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,9 +80,12 @@ async def over_budget(store: Store, room_id: str, room: RoomSettings) -> str | N
 class Commands:
     """Answers the commands of one daemon's rooms; replies are notices in reply to the command."""
 
-    def __init__(self, store: Store, scratch: Path) -> None:
+    def __init__(
+        self, store: Store, scratch: Path, settings_lines: Callable[[str], Awaitable[list[str]]] | None = None
+    ) -> None:
         self._store = store
         self._scratch = scratch  # private copies of files on their way to the room
+        self._settings_lines = settings_lines  # `!status`: where a room's settings come from
 
     async def run(self, room_id: str, room: RoomSettings, worker: RoomWorker, asked: Prompt, command: Command) -> None:
         """Answer the command `asked` carries, in reply to it (in its thread, if it was posted in one)."""
@@ -135,6 +139,8 @@ class Commands:
         if approvals := await self._store.approvals(room_id):
             lines.append("- **Latest approvals:**")
             lines += [f"  - {_approval_line(approval)}" for approval in approvals]
+        if self._settings_lines is not None:
+            lines += await self._settings_lines(room_id)
         return _answer("\n".join(lines))
 
     async def _cost(self, room_id: str, room: RoomSettings, worker: RoomWorker, sender: str, arg: str) -> Notice:

@@ -27,6 +27,7 @@ from nio import (
 
 from aiagentchat import commands
 from aiagentchat.approvals import Answer, Pending, reaction_verdict, text_verdict
+from aiagentchat.chatrooms import ADMIN_WORDS
 from aiagentchat.commands import Command
 from aiagentchat.settings import RoomSettings
 from aiagentchat.wire import HOPS_KEY, MARKER_KEY
@@ -277,6 +278,7 @@ class RoomState:
     encrypted: bool
     sender_level: float  # the sender's power level (math.inf: a creator of a version 12+ room)
     approvals: Approvals
+    admin: bool = False  # the sender is one of the daemon's admins: its admin commands pass without allowed_users
 
 
 @dataclass(frozen=True)
@@ -341,7 +343,7 @@ def decide(room: RoomSettings, event: Incoming, state: RoomState) -> Decision:
             return Refuse(refusal, answering=True)
         target, pending = answering
         return _approval_answer(event, pending, state.approvals.closed(target) if target else None)
-    if (refusal := refusal_of(room, event, state)) is not None:
+    if (refusal := refusal_of(room, event, state, admin=state.admin and _admin_command(room, event))) is not None:
         return Refuse(refusal)
     if event.hops >= room.max_hops:
         return Refuse(f"hop limit {room.max_hops} reached")
@@ -358,6 +360,14 @@ def _prompt_or_command(room: RoomSettings, event: Incoming) -> RunCommand | Acce
     if command is not None and (alias := room.aliases.get(command.word)) is not None:
         return Accept(f"{alias} {command.argument}".strip())
     return Accept(text) if command is None else RunCommand(text, command)
+
+
+def _admin_command(room: RoomSettings, event: Incoming) -> bool:
+    """Whether the event is a person's room admin command (`!allow`, `!leave`, ...)."""
+    if event.kind != "text" or event.agent:
+        return False
+    command = commands.parse(strip_reply_fallback(event.body), room.command_prefix)
+    return command is not None and command.word in ADMIN_WORDS
 
 
 def _is_stop(event: Incoming) -> bool:
@@ -412,9 +422,12 @@ def _approval_answer(event: Incoming, pending: Pending | None, closed: str | Non
     return ApprovalAnswer(pending, Answer(parsed[0], event.sender, parsed[1]), record=True)
 
 
-def refusal_of(room: RoomSettings, event: Incoming, state: RoomState, answerers: list[str] | None = None) -> str | None:
+def refusal_of(
+    room: RoomSettings, event: Incoming, state: RoomState, answerers: list[str] | None = None, *, admin: bool = False
+) -> str | None:
     """Why this event (a message, a reaction, a file) must not act on the agent, or None if it may. With
-    `answerers`, it answers an approval request: only they may, and never an agent."""
+    `answerers`, it answers an approval request: only they may, and never an agent. With `admin`, it is an
+    admin's admin command: allowed_users does not apply."""
     if answerers is not None:
         if event.agent or event.sender not in answerers:
             return "not one of the room's approvers"
@@ -423,7 +436,7 @@ def refusal_of(room: RoomSettings, event: Incoming, state: RoomState, answerers:
             return "output of an agent that is not in allowed_bots"
         if event.kind != "text" or event.final is None:
             return "not the successful final answer of an agent's run"
-    elif event.sender not in room.allowed_users:
+    elif event.sender not in room.allowed_users and not admin:
         return "sender not in allowed_users"
     if event.relation.rel_type == "m.replace":
         return "an edit of an earlier message"

@@ -294,6 +294,7 @@ class RoomWorker:
         self.current: Prompt | None = None
         self.current_since = 0.0  # time.time() when the current prompt started
         self.fresh = False  # `!new`: the next prompt starts a new conversation
+        self._reconfigured = False  # the settings changed: the next prompt starts a new agent process
         self.restart = False  # `!resume`: the next prompt starts a new agent process, which resumes the stored session
         self._deadline: asyncio.Timeout | None = None
         self._stopped_by: str | None = None
@@ -363,6 +364,14 @@ class RoomWorker:
         if not self.policy.cancel(f"stopped by {by}") and self._deadline is not None and not self._deadline.expired():
             self._deadline.reschedule(asyncio.get_running_loop().time())
         return True
+
+    def reconfigure(self, claude: ClaudeSettings, workdir: Path, guard: ToolGuard, wall: Wall | None) -> None:
+        """New settings from the chat (`!tools`, `!project`): the next prompt starts a new agent process with them,
+        in another working directory also a new conversation. The agent of a running prompt finishes it."""
+        if workdir != self.workdir:
+            self.fresh = True
+        self.claude, self.workdir, self.guard, self.wall = claude, workdir, guard, wall
+        self._reconfigured = True
 
     async def drop(self, event_id: str, by: str) -> bool:
         """Answer a queued prompt as dropped instead of running it (🛑 on it); False if it is not queued."""
@@ -478,10 +487,17 @@ class RoomWorker:
             self.restart = False
             await self._close_agent("conversation adopted")
         agent, wanted = self.agent, (prompt.hops, self.model, conversation)
-        if agent is not None and agent.alive and (agent.hops, agent.model, agent.conversation) == wanted:
+        reconfigured, self._reconfigured = self._reconfigured, False
+        if (
+            agent is not None
+            and agent.alive
+            and not reconfigured
+            and (agent.hops, agent.model, agent.conversation) == wanted
+        ):
             return agent
         if agent is not None:
-            await self._close_agent("exited" if not agent.alive else "hops, model or conversation changed")
+            changed = "settings changed" if reconfigured else "hops, model or conversation changed"
+            await self._close_agent("exited" if not agent.alive else changed)
         self.workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
         if self.wall is not None:
             prepare_home(self.wall)

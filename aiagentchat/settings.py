@@ -8,6 +8,7 @@ import os
 import re
 import stat
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -26,6 +27,11 @@ LogLevel = Annotated[
 
 DEFAULT_ENV_PASSTHROUGH = ["PATH", "HOME", "LANG", "ANTHROPIC_*", "CLAUDE_CODE_*", "DISABLE_*"]
 SECRET_KEYS = ("password", "access_token", "pickle_key")
+USER_ID = r"^@[^:\s]+:[^\s]+$"  # a full Matrix user id: @name:server
+
+
+def _expand_user(value: Any) -> Any:
+    return os.path.expanduser(value) if isinstance(value, str) else value
 
 
 class _Strict(BaseModel):
@@ -84,6 +90,17 @@ class DaemonSettings(_Strict):
     health_sync_max_age_s: float = Field(default=90.0, gt=0)
     # an event waiting this long to be delivered means sending is stuck (back-off alone stays under max_backoff_s)
     health_outbox_max_age_s: float = Field(default=300.0, gt=0)
+    # who may invite the bot into new rooms and run the room admin commands there; none: rooms only from the file
+    admins: list[Annotated[str, Field(pattern=USER_ID)]] = Field(default_factory=list)
+    # the directories `!project PATH` may choose a room's working directory in (each with what lies below it)
+    project_roots: list[Annotated[Path, BeforeValidator(_expand_user)]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _absolute_roots(self) -> DaemonSettings:
+        for root in self.project_roots:
+            if not root.is_absolute():
+                raise ValueError(f"project_roots: {root} must be an absolute path (or start with ~)")
+        return self
 
 
 class RoomSettings(_Strict):
@@ -138,6 +155,26 @@ class RoomSettings(_Strict):
         return self
 
 
+NOT_DEFAULTS = ("id", "name", "workdir")  # per room: a room made from the chat has its own working directory
+
+
+class RoomDefaults(RoomSettings):
+    """`[room_defaults]`: what a room the bot is invited to from the chat starts with (any `[[rooms]]` key but
+    those in NOT_DEFAULTS)."""
+
+    id: str = ""
+
+    @model_validator(mode="after")
+    def _not_per_room(self) -> RoomDefaults:
+        if given := [key for key in NOT_DEFAULTS if key in self.model_fields_set]:
+            raise ValueError(f"{given[0]} is set per room, not in room_defaults")
+        return self
+
+    def room(self, room_id: str, chat: Mapping[str, Any]) -> RoomSettings:
+        """The settings of a room made from the chat: these defaults, with what was set in the chat over them."""
+        return RoomSettings(**(self.model_dump(exclude_unset=True) | dict(chat) | {"id": room_id}))
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="AIAGENTCHAT_", env_nested_delimiter="__", extra="forbid", case_sensitive=False
@@ -149,6 +186,7 @@ class Settings(BaseSettings):
     output: OutputSettings = Field(default_factory=OutputSettings)
     daemon: DaemonSettings = Field(default_factory=DaemonSettings)
     rooms: list[RoomSettings] = Field(default_factory=list)
+    room_defaults: RoomDefaults = Field(default_factory=RoomDefaults)
 
     @classmethod
     def settings_customise_sources(
@@ -197,7 +235,10 @@ def check_safety(settings: Settings) -> list[str]:
             "claude.permission_mode: bypassPermissions lets the agent run anything without asking; "
             "it may only be set per room ([[rooms]] permission_mode)"
         )
-    for room in settings.rooms:
+    # what rooms made from the chat start with is checked like a configured room
+    template = settings.room_defaults.room("room_defaults", {})
+    checked = [*settings.rooms, template]
+    for room in checked:
         extra = settings.claude_for(room).extra_args
         if "--dangerously-skip-permissions" in extra or "--allow-dangerously-skip-permissions" in extra:
             raise ConfigError(
@@ -205,9 +246,17 @@ def check_safety(settings: Settings) -> list[str]:
                 'set permission_mode = "bypassPermissions" on the room instead'
             )
     _refuse_secret_passthrough("claude", settings.claude.env_passthrough)
-    for room in settings.rooms:
+    for room in checked:
         _refuse_secret_passthrough(f"room {room.id}", settings.claude_for(room).env_passthrough)
     data_dir = settings.paths.data_dir
+    for root in settings.daemon.project_roots:
+        if not root.is_dir():
+            raise ConfigError(f"daemon.project_roots: {root} is not a directory")
+        if data_dir.is_relative_to(root.resolve()) or root.resolve().is_relative_to(data_dir):
+            raise ConfigError(
+                f"daemon.project_roots: {root} and the data directory {data_dir} overlap; "
+                "the agent must not reach the daemon's own files"
+            )
     owners: dict[Path, RoomSettings] = {}
     for room in settings.rooms:
         if room.workdir is not None:
@@ -227,7 +276,7 @@ def check_safety(settings: Settings) -> list[str]:
                 f"rooms {other.id} and {room.id} share the workdir {workdir}; "
                 "set shared_workdir = true on both if that is intended"
             )
-    for room in settings.rooms:
+    for room in checked:
         mcp_config = settings.claude_for(room).mcp_config
         if mcp_config is not None and not (mcp_config.is_absolute() and mcp_config.is_file()):
             raise ConfigError(f"room {room.id}: mcp_config {mcp_config} must be the absolute path of a file")
@@ -240,10 +289,10 @@ def check_safety(settings: Settings) -> list[str]:
                     f"room {room.id}: sandbox path {path} would show the agent aiagentchat's data directory {data_dir}"
                 )
     warnings = []
-    for room in settings.rooms:
+    for room in checked:
         if settings.claude_for(room).permission_mode == "bypassPermissions":
             warnings.append(f"room {room.id} runs the agent with bypassPermissions: no tool call is asked")
-        if not room.allowed_users and not room.allowed_bots:
+        if room is not template and not room.allowed_users and not room.allowed_bots:
             warnings.append(f"room {room.id} has no allowed_users: no prompt will run there")
     return warnings
 

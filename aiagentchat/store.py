@@ -50,6 +50,24 @@ class Approval:
 
 
 @dataclass(frozen=True)
+class ChatRoom:
+    """A room an admin invited the bot to: who did, and the keys set from the chat."""
+
+    room_id: str
+    invited_by: str
+    settings: dict[str, Any]
+    created: float  # seconds since the epoch
+
+
+@dataclass(frozen=True)
+class RoomChange:
+    by: str
+    command: str
+    detail: str
+    at: float
+
+
+@dataclass(frozen=True)
 class OutboxRow:
     """An event accepted for sending: its transaction id is fixed before the first attempt."""
 
@@ -192,7 +210,31 @@ async def _v7(db: aiosqlite.Connection) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[aiosqlite.Connection], Awaitable[None]]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7]
+async def _v8(db: aiosqlite.Connection) -> None:
+    await _run_script(
+        db,
+        """
+        CREATE TABLE chat_rooms (  -- rooms an admin invited the bot to: served with room_defaults and these keys
+            room_id TEXT PRIMARY KEY,
+            invited_by TEXT NOT NULL,
+            settings TEXT NOT NULL,  -- JSON: the room's keys set from the chat (allowed_users, tools, workdir, ...)
+            created_ms INTEGER NOT NULL,
+            updated_ms INTEGER NOT NULL
+        );
+        CREATE TABLE room_changes (  -- what the room admin commands changed, by whom
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            room_id TEXT NOT NULL,
+            by TEXT NOT NULL,
+            command TEXT NOT NULL,
+            detail TEXT NOT NULL,
+            at_ms INTEGER NOT NULL
+        );
+        CREATE INDEX room_changes_by_room ON room_changes (room_id, seq);
+        """,
+    )
+
+
+MIGRATIONS: list[Callable[[aiosqlite.Connection], Awaitable[None]]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8]
 
 
 def _now_ms() -> int:
@@ -502,6 +544,63 @@ class Store:
             (room_id, limit),
         )
         return [Approval(what, verdict, by, reason, at_ms / 1000) for what, verdict, by, reason, at_ms in rows]
+
+    async def add_chat_room(self, room_id: str, invited_by: str, settings: Mapping[str, Any]) -> None:
+        """Serve a room an admin invited the bot to, from now on and after restarts."""
+        now = _now_ms()
+        async with self.transaction():
+            await self._write(
+                "INSERT OR REPLACE INTO chat_rooms (room_id, invited_by, settings, created_ms, updated_ms) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (room_id, invited_by, json.dumps(dict(settings)), now, now),
+            )
+            await self.add_room_change(room_id, invited_by, "invite", json.dumps(dict(settings)))
+
+    async def chat_rooms(self) -> list[ChatRoom]:
+        """The rooms made from the chat, oldest first."""
+        rows = await self._select(
+            "SELECT room_id, invited_by, settings, created_ms FROM chat_rooms ORDER BY created_ms, room_id"
+        )
+        return [ChatRoom(room_id, by, json.loads(settings), ms / 1000) for room_id, by, settings, ms in rows]
+
+    async def chat_room(self, room_id: str) -> ChatRoom | None:
+        rows = await self._select(
+            "SELECT room_id, invited_by, settings, created_ms FROM chat_rooms WHERE room_id = ?", (room_id,)
+        )
+        return next((ChatRoom(r, by, json.loads(settings), ms / 1000) for r, by, settings, ms in rows), None)
+
+    async def set_chat_room(
+        self, room_id: str, settings: Mapping[str, Any], by: str, command: str, detail: str
+    ) -> None:
+        """Replace the room's chat-set keys and record the change (who, which command, what), together."""
+        async with self.transaction():
+            await self._write(
+                "UPDATE chat_rooms SET settings = ?, updated_ms = ? WHERE room_id = ?",
+                (json.dumps(dict(settings)), _now_ms(), room_id),
+            )
+            await self.add_room_change(room_id, by, command, detail)
+
+    async def forget_chat_room(self, room_id: str, by: str) -> bool:
+        """Stop serving the room (`!leave`); False if it was not a room made from the chat."""
+        async with self.transaction():
+            gone = await self._write("DELETE FROM chat_rooms WHERE room_id = ?", (room_id,))
+            if gone:
+                await self.add_room_change(room_id, by, "leave", "")
+        return gone == 1
+
+    async def add_room_change(self, room_id: str, by: str, command: str, detail: str) -> None:
+        await self._write(
+            "INSERT INTO room_changes (room_id, by, command, detail, at_ms) VALUES (?, ?, ?, ?, ?)",
+            (room_id, by, command, detail, _now_ms()),
+        )
+
+    async def room_changes(self, room_id: str, limit: int = 5) -> list[RoomChange]:
+        """The room's latest changes from the chat, newest first."""
+        rows = await self._select(
+            "SELECT by, command, detail, at_ms FROM room_changes WHERE room_id = ? ORDER BY seq DESC LIMIT ?",
+            (room_id, limit),
+        )
+        return [RoomChange(by, command, detail, at_ms / 1000) for by, command, detail, at_ms in rows]
 
 
 def peek_conversation(path: Path, room_id: str) -> tuple[str | None, bool]:

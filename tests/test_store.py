@@ -176,15 +176,13 @@ async def test_a_migration_that_fails_half_way_leaves_the_old_version_and_the_ne
         await Store.open(path)
     async with aiosqlite.connect(path) as db:
         assert list(await db.execute_fetchall("PRAGMA user_version")) == [(len(MIGRATIONS) - 1,)]
-        assert list(await db.execute_fetchall("SELECT name FROM sqlite_master WHERE name = 'refs'")) == []
+        assert list(await db.execute_fetchall("SELECT name FROM sqlite_master WHERE name = 'chat_rooms'")) == []
 
     monkeypatch.undo()
     store = await Store.open(path)
     try:
-        row = OutboxRow("txn", {"body": "b"}, None)
-        await store.queue_outbox(ROOM, [row])
-        await store.delivered(row, ROOM, {"status:$1": "$e1"})
-        assert await store.refs(ROOM) == {"status:$1": "$e1"}
+        await store.add_chat_room(ROOM, "@admin:x", {"allowed_users": ["@admin:x"]})
+        assert [room.settings for room in await store.chat_rooms()] == [{"allowed_users": ["@admin:x"]}]
     finally:
         await store.close()
     async with aiosqlite.connect(path) as db:
@@ -254,3 +252,28 @@ async def test_store_calls_inside_a_transaction_land_together_or_not_at_all(stor
             await store.add_prompt(prompt("$1"))
             await store.set_session_id(ROOM, "sess")
     assert await store.prompt_state("$1") == "queued" and await store.session_id(ROOM) == "sess"
+
+
+async def test_rooms_made_from_the_chat_survive_a_restart_with_their_changes_recorded(tmp_path):
+    path = tmp_path / "db.sqlite"
+    store = await Store.open(path)
+    await store.add_chat_room(ROOM, "@admin:x", {"allowed_users": ["@admin:x"]})
+    await store.add_chat_room("!b:x", "@admin:x", {"allowed_users": ["@admin:x"], "name": "b"})
+    await store.set_chat_room(ROOM, {"allowed_users": ["@admin:x", "@u:x"]}, "@admin:x", "allow", "@u:x")
+    await store.close()
+
+    store = await Store.open(path)
+    assert [(room.room_id, room.invited_by, room.settings) for room in await store.chat_rooms()] == [
+        (ROOM, "@admin:x", {"allowed_users": ["@admin:x", "@u:x"]}),
+        ("!b:x", "@admin:x", {"allowed_users": ["@admin:x"], "name": "b"}),
+    ]
+    assert (await store.chat_room("!b:x")).settings["name"] == "b" and await store.chat_room("!c:x") is None
+    assert [(c.by, c.command, c.detail) for c in await store.room_changes(ROOM)] == [
+        ("@admin:x", "allow", "@u:x"),
+        ("@admin:x", "invite", '{"allowed_users": ["@admin:x"]}'),
+    ]
+    assert await store.forget_chat_room(ROOM, "@admin:x")
+    assert not await store.forget_chat_room(ROOM, "@admin:x")  # forgotten already: nothing recorded twice
+    assert [room.room_id for room in await store.chat_rooms()] == ["!b:x"]
+    assert [c.command for c in await store.room_changes(ROOM)][:2] == ["leave", "allow"]
+    await store.close()
