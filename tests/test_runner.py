@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from aiagentchat.guard import ToolGuard
 from aiagentchat.runner import RoomWorker, agent_environment
 from aiagentchat.settings import ClaudeSettings
 from aiagentchat.store import OutboxRow, Prompt
+from aiagentchat.worktrees import Worktrees
 
 pytestmark = pytest.mark.anyio
 FAKE = Path(__file__).parent / "fakes" / "fake_claude.py"
@@ -46,10 +48,9 @@ class Recorder:
 
 def fake_claude(tmp_path: Path, **overrides) -> ClaudeSettings:
     script = tmp_path / "claude"
-    script.write_text(f"#!/bin/sh\nexec {sys.executable} {FAKE} \"$@\"\n")
+    script.write_text(f'#!/bin/sh\nexec {sys.executable} {FAKE} "$@"\n')
     script.chmod(0o755)
-    values = {"binary": str(script), "timeout_s": 5, "interrupt_grace_s": 1,
-              "env_passthrough": ["PATH", "FAKE_*"]}
+    values = {"binary": str(script), "timeout_s": 5, "interrupt_grace_s": 1, "env_passthrough": ["PATH", "FAKE_*"]}
     return ClaudeSettings(**(values | overrides))
 
 
@@ -110,7 +111,11 @@ async def test_agent_environment_is_only_the_passthrough(tmp_path, store, monkey
 def test_environment_patterns():
     env = {"PATH": "/bin", "ANTHROPIC_API_KEY": "k", "CLAUDE_CODE_X": "1", "SECRET": "s", "HOME": "/h"}
     assert agent_environment(["PATH", "HOME", "ANTHROPIC_*", "CLAUDE_CODE_*"], env) == {
-        "PATH": "/bin", "ANTHROPIC_API_KEY": "k", "CLAUDE_CODE_X": "1", "HOME": "/h"}
+        "PATH": "/bin",
+        "ANTHROPIC_API_KEY": "k",
+        "CLAUDE_CODE_X": "1",
+        "HOME": "/h",
+    }
 
 
 async def test_unlisted_tool_is_denied_with_a_reason_shown_and_sent_to_the_agent(tmp_path, store):
@@ -238,7 +243,13 @@ async def test_every_run_ends_with_a_summary_for_clients(tmp_path, store):
     worker, recorder = make_worker(tmp_path, store, fake_claude(tmp_path, timeout_s=1))
     ok, hung, crashed = await run_prompts(worker, recorder, "say fine", "hang", "crash")
     assert recorder.finals[ok] | {"session_id": None} == {
-        "ok": True, "result": "fine", "cost_usd": 0.0012, "duration_ms": 1234, "num_turns": 1, "session_id": None}
+        "ok": True,
+        "result": "fine",
+        "cost_usd": 0.0012,
+        "duration_ms": 1234,
+        "num_turns": 1,
+        "session_id": None,
+    }
     assert recorder.finals[hung]["ok"] is False and recorder.finals[hung]["result"] == "timed out after 1 s"
     assert recorder.finals[crashed]["ok"] is False
     assert recorder.finals[crashed]["result"].startswith("the agent stopped unexpectedly (exit code 3")
@@ -308,3 +319,98 @@ async def test_a_refused_prompt_is_answered_without_running(tmp_path, store):
     assert recorder.output("$busy") == "\n⛔ Not run: busy: 3 prompts are queued.\n"
     assert recorder.states["$busy"] == "refused" and recorder.finals["$busy"]["ok"] is False
     assert worker.agent is None
+
+
+def git_checkout(path: Path) -> Path:
+    path.mkdir()
+    for args in (["init", "--quiet"], ["config", "user.email", "t@x"], ["config", "user.name", "T"]):
+        subprocess.run(["git", "-C", str(path), *args], check=True)
+    (path / "README").write_text("x\n")
+    subprocess.run(["git", "-C", str(path), "add", "README"], check=True)
+    subprocess.run(["git", "-C", str(path), "commit", "--quiet", "-m", "first"], check=True)
+    return path
+
+
+def threaded_worker(tmp_path, store, claude, max_parallel=2) -> tuple[RoomWorker, Recorder]:
+    recorder, repo = Recorder(), git_checkout(tmp_path / "work")
+    guard = ToolGuard(tmp_path / "data", repo)
+    trees = Worktrees(repo, tmp_path / "data" / "worktrees", None)
+    policy = RoomToolPolicy(claude)
+    worker = RoomWorker(
+        "!room:x",
+        claude,
+        repo,
+        store,
+        recorder,
+        policy,
+        guard,
+        "thread",
+        "thread",
+        None,
+        None,
+        None,
+        trees,
+        max_parallel,
+    )
+    return worker, recorder
+
+
+async def ended_by(recorder: Recorder, deadline: float = 20) -> str:
+    async with asyncio.timeout(deadline):
+        return await recorder.ended.get()
+
+
+async def test_threads_run_at_once_each_in_its_worktree_and_in_order_within_a_thread(tmp_path, store):
+    worker, recorder = threaded_worker(tmp_path, store, fake_claude(tmp_path))
+    async with asyncio.TaskGroup() as group:
+        task = group.create_task(worker.run())
+        hanging = Prompt("!room:x", "$a", "@u:x", "hang")
+        for prompt in (
+            hanging,
+            Prompt("!room:x", "$b", "@u:x", "cwd"),
+            Prompt("!room:x", "$a2", "@u:x", "cwd", thread="$a"),
+        ):
+            await store.add_prompt(prompt)
+            await worker.inbox.put(prompt)
+        assert await ended_by(recorder) == "$b"  # while $a still runs: the threads run at once
+        assert [runner.current.event_id for runner in worker.running()] == ["$a"]
+        assert recorder.output("$b").startswith(str(worker.worktrees.path_of("$b")))
+        assert not worker.stop("@u:x", thread="$b")  # nothing runs in that thread
+        assert worker.stop("@u:x", thread="$a")
+        assert await ended_by(recorder) == "$a" and "Stopped by @u:x" in recorder.output("$a")
+        assert await ended_by(recorder) == "$a2"  # after $a, in the same thread and the same worktree
+        assert recorder.output("$a2").startswith(str(worker.worktrees.path_of("$a")))
+        task.cancel()
+    assert recorder.states == {"$a": "failed", "$b": "done", "$a2": "done"}
+
+
+async def test_max_parallel_holds_the_next_thread_until_a_run_ends(tmp_path, store):
+    worker, recorder = threaded_worker(tmp_path, store, fake_claude(tmp_path), max_parallel=1)
+    async with asyncio.TaskGroup() as group:
+        task = group.create_task(worker.run())
+        for prompt in (Prompt("!room:x", "$a", "@u:x", "hang"), Prompt("!room:x", "$b", "@u:x", "say b")):
+            await store.add_prompt(prompt)
+            await worker.inbox.put(prompt)
+        async with asyncio.timeout(10):
+            while not worker.running():
+                await asyncio.sleep(0.01)
+        assert worker.waits(Prompt("!room:x", "$c", "@u:x", "say c"))
+        with pytest.raises(TimeoutError):
+            await ended_by(recorder, deadline=1.5)  # $b waits for the one slot
+        assert worker.stop("@u:x")
+        assert [await ended_by(recorder), await ended_by(recorder)] == ["$a", "$b"]
+        task.cancel()
+
+
+async def test_a_checkout_that_is_not_git_runs_threads_in_turn_in_the_working_directory(tmp_path, store):
+    claude = fake_claude(tmp_path)
+    recorder, workdir = Recorder(), tmp_path / "plain"
+    workdir.mkdir()
+    trees = Worktrees(workdir, tmp_path / "data" / "worktrees", None)
+    worker = RoomWorker(
+        "!room:x", claude, workdir, store, recorder, RoomToolPolicy(claude), ToolGuard(tmp_path / "data", workdir),
+        "thread", "thread", None, None, None, trees, 2,
+    )  # fmt: skip
+    first, second = await run_prompts(worker, recorder, "cwd", "cwd")
+    assert recorder.output(first).startswith(str(workdir)) and recorder.output(second).startswith(str(workdir))
+    assert not worker.lanes and not (tmp_path / "data" / "worktrees").exists()
