@@ -38,6 +38,7 @@ COMMANDS = {
 }
 THREADED = {"stop", "merge", "discard"}  # they act on the thread they are posted in: given the whole command
 CONFIRM = "✅"
+CONFIRMING_KEPT = 20  # `!discard` questions a ✅ still confirms
 
 
 @dataclass(frozen=True)
@@ -209,6 +210,8 @@ class Commands:
             return _answer(f"❌ git failed: {exc}.")
         ref = f"discard:{asked.event_id}"
         trees.confirming[ref] = thread
+        while len(trees.confirming) > CONFIRMING_KEPT:  # questions nobody answered: the oldest are forgotten
+            del trees.confirming[next(iter(trees.confirming))]
         question = (
             f"🗑️ Discard this thread's work? {what}. React {CONFIRM} to this message to remove the worktree "
             "and delete the branch; nothing is deleted without it."

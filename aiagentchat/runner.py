@@ -741,6 +741,7 @@ class Lane(RoomWorker):
 
     async def run(self) -> None:
         structlog.contextvars.bind_contextvars(room_id=self.room_id, thread=self.thread)
+        ending = "stopping"
         try:
             while True:
                 try:
@@ -750,6 +751,7 @@ class Lane(RoomWorker):
                     if self.inbox.empty():  # the room makes a new lane for the thread's next prompt
                         if self.room.lanes.get(self.conversation) is self:
                             del self.room.lanes[self.conversation]
+                        ending = "idle"
                         return
                     continue
                 if (by := self._dropped.pop(prompt.event_id, None)) is not None:
@@ -757,7 +759,7 @@ class Lane(RoomWorker):
                     continue
                 await self.handle(prompt)
         finally:
-            await asyncio.shield(self._close_agent("stopping"))
+            await asyncio.shield(self._close_agent(ending))
 
     async def handle(self, prompt: Prompt) -> None:
         async with self.room.slots:

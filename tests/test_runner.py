@@ -321,6 +321,10 @@ async def test_a_refused_prompt_is_answered_without_running(tmp_path, store):
     assert worker.agent is None
 
 
+def git_init(path: Path) -> None:
+    subprocess.run(["git", "-C", str(path), "init", "--quiet"], check=True)
+
+
 def git_checkout(path: Path) -> Path:
     path.mkdir()
     for args in (["init", "--quiet"], ["config", "user.email", "t@x"], ["config", "user.name", "T"]):
@@ -414,3 +418,44 @@ async def test_a_checkout_that_is_not_git_runs_threads_in_turn_in_the_working_di
     first, second = await run_prompts(worker, recorder, "cwd", "cwd")
     assert recorder.output(first).startswith(str(workdir)) and recorder.output(second).startswith(str(workdir))
     assert not worker.lanes and not (tmp_path / "data" / "worktrees").exists()
+
+
+async def test_shutdown_interrupts_every_threads_run_and_ends_their_agents_and_an_idle_lane_leaves(tmp_path, store):
+    worker, recorder = threaded_worker(tmp_path, store, fake_claude(tmp_path, idle_close_s=1))
+    task = asyncio.create_task(worker.run())
+    quick = Prompt("!room:x", "$q", "@u:x", "say done")
+    await store.add_prompt(quick)
+    await worker.inbox.put(quick)
+    assert await ended_by(recorder) == "$q"
+    async with asyncio.timeout(10):  # idle for idle_close_s: its agent is closed and the lane leaves
+        while worker.lanes:
+            await asyncio.sleep(0.05)
+    for event_id in ("$a", "$b"):
+        prompt = Prompt("!room:x", event_id, "@u:x", "hang")
+        await store.add_prompt(prompt)
+        await worker.inbox.put(prompt)
+    async with asyncio.timeout(10):
+        while sum(runner.agent is not None for runner in worker.running()) < 2:
+            await asyncio.sleep(0.01)
+    processes = [runner.agent.proc for runner in worker.running()]
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert {await ended_by(recorder), await ended_by(recorder)} == {"$a", "$b"}
+    assert "Interrupted: the daemon is shutting down" in recorder.output("$a")
+    assert recorder.states["$a"] == recorder.states["$b"] == "interrupted"
+    assert all(proc.returncode is not None for proc in processes) and not worker.lanes
+
+
+async def test_a_thread_whose_worktree_cannot_be_made_is_told_why(tmp_path, store):
+    claude = fake_claude(tmp_path)
+    recorder, empty = Recorder(), tmp_path / "empty"
+    empty.mkdir()
+    git_init(empty)  # no commit: no HEAD to branch from
+    worker = RoomWorker(
+        "!room:x", claude, empty, store, recorder, RoomToolPolicy(claude), ToolGuard(tmp_path / "data", empty),
+        "thread", "thread", None, None, None, Worktrees(empty, tmp_path / "trees", None), 2,
+    )  # fmt: skip
+    (prompt,) = await run_prompts(worker, recorder, "say hi")
+    assert "❌ Not run: this thread's git worktree could not be made" in recorder.output(prompt)
+    assert recorder.states[prompt] == "failed"
