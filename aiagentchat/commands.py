@@ -211,7 +211,9 @@ class Commands:
         ref = f"discard:{asked.event_id}"
         trees.confirming[ref] = thread
         while len(trees.confirming) > CONFIRMING_KEPT:  # questions nobody answered: the oldest are forgotten
-            del trees.confirming[next(iter(trees.confirming))]
+            oldest = next(iter(trees.confirming))
+            del trees.confirming[oldest]
+            worker.batcher.forget(oldest)
         question = (
             f"🗑️ Discard this thread's work? {what}. React {CONFIRM} to this message to remove the worktree "
             "and delete the branch; nothing is deleted without it."
