@@ -310,8 +310,17 @@ class RoomWorker:
             raise failed.exceptions[0] from failed
         finally:
             self._orphans = [lane.current for lane in self.lanes.values() if lane.current is not None]
-            self.lanes.clear()
+            self._take_back_queued()
             await asyncio.shield(self._close_agent("stopping"))
+
+    def _take_back_queued(self) -> None:
+        """The lanes' waiting prompts back into this worker's inbox, before the ones still there (the lanes are
+        gone: a run() started again by the room's supervisor hands them out afresh)."""
+        waiting = [lane.inbox.get_nowait() for lane in self.lanes.values() for _ in range(lane.inbox.qsize())]
+        waiting += [self.inbox.get_nowait() for _ in range(self.inbox.qsize())]
+        for prompt in waiting:
+            self.inbox.put_nowait(prompt)
+        self.lanes.clear()
 
     def _lane_for(self, prompt: Prompt, lanes: asyncio.TaskGroup) -> Lane | None:
         """The lane of the prompt's thread (started if it has none), or None: this worker runs it itself."""

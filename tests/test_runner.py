@@ -459,3 +459,27 @@ async def test_a_thread_whose_worktree_cannot_be_made_is_told_why(tmp_path, stor
     (prompt,) = await run_prompts(worker, recorder, "say hi")
     assert "❌ Not run: this thread's git worktree could not be made" in recorder.output(prompt)
     assert recorder.states[prompt] == "failed"
+
+
+async def test_a_room_task_that_fails_raises_the_failure_itself_and_keeps_the_prompts_its_lanes_held(tmp_path, store):
+    worker, recorder = threaded_worker(tmp_path, store, fake_claude(tmp_path))
+    task = asyncio.create_task(worker.run())
+    prompts = [Prompt("!room:x", "$a", "@u:x", "hang")]
+    prompts += [Prompt("!room:x", f"$a{n}", "@u:x", f"say {n}", thread="$a") for n in (2, 3)]
+    for prompt in prompts:
+        await store.add_prompt(prompt)
+        await worker.inbox.put(prompt)
+    async with asyncio.timeout(10):
+        while not (worker.running() and worker.queued() == 2):
+            await asyncio.sleep(0.01)
+    (lane,) = worker.lanes.values()
+
+    async def broken(prompt: Prompt) -> None:
+        raise RuntimeError("a bug in the lane")
+
+    lane.handle = broken  # its next prompt fails outside the run's own error handling
+    assert worker.stop("@u:x")  # $a ends; the lane takes $a2 and fails
+    with pytest.raises(RuntimeError, match="a bug in the lane"):  # as itself: the supervisor judges it
+        await task
+    assert await ended_by(recorder) == "$a"
+    assert not worker.lanes and worker.inbox.get_nowait().event_id == "$a3"  # handed out again on restart
