@@ -1,7 +1,7 @@
 """Threads as parallel tasks, end to end (real Synapse, real CLI in its sandbox, scripted model, a real git
 repository made here): two threads write different files at the same time, each in its own worktree; `!merge`
 in each brings both into the main checkout; a conflicting third is reported and changes nothing; `!discard`
-removes a worktree and its branch once ✅ confirms it."""
+removes a worktree and its branch once ✅ confirms it; after a restart a thread goes on in its worktree."""
 
 import subprocess
 from pathlib import Path
@@ -66,7 +66,8 @@ async def test_two_threads_work_at_once_in_their_worktrees_and_merge_and_a_confl
     repo = make_repository(world.tmp_path / "project")
     room = await world.room()
     settings = {"reply_mode": "thread", "session_scope": "thread", "worktrees": True, "allowed_tools": ["Bash"]}
-    await world.daemon([{"id": room, "workdir": str(repo)} | settings]).start()
+    daemon = world.daemon([{"id": room, "workdir": str(repo)} | settings])
+    await daemon.start()
 
     # the first holds its model call at the gate until the second's has arrived: they can only both end if the
     # second thread started while the first still ran
@@ -116,3 +117,11 @@ async def test_two_threads_work_at_once_in_their_worktrees_and_merge_and_a_confl
     assert done["content"]["body"] == f"🗑️ Discarded `{branch_name(third)}` and its worktree."
     assert branch_name(third) not in worktrees(repo) and git(repo, "branch", "--list", branch_name(third)) == ""
     assert checkout_state(repo) == before
+
+    # after a restart a thread goes on in its worktree, with its conversation
+    assert await daemon.stop() == 0
+    await daemon.start()
+    again = await world.user.send_text(room, "recall", **in_thread(second, second))
+    recalled = await ended(world, room, again, timeout=90)
+    assert "open g1 bash echo two > two.txt" in recalled and "gate g1" not in recalled
+    assert set(worktrees(repo)) == {branch_name(first), branch_name(second)}
