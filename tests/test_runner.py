@@ -48,9 +48,10 @@ class Recorder:
 
 def fake_claude(tmp_path: Path, **overrides) -> ClaudeSettings:
     script = tmp_path / "claude"
-    script.write_text(f'#!/bin/sh\nexec {sys.executable} {FAKE} "$@"\n')
+    script.write_text(f"#!/bin/sh\nexec {sys.executable} {FAKE} \"$@\"\n")
     script.chmod(0o755)
-    values = {"binary": str(script), "timeout_s": 5, "interrupt_grace_s": 1, "env_passthrough": ["PATH", "FAKE_*"]}
+    values = {"binary": str(script), "timeout_s": 5, "interrupt_grace_s": 1,
+              "env_passthrough": ["PATH", "FAKE_*"]}
     return ClaudeSettings(**(values | overrides))
 
 
@@ -111,11 +112,7 @@ async def test_agent_environment_is_only_the_passthrough(tmp_path, store, monkey
 def test_environment_patterns():
     env = {"PATH": "/bin", "ANTHROPIC_API_KEY": "k", "CLAUDE_CODE_X": "1", "SECRET": "s", "HOME": "/h"}
     assert agent_environment(["PATH", "HOME", "ANTHROPIC_*", "CLAUDE_CODE_*"], env) == {
-        "PATH": "/bin",
-        "ANTHROPIC_API_KEY": "k",
-        "CLAUDE_CODE_X": "1",
-        "HOME": "/h",
-    }
+        "PATH": "/bin", "ANTHROPIC_API_KEY": "k", "CLAUDE_CODE_X": "1", "HOME": "/h"}
 
 
 async def test_unlisted_tool_is_denied_with_a_reason_shown_and_sent_to_the_agent(tmp_path, store):
@@ -243,13 +240,7 @@ async def test_every_run_ends_with_a_summary_for_clients(tmp_path, store):
     worker, recorder = make_worker(tmp_path, store, fake_claude(tmp_path, timeout_s=1))
     ok, hung, crashed = await run_prompts(worker, recorder, "say fine", "hang", "crash")
     assert recorder.finals[ok] | {"session_id": None} == {
-        "ok": True,
-        "result": "fine",
-        "cost_usd": 0.0012,
-        "duration_ms": 1234,
-        "num_turns": 1,
-        "session_id": None,
-    }
+        "ok": True, "result": "fine", "cost_usd": 0.0012, "duration_ms": 1234, "num_turns": 1, "session_id": None}
     assert recorder.finals[hung]["ok"] is False and recorder.finals[hung]["result"] == "timed out after 1 s"
     assert recorder.finals[crashed]["ok"] is False
     assert recorder.finals[crashed]["result"].startswith("the agent stopped unexpectedly (exit code 3")

@@ -82,11 +82,8 @@ def test_defaults_without_a_file(monkeypatch):
     ("text", "expected"),
     [
         ('[claude]\ntimeout_s = "soon"\n', "settings.toml:2: claude.timeout_s: Input should be a valid number"),
-        (
-            '[[rooms]]\nid = "!a:x"\n[[rooms]]\nid = "!b:x"\ncolour = 3\n',
-            "settings.toml:5: rooms.1.colour: Extra inputs",
-        ),
-        ('[claude]\npermission_mode = "yolo"\n', "settings.toml:2: claude.permission_mode: Input should be"),
+        ('[[rooms]]\nid = "!a:x"\n[[rooms]]\nid = "!b:x"\ncolour = 3\n', "settings.toml:5: rooms.1.colour: Extra inputs"),
+        ("[claude]\npermission_mode = \"yolo\"\n", "settings.toml:2: claude.permission_mode: Input should be"),
         ("[matrix\n", "invalid TOML"),
         (
             '[daemon]\nlog_level = "loud"\n',
@@ -118,7 +115,7 @@ def test_password_in_a_readable_file_is_refused(tmp_path):
 
 
 def test_daemon_exits_2_with_one_line_on_a_bad_file(tmp_path):
-    path = write(tmp_path, "[claude]\ntimeout_s = -1\n")
+    path = write(tmp_path, '[claude]\ntimeout_s = -1\n')
     done = subprocess.run(
         [sys.executable, "-m", "aiagentchat", "--config", str(path)], capture_output=True, text=True, timeout=60
     )
@@ -169,9 +166,7 @@ def test_workdir_rules(tmp_path):
 def test_encryption_settings(tmp_path):
     settings = load_settings(write(tmp_path, GOOD))
     assert [(r.trust, r.key_wait_s) for r in settings.rooms] == [("cross_signed", 60.0), ("cross_signed", 60.0)]
-    with pytest.raises(
-        ConfigError, match=r"settings.toml:3: rooms.0.trust: Input should be 'all', 'tofu', 'cross_signed' or"
-    ):
+    with pytest.raises(ConfigError, match=r"settings.toml:3: rooms.0.trust: Input should be 'all', 'tofu', 'cross_signed' or"):
         load_settings(write(tmp_path, '[[rooms]]\nid = "!a:x"\ntrust = "everyone"\n'))
     with pytest.raises(ConfigError, match="matrix.pickle_key is a secret"):
         load_settings(write(tmp_path, '[matrix]\npickle_key = "k"\n'))
@@ -179,7 +174,7 @@ def test_encryption_settings(tmp_path):
 
 @pytest.mark.parametrize("pattern", ["AIAGENTCHAT_*", "*", "AIAGENTCHAT_MATRIX__PICKLE_KEY"])
 def test_env_passthrough_may_not_hand_the_daemon_secrets_to_the_agent(tmp_path, pattern):
-    text = GOOD.replace("timeout_s = 30\n", f'timeout_s = 30\nenv_passthrough = ["{pattern}"]\n')
+    text = GOOD.replace('timeout_s = 30\n', f'timeout_s = 30\nenv_passthrough = ["{pattern}"]\n')
     expected = f"room !b:localhost: env_passthrough '{pattern}' would hand the daemon's secret AIAGENTCHAT_MATRIX__"
     with pytest.raises(ConfigError, match=re.escape(expected)):
         check_safety(load_settings(write(tmp_path, text)))

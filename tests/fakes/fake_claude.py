@@ -2,8 +2,8 @@
 """A tiny stand-in for the Claude Code CLI's bidirectional stream-json mode, for unit tests of the runner.
 
 The prompt decides what it does: `say WORDS` streams WORDS; `env` answers with the sorted names of its
-environment; `argv` answers with its arguments as JSON; `cwd` with its working directory; `tool NAME` asks permission for tool NAME and
-answers with the decision it got; `hang` never answers; `crash` exits with code 3; `bigline N` writes
+environment; `argv` answers with its arguments as JSON; `cwd` with its working directory; `tool NAME` asks
+permission for tool NAME and answers with the decision it got; `hang` never answers; `crash` exits with code 3; `bigline N` writes
 one non-JSON line of N bytes, then answers `survived`; `drip N MS` streams N lines `line 000001 xxx...` (100
 characters each), one every MS milliseconds; `flood PATH` copies the stream-json lines in PATH to stdout as fast
 as it can, then ends the turn. Like the real CLI (2.1.197): `--resume bad` (a conversation it does not have)
@@ -17,6 +17,7 @@ import shutil
 import sys
 import time
 import uuid
+
 
 
 def emit(event):
@@ -36,18 +37,8 @@ if "--resume" in sys.argv:
     if resumed == "bad":
         gone = f"No conversation found with session ID: {resumed}"
         print(gone, file=sys.stderr)
-        emit(
-            {
-                "type": "result",
-                "subtype": "error_during_execution",
-                "duration_ms": 0,
-                "is_error": True,
-                "num_turns": 0,
-                "session_id": resumed,
-                "total_cost_usd": 0,
-                "errors": [gone],
-            }
-        )
+        emit({"type": "result", "subtype": "error_during_execution", "duration_ms": 0, "is_error": True,
+              "num_turns": 0, "session_id": resumed, "total_cost_usd": 0, "errors": [gone]})
         sys.exit(1)
     session = resumed
 
@@ -57,35 +48,14 @@ def answer(text, turns=1, chunks=None, delay_s=0.0):
     for n, chunk in enumerate(chunks if chunks is not None else [word + " " for word in text.split(" ")]):
         if n and delay_s:
             time.sleep(delay_s)
-        emit(
-            {
-                "type": "stream_event",
-                "event": {"type": "content_block_delta", "delta": {"type": "text_delta", "text": chunk}},
-            }
-        )
-    emit(
-        {
-            "type": "assistant",
-            "message": {"id": "m1", "content": [{"type": "text", "text": text}]},
-            "session_id": session,
-        }
-    )
+        emit({"type": "stream_event", "event": {"type": "content_block_delta", "delta": {"type": "text_delta", "text": chunk}}})
+    emit({"type": "assistant", "message": {"id": "m1", "content": [{"type": "text", "text": text}]}, "session_id": session})
     finish(text, turns)
 
 
 def finish(text, turns=1):
-    emit(
-        {
-            "type": "result",
-            "subtype": "success",
-            "is_error": False,
-            "result": text,
-            "session_id": session,
-            "duration_ms": 1234,
-            "num_turns": turns,
-            "total_cost_usd": 0.0012,
-        }
-    )
+    emit({"type": "result", "subtype": "success", "is_error": False, "result": text, "session_id": session,
+          "duration_ms": 1234, "num_turns": turns, "total_cost_usd": 0.0012})
 
 
 def read():
@@ -112,13 +82,8 @@ while True:
     elif prompt == "cwd":
         answer(os.getcwd())
     elif prompt.startswith("tool "):
-        emit(
-            {
-                "type": "control_request",
-                "request_id": "r1",
-                "request": {"subtype": "can_use_tool", "tool_name": prompt[5:], "input": {"file_path": "/x"}},
-            }
-        )
+        emit({"type": "control_request", "request_id": "r1",
+              "request": {"subtype": "can_use_tool", "tool_name": prompt[5:], "input": {"file_path": "/x"}}})
         response = read()
         while response["type"] != "control_response":
             response = read()
@@ -128,15 +93,8 @@ while True:
         while True:
             request = read()
             if request.get("request", {}).get("subtype") == "interrupt" and os.environ.get("FAKE_OBEYS_INTERRUPT"):
-                emit(
-                    {
-                        "type": "result",
-                        "subtype": "error_during_execution",
-                        "is_error": True,
-                        "result": "",
-                        "session_id": session,
-                    }
-                )
+                emit({"type": "result", "subtype": "error_during_execution", "is_error": True, "result": "",
+                      "session_id": session})
                 break
     elif prompt == "crash":
         print("boom: something broke", file=sys.stderr)
