@@ -81,8 +81,9 @@ class ToolPolicy(Protocol):
         self, prompt: Prompt, tool_name: str, tool_input: dict[str, Any], suggested: str | None = None
     ) -> ToolDecision: ...
 
-    def cancel(self, reason: str) -> bool:
-        """Deny the request waiting for an answer, if any (`!stop` while it waits); True if there was one."""
+    def cancel(self, reason: str, prompt_id: str | None = None) -> bool:
+        """Deny the request waiting for an answer, if any (`!stop` while it waits), with `prompt_id` only if
+        that prompt's run asked it; True if there was one."""
         ...
 
 
@@ -368,6 +369,7 @@ class RoomToolPolicy:
         self._batcher = batcher
         self._metrics = metrics or Metrics()  # the daemon's; one of its own in tests
         self.pending: Pending | None = None
+        self._asking = asyncio.Lock()  # one request waits at a time; runs in parallel threads take turns
         self._closed: collections.OrderedDict[str, str] = collections.OrderedDict()  # request event id → outcome
 
     def update(self, claude: ClaudeSettings, room: RoomSettings) -> None:
@@ -400,9 +402,13 @@ class RoomToolPolicy:
         return await self._ask(prompt, pending)
 
     async def _ask(self, prompt: Prompt, pending: Pending) -> ToolDecision:
+        async with self._asking:
+            return await self._ask_now(prompt, pending)
+
+    async def _ask_now(self, prompt: Prompt, pending: Pending) -> ToolDecision:
         assert self._room is not None and self._store is not None and self._batcher is not None
         room, batcher = self._room, self._batcher
-        self.pending = pending
+        pending.asked_at, self.pending = time.time(), pending
         log.info("approval_asked", tool=pending.tool_name, key=pending.key)
         text = self._request_text(pending)
         mentions = self.answerers
@@ -497,9 +503,11 @@ class RoomToolPolicy:
             f"Answers from: {who}. Denied if nobody answers within {timeout}."
         )
 
-    def cancel(self, reason: str) -> bool:
+    def cancel(self, reason: str, prompt_id: str | None = None) -> bool:
         pending = self.pending
-        return pending is not None and self.answer(pending, Answer("deny", "", reason))
+        if pending is None or (prompt_id is not None and pending.prompt_id != prompt_id):
+            return False
+        return self.answer(pending, Answer("deny", "", reason))
 
     def request_for(self, event_id: str) -> Pending | None:
         """The waiting request that `event_id` (the event of a reaction or reply) is about."""

@@ -50,6 +50,7 @@ from aiagentchat.settings import RoomSettings, Settings
 from aiagentchat.store import Prompt, Store
 from aiagentchat.transport import MatrixSender, TokenRevoked, login, make_client
 from aiagentchat.uploads import FileRefused, check_size, image_type, save_upload
+from aiagentchat.worktrees import Worktrees
 
 log = structlog.get_logger(__name__)
 
@@ -57,7 +58,7 @@ SYNC_TIMEOUT_MS = 30_000
 MAX_SYNC_BACKOFF_S = 30.0
 RESTART_BACKOFF_S = 1.0  # the first restart of a failed room task; doubled on each failure after
 MAX_RESTART_BACKOFF_S = 60.0
-SLOW_COMMANDS = {"get"}  # done in the room's own task, not in the sync loop
+SLOW_COMMANDS = {"get", "merge", "discard"}  # done in the room's own task, not in the sync loop
 HEALTHY_AFTER_S = 60.0  # a room task that ran this long before failing starts its back-off afresh
 
 
@@ -214,6 +215,7 @@ class Bot:
         desk = self.desks[room_id] = Desk(room_id)
         home = self.settings.home_for(room).resolve()
         wall = wall_for(claude, workdir, home, Path.home()) if claude.sandbox == "bwrap" else None
+        trees = Worktrees(workdir, self.settings.worktrees_for(room).resolve(), wall) if room.worktrees else None
         return RoomWorker(
             room_id,
             claude,
@@ -227,6 +229,8 @@ class Bot:
             desk,
             wall,
             self.metrics,
+            trees,
+            room.max_parallel,
         )
 
     def waiting_since(self) -> float | None:
@@ -584,6 +588,8 @@ class Bot:
                 await self._answer_approval(room_id, event, decision)
             case intake.StopPrompt(prompt_id=target):
                 await self._stop_prompt(room_id, event, target)
+            case intake.Confirm(target=target):
+                await self._confirm(room_id, event, target)
             case intake.SaveUpload(upload=upload):
                 await self._take_upload(room_id, room, event, upload)
             case intake.RunCommand(text=text, command=command):
@@ -593,7 +599,9 @@ class Bot:
 
     async def _answer_approval(self, room_id: str, event: Incoming, decision: intake.ApprovalAnswer) -> None:
         policy, worker = self.policies[room_id], self.workers[room_id]
-        if decision.stop:
+        if decision.stop and decision.pending is not None:
+            worker.stop_prompt(decision.pending.prompt_id, event.sender)
+        elif decision.stop:
             worker.stop(event.sender)
         if decision.record and not await self.store.add_prompt(
             Prompt(room_id, event.event_id, event.sender, event.body, 0), "done"
@@ -608,13 +616,24 @@ class Bot:
     async def _stop_prompt(self, room_id: str, event: Incoming, target: str) -> None:
         """🛑 from an allowed user on a prompt: stop it if it runs, drop it if it waits."""
         worker = self.workers[room_id]
-        running = worker.current
-        if running is not None and running.event_id == target:
-            worker.stop(event.sender)
+        if worker.stop_prompt(target, event.sender):
             outcome = "stopping"
         else:
             outcome = "dropped" if await worker.drop(target, event.sender) else "not running or queued"
         log.info("stop_reaction", room_id=room_id, prompt=target, sender=event.sender, outcome=outcome)
+
+    async def _confirm(self, room_id: str, event: Incoming, target: str) -> None:
+        """✅ from an allowed user on an event: a `!discard` request waiting for it is done (in the room's task)."""
+        worker = self.workers[room_id]
+        if worker.worktrees is None or not any(
+            worker.batcher.event_of(ref) == target for ref in worker.worktrees.confirming
+        ):
+            return
+        if await self.store.add_prompt(Prompt(room_id, event.event_id, event.sender, "", 0), "done"):
+            self.desks[room_id].add(event.event_id, lambda: self._confirmed(room_id, worker, target, event.sender))
+
+    async def _confirmed(self, room_id: str, worker: RoomWorker, target: str, by: str) -> None:
+        await self.commands.confirmed(room_id, worker, target, by)
 
     async def _run_command(
         self, room_id: str, room: RoomSettings, event: Incoming, text: str, command: commands.Command
@@ -636,7 +655,7 @@ class Bot:
     ) -> None:
         worker = self.workers[room_id]
         prompt = Prompt(room_id, event.event_id, event.sender, text, event.hops, thread=event.thread)
-        queued = worker.inbox.qsize() + sum(accepted.room_id == room_id for accepted, _ in self._accepting)
+        queued = worker.queued() + sum(accepted.room_id == room_id for accepted, _ in self._accepting)
         if queued >= room.max_queued:
             busy = f"busy: {queued} prompts are queued in this room; send it again later"
             await self._refuse(worker, prompt, busy, "prompt_refused_busy", queued=queued)
@@ -669,8 +688,7 @@ class Bot:
                 synced_at=round(synced_at or time.time(), 6),
             )
             worker = self.workers[prompt.room_id]
-            queued = worker.current is not None or worker.inbox.qsize() > 0
-            await worker.batcher.put(Accepted(prompt.event_id, queued))
+            await worker.batcher.put(Accepted(prompt.event_id, worker.waits(prompt)))
             worker.inbox.put_nowait(prompt)
 
     async def _refuse(self, worker: RoomWorker, prompt: Prompt, reason: str, why: str, **details: Any) -> None:

@@ -1,5 +1,6 @@
-"""Room commands (`!help`, `!stop`, `!new`, `!status`, `!cost`, `!model`, `!get`, `!resume`): recognised in an allowed
-user's message and answered at once, even while a prompt runs."""
+"""Room commands (`!help`, `!stop`, `!new`, `!status`, `!cost`, `!model`, `!get`, `!resume`, and in a room with
+worktrees `!merge` and `!discard`): recognised in an allowed user's message and answered at once, even while a
+prompt runs."""
 
 from __future__ import annotations
 
@@ -17,10 +18,11 @@ import structlog
 from aiagentchat.approvals import rule_text
 from aiagentchat.batcher import Notice
 from aiagentchat.handover import HandoverError, Transcripts, session_id
-from aiagentchat.runner import RoomWorker
+from aiagentchat.runner import Lane, RoomWorker
 from aiagentchat.settings import RoomSettings
 from aiagentchat.store import Approval, Prompt, Store
 from aiagentchat.uploads import FileRefused, copy_for_sending
+from aiagentchat.worktrees import GitError, Worktrees, branch_name
 
 log = structlog.get_logger(__name__)
 
@@ -34,7 +36,12 @@ COMMANDS = {
     "model NAME": "use model NAME for the next prompts (from the room's allowed list)",
     "get PATH": "send a file from the working directory",
     "resume ID": "go on with conversation ID, which `cchat adopt` copied here from a terminal",
+    "merge": "in a thread with its own worktree: merge its branch into the room's checkout",
+    "discard": "in a thread with its own worktree: remove the worktree and its branch (asks first)",
 }
+THREADED = {"stop", "merge", "discard"}  # they act on the thread they are posted in: given the whole command
+CONFIRM = "✅"
+CONFIRMING_KEPT = 20  # `!discard` questions a ✅ still confirms
 
 
 @dataclass(frozen=True)
@@ -93,6 +100,8 @@ class Commands:
         handler = getattr(self, f"_{command.word}", None) if command.word in _NAMES else None
         if handler is None:
             notice = _answer(f"Unknown command `{room.command_prefix}{command.word}`.\n\n{help_text(room)}")
+        elif command.word in THREADED:
+            notice = await handler(room_id, room, worker, asked, command.argument)
         else:
             notice = await handler(room_id, room, worker, asked.sender, command.argument)
         marker = notice.marker | {"command": asked.event_id}
@@ -102,8 +111,8 @@ class Commands:
     async def _help(self, room_id: str, room: RoomSettings, worker: RoomWorker, sender: str, arg: str) -> Notice:
         return _answer(help_text(room))
 
-    async def _stop(self, room_id: str, room: RoomSettings, worker: RoomWorker, sender: str, arg: str) -> Notice:
-        if worker.stop(sender):
+    async def _stop(self, room_id: str, room: RoomSettings, worker: RoomWorker, asked: Prompt, arg: str) -> Notice:
+        if worker.stop(asked.sender, asked.thread or None):
             return _answer("🛑 Stopping the running prompt.")
         return _answer("Nothing is running.")
 
@@ -114,15 +123,20 @@ class Commands:
 
     async def _status(self, room_id: str, room: RoomSettings, worker: RoomWorker, sender: str, arg: str) -> Notice:
         lines = []
-        if (running := worker.current) is not None:
+        for runner in worker.running():
+            running = runner.current
+            assert running is not None
             excerpt = running.text.strip().splitlines()[0][:80] if running.text.strip() else "(empty)"
-            age = time.time() - worker.current_since
-            lines.append(f"- **Running:** “{excerpt}” from {running.sender}, for {age:.0f} s")
-        else:
+            age = time.time() - runner.current_since
+            where = f" in `{branch_name(runner.thread)}`" if isinstance(runner, Lane) else ""
+            lines.append(f"- **Running:** “{excerpt}” from {running.sender}, for {age:.0f} s{where}")
+        if not lines:
             lines.append("- **Running:** nothing")
         if (waiting := worker.policy.pending) is not None:
             lines.append(f"- ✋ **Waiting for approval:** {waiting.what()}, asked {ago(waiting.asked_at)}")
-        lines.append(f"- **Queued:** {worker.inbox.qsize()}")
+        lines.append(f"- **Queued:** {worker.queued()}")
+        if worker.worktrees is not None:
+            lines += _worktree_lines(room, worker)
         session = await self._store.session_id(room_id)
         if room.session_scope == "thread":
             lines.append("- **Session:** one per thread; a new top-level message starts one")
@@ -210,6 +224,105 @@ class Commands:
         log.info("conversation_adopted", room_id=room_id, session_id=session, by=sender)
         text = f"🔁 This room now goes on with conversation `{session}`: the next prompt resumes it."
         return Notice("", text, {"resumed": session})
+
+    async def _merge(self, room_id: str, room: RoomSettings, worker: RoomWorker, asked: Prompt, arg: str) -> Notice:
+        if (refused := _thread_refusal(room, worker, asked, "merge")) is not None:
+            return _answer(refused)
+        trees, thread = worker.worktrees, asked.thread
+        assert trees is not None
+        lock = trees.lock(thread)
+        if lock.locked():
+            return _answer("⛔ Not now: a prompt runs in this thread (or a merge or discard); try again after it.")
+        async with lock:
+            try:
+                outcome = await trees.merge(thread, asked.sender)
+            except GitError as exc:
+                log.warning("merge_failed", room_id=room_id, thread=thread, error=str(exc))
+                return _answer(f"❌ The merge failed: {exc}.")
+        return _answer(outcome.message)
+
+    async def _discard(self, room_id: str, room: RoomSettings, worker: RoomWorker, asked: Prompt, arg: str) -> Notice:
+        if (refused := _thread_refusal(room, worker, asked, "discard")) is not None:
+            return _answer(refused)
+        trees, thread = worker.worktrees, asked.thread
+        assert trees is not None
+        if not trees.exists(thread) and not await _has_branch(trees, thread):
+            return _answer("This thread has no worktree or branch to discard.")
+        try:
+            what = await trees.describe(thread)
+        except GitError as exc:
+            return _answer(f"❌ git failed: {exc}.")
+        ref = f"discard:{asked.event_id}"
+        trees.confirming[ref] = thread
+        while len(trees.confirming) > CONFIRMING_KEPT:  # questions nobody answered: the oldest are forgotten
+            oldest = next(iter(trees.confirming))
+            del trees.confirming[oldest]
+            worker.batcher.forget(oldest)
+        question = (
+            f"🗑️ Discard this thread's work? {what}. React {CONFIRM} to this message to remove the worktree "
+            "and delete the branch; nothing is deleted without it."
+        )
+        return dataclasses.replace(_answer(question), ref=ref)
+
+    async def confirmed(self, room_id: str, worker: RoomWorker, target: str, by: str) -> bool:
+        """A ✅ from an allowed user on `target`: if that is a `!discard` request still waiting, discard the
+        thread's worktree and branch and say so in the thread; False when `target` is no such request."""
+        trees = worker.worktrees
+        if trees is None:
+            return False
+        ref = next((ref for ref in trees.confirming if worker.batcher.event_of(ref) == target), None)
+        if ref is None:
+            return False
+        thread = trees.confirming.pop(ref)
+        worker.batcher.forget(ref)
+        lock = trees.lock(thread)
+        if lock.locked():
+            message = "⛔ Not discarded: a prompt runs in this thread (or a merge); `!discard` again after it."
+        else:
+            async with lock:
+                for lane in worker.workers(thread):
+                    await lane._close_agent("worktree discarded")
+                try:
+                    outcome = await trees.discard(thread)
+                    message = outcome.message
+                except GitError as exc:
+                    outcome, message = None, f"❌ The discard failed: {exc}."
+                if outcome is not None and outcome.ok:  # its next prompt starts afresh, in a new worktree
+                    await self._store.new_conversation(f"{room_id} {thread}")
+        log.info("discard_confirmed", room_id=room_id, thread=thread, by=by)
+        await worker.batcher.put(Notice(target, message, {"command": target}, thread=thread))
+        return True
+
+
+async def _has_branch(trees: Worktrees, thread: str) -> bool:
+    known = await trees.git(trees.repo, "rev-parse", "--verify", "--quiet", f"refs/heads/{branch_name(thread)}")
+    return known.code == 0
+
+
+def _thread_refusal(room: RoomSettings, worker: RoomWorker, asked: Prompt, word: str) -> str | None:
+    """Why `!merge` or `!discard` cannot act here, or None."""
+    if worker.worktrees is None:
+        return '⛔ Threads have no worktrees in this room (`worktrees = true` with `session_scope = "thread"`).'
+    if not worker.worktrees.available():
+        return "⛔ The room's working directory is not a git checkout, so its threads have no worktrees."
+    if not asked.thread:
+        return f"⛔ Send `{room.command_prefix}{word}` in the thread whose work it is about."
+    return None
+
+
+def _worktree_lines(room: RoomSettings, worker: RoomWorker) -> list[str]:
+    trees = worker.worktrees
+    assert trees is not None
+    if not trees.available():
+        return ["- **Worktrees:** none: the working directory is not a git checkout (threads take turns in it)"]
+    lines = [f"- **Threads running at once:** {len(worker.running())} of {worker.max_parallel}"]
+    idle = trees.idle(room.worktree_idle_days)
+    if idle:
+        lines.append(
+            f"- **Worktrees idle for {room.worktree_idle_days:g} days or more** (`!merge` or `!discard` them):"
+        )
+        lines += [f"  - `{tree.branch}`: {tree.days:.0f} days, `{tree.path}`" for tree in idle]
+    return lines
 
 
 _NAMES = {key.split()[0] for key in COMMANDS}

@@ -330,6 +330,8 @@ async def _room(session: Session, room: RoomSettings) -> AsyncIterator[Check]:
     if session.settings.claude_for(room).permission_mode == "bypassPermissions":
         yield Check(Level.WARN, name, "bypassPermissions: no tool call is asked", "a room you alone use, or none")
     yield _workdir(session.settings.workdir_for(room), name)
+    if room.worktrees:
+        yield _worktrees(session.settings.workdir_for(room), room.max_parallel, name)
 
 
 async def _membership(session: Session, room: RoomSettings, name: str) -> list[Check]:
@@ -377,6 +379,16 @@ def _workdir(path: Path, name: str) -> Check:
     if os.access(parent, os.W_OK | os.X_OK):
         return Check(Level.OK, name, f"working directory {path} (made at first use)")
     return Check(Level.FAIL, name, f"working directory {path} cannot be made: {parent} is not writable", "fix it")
+
+
+def _worktrees(workdir: Path, max_parallel: int, name: str) -> Check:
+    """A room with `worktrees = true`: whether its threads will get them."""
+    if shutil.which("git") is None:
+        return Check(Level.FAIL, name, "worktrees = true, but git is not installed", "apt-get install git")
+    if not (workdir / ".git").is_dir():
+        why = f"worktrees = true, but {workdir} is not the top of a git checkout: threads take turns in it"
+        return Check(Level.WARN, name, why, f"git init {workdir}, or worktrees = false")
+    return Check(Level.OK, name, f"each thread gets its own git worktree; {max_parallel} run at once")
 
 
 # --- the bot's account --------------------------------------------------------------------------------------

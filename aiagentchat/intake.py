@@ -33,6 +33,7 @@ from aiagentchat.settings import RoomSettings
 from aiagentchat.wire import HOPS_KEY, MARKER_KEY
 
 STOP_REACTION = "🛑"
+CONFIRM_REACTION = "✅"  # on a request that asks for it (`!discard`)
 LEGACY_ROOM_VERSIONS = frozenset(str(version) for version in range(1, 12))
 _REPLY_FALLBACK = re.compile(r"\A(?:>[^\n]*\n)+\n?")
 
@@ -313,6 +314,13 @@ class StopPrompt:
 
 
 @dataclass(frozen=True)
+class Confirm:
+    """✅ on an event that is not an approval request: it confirms it if it asked (`!discard`)."""
+
+    target: str
+
+
+@dataclass(frozen=True)
 class SaveUpload:
     upload: Upload
 
@@ -330,7 +338,7 @@ class Accept:
     text: str
 
 
-Decision = Ignore | Refuse | ApprovalAnswer | StopPrompt | SaveUpload | RunCommand | Accept
+Decision = Ignore | Refuse | ApprovalAnswer | StopPrompt | Confirm | SaveUpload | RunCommand | Accept
 
 
 def decide(room: RoomSettings, event: Incoming, state: RoomState) -> Decision:
@@ -348,7 +356,10 @@ def decide(room: RoomSettings, event: Incoming, state: RoomState) -> Decision:
     if event.hops >= room.max_hops:
         return Refuse(f"hop limit {room.max_hops} reached")
     if event.kind == "reaction":
-        return StopPrompt(event.relation.event_id or "") if _is_stop(event) else Ignore()
+        if _is_stop(event):
+            return StopPrompt(event.relation.event_id or "")
+        confirming = (event.relation.key or "").startswith(CONFIRM_REACTION) and event.relation.event_id
+        return Confirm(event.relation.event_id or "") if confirming else Ignore()
     if event.kind == "upload" and event.upload is not None:
         return SaveUpload(event.upload)
     return _prompt_or_command(room, event)

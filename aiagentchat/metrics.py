@@ -90,14 +90,14 @@ class _Rooms:
         yield GaugeMetricFamily(
             "aiagentchat_agents_running",
             "Claude Code CLI processes alive.",
-            value=sum(worker.agent is not None for worker in workers.values()),
+            value=sum(worker.live_agents() for worker in workers.values()),
         )
         queued = GaugeMetricFamily("aiagentchat_queued_prompts", "Prompts waiting to run, per room.", labels=["room"])
         backlog = GaugeMetricFamily(
             "aiagentchat_outbox_backlog_events", "Events not yet delivered, per room.", labels=["room"]
         )
         for room_id, worker in workers.items():
-            queued.add_metric([room_id], worker.inbox.qsize())
+            queued.add_metric([room_id], worker.queued())
             backlog.add_metric([room_id], worker.batcher.backlog())
         yield queued
         yield backlog

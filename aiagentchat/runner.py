@@ -30,6 +30,7 @@ from aiagentchat.settings import ClaudeSettings
 from aiagentchat.store import Prompt, Store
 from aiagentchat.uploads import image_block, uploads_note
 from aiagentchat.wire import HOPS_VARIABLE
+from aiagentchat.worktrees import GitError, Worktrees
 
 log = structlog.get_logger(__name__)
 
@@ -259,7 +260,11 @@ class AgentProcess:
 
 
 class RoomWorker:
-    """Takes a room's prompts from its inbox, one at a time, and streams the agent's output to its batcher."""
+    """Takes a room's prompts from its inbox, one at a time, and streams the agent's output to its batcher.
+
+    With `worktrees` (a room with `worktrees = true` whose working directory is a git checkout), it hands each
+    thread's prompts to that thread's `Lane` instead: a worker of its own, in the thread's git worktree, which
+    runs them in order; up to `max_parallel` lanes run a prompt at once."""
 
     def __init__(
         self,
@@ -275,6 +280,8 @@ class RoomWorker:
         desk: Desk | None = None,
         wall: Wall | None = None,
         metrics: Metrics | None = None,
+        worktrees: Worktrees | None = None,
+        max_parallel: int = 1,
     ) -> None:
         self.room_id = room_id
         self.reply_mode = reply_mode
@@ -299,23 +306,88 @@ class RoomWorker:
         self._deadline: asyncio.Timeout | None = None
         self._stopped_by: str | None = None
         self._dropped: dict[str, str] = {}  # queued prompts to answer as dropped → who dropped them
+        self.worktrees = worktrees
+        self.max_parallel = max_parallel
+        self.slots = asyncio.Semaphore(max_parallel)  # taken by a lane while it runs a prompt
+        self.lanes: dict[str, Lane] = {}  # by conversation (`Prompt.conversation`)
+        self._orphans: list[Prompt] = []  # prompts that lanes ran when the room's task failed
 
     async def run(self) -> None:
         structlog.contextvars.bind_contextvars(room_id=self.room_id)
         try:
-            while True:
-                try:
-                    async with asyncio.timeout(self.claude.idle_close_s):
-                        prompt = await self.inbox.get()
-                except TimeoutError:
-                    await self._close_agent("idle")
-                    continue
-                if (by := self._dropped.pop(prompt.event_id, None)) is not None:
-                    await self._report_dropped(prompt, by)
-                    continue
-                await self.handle(prompt)
+            async with asyncio.TaskGroup() as lanes:  # shut down or failed: the lanes end with it
+                while True:
+                    try:
+                        async with asyncio.timeout(self.claude.idle_close_s):
+                            prompt = await self.inbox.get()
+                    except TimeoutError:
+                        await self._close_agent("idle")
+                        continue
+                    if (by := self._dropped.pop(prompt.event_id, None)) is not None:
+                        await self._report_dropped(prompt, by)
+                    elif (lane := self._lane_for(prompt, lanes)) is not None:
+                        lane.inbox.put_nowait(prompt)
+                    else:
+                        await self.handle(prompt)
+        except ExceptionGroup as failed:  # a lane's or this loop's failure, as the room's supervisor judges it
+            raise failed.exceptions[0] from failed
         finally:
+            self._orphans = [lane.current for lane in self.lanes.values() if lane.current is not None]
+            self._take_back_queued()
             await asyncio.shield(self._close_agent("stopping"))
+
+    def _take_back_queued(self) -> None:
+        """The lanes' waiting prompts back into this worker's inbox, before the ones still there (the lanes are
+        gone: a run() started again by the room's supervisor hands them out afresh)."""
+        waiting = [lane.inbox.get_nowait() for lane in self.lanes.values() for _ in range(lane.inbox.qsize())]
+        waiting += [self.inbox.get_nowait() for _ in range(self.inbox.qsize())]
+        for prompt in waiting:
+            self.inbox.put_nowait(prompt)
+        self.lanes.clear()
+
+    def _lane_for(self, prompt: Prompt, lanes: asyncio.TaskGroup) -> Lane | None:
+        """The lane of the prompt's thread (started if it has none), or None: this worker runs it itself."""
+        if self.worktrees is None or not self.worktrees.available():
+            return None
+        conversation = prompt.conversation(self.session_scope)
+        lane = self.lanes.get(conversation)
+        if lane is None:
+            lane = self.lanes[conversation] = Lane(self, prompt.thread or prompt.event_id, conversation)
+            lanes.create_task(lane.run())
+        return lane
+
+    def workers(self, thread: str | None = None) -> list[RoomWorker]:
+        """This worker and its lanes; with `thread` (and worktrees), only that thread's lane."""
+        if thread is None or self.worktrees is None:
+            return [self, *self.lanes.values()]
+        return [lane for lane in self.lanes.values() if lane.thread == thread]
+
+    def running(self) -> list[RoomWorker]:
+        """The workers (this one, lanes) running a prompt now."""
+        return [worker for worker in self.workers() if worker.current is not None]
+
+    def queued(self) -> int:
+        """Prompts waiting to run, in this worker's inbox and its lanes'."""
+        return sum(worker.inbox.qsize() for worker in self.workers())
+
+    def waits(self, prompt: Prompt) -> bool:
+        """Whether a prompt handed over now would wait behind another (it gets ⏳)."""
+        if self.worktrees is None or not self.worktrees.available():
+            return self.current is not None or self.inbox.qsize() > 0
+        lane = self.lanes.get(prompt.conversation(self.session_scope))
+        busy = lane is not None and (lane.current is not None or lane.inbox.qsize() > 0)
+        return busy or self.slots.locked()
+
+    def live_agents(self) -> int:
+        return sum(worker.agent is not None for worker in self.workers())
+
+    async def spare_agents(self, wanting: RoomWorker) -> None:
+        """Close idle lanes' agents so that, with the one `wanting` is about to use, at most `max_parallel`
+        live (each is a CLI process of a few hundred MB)."""
+        idle = [lane for lane in self.lanes.values() if lane is not wanting and lane.agent and not lane.current]
+        excess = self.live_agents() + (wanting.agent is None) - self.max_parallel
+        for lane in idle[: max(0, excess)]:
+            await lane._close_agent("another thread needs its place")
 
     async def recover(self) -> None:
         """After a restart: report the prompts that were running as interrupted (never run them again) and
@@ -341,9 +413,12 @@ class RoomWorker:
     async def crashed(self) -> None:
         """After run() failed unexpectedly (its supervisor starts it again): the prompt it ran is answered as
         failed, never left running."""
+        orphans, self._orphans = self._orphans, []  # of lanes that failed
         prompt, self.current = self.current, None
-        if prompt is None:
-            return
+        for running in [*([prompt] if prompt is not None else []), *orphans]:
+            await self._answer_crashed(running)
+
+    async def _answer_crashed(self, prompt: Prompt) -> None:
         log.warning("run_failed_by_crash", room_id=self.room_id, run_id=prompt.event_id)
         text = f"{INTERNAL_ERROR} This prompt failed; send it again if you still want it."
         await self.batcher.put(Block(prompt.event_id, text))
@@ -355,13 +430,24 @@ class RoomWorker:
         await self.batcher.put(Block(prompt.event_id, f"⛔ Not run: {reason}."))
         await self.batcher.put(EndOfRun(prompt.event_id, run_summary(None, reason), "refused"))
 
-    def stop(self, by: str) -> bool:
-        """Interrupt the running prompt (`!stop`, 🛑); False if none runs. A request waiting for approval is
-        denied first; the run stops once the agent has that answer."""
+    def stop(self, by: str, thread: str | None = None) -> bool:
+        """Interrupt the running prompt (`!stop`); with lanes, every one, or with `thread` only that thread's;
+        False if none runs."""
+        interrupted = [worker.interrupt(by) for worker in self.workers(thread)]  # each one, not just the first
+        return any(interrupted)
+
+    def stop_prompt(self, prompt_id: str, by: str) -> bool:
+        """Interrupt the prompt `prompt_id` if it runs (🛑 on it); False if it does not."""
+        return any(worker.interrupt(by) for worker in self.running() if worker.current.event_id == prompt_id)
+
+    def interrupt(self, by: str) -> bool:
+        """Interrupt this worker's running prompt; False if none runs. A request waiting for approval is denied
+        first; the run stops once the agent has that answer."""
         if self.current is None:
             return False
         self._stopped_by = by
-        if not self.policy.cancel(f"stopped by {by}") and self._deadline is not None and not self._deadline.expired():
+        cancelled = self.policy.cancel(f"stopped by {by}", self.current.event_id)
+        if not cancelled and self._deadline is not None and not self._deadline.expired():
             self._deadline.reschedule(asyncio.get_running_loop().time())
         return True
 
@@ -685,3 +771,83 @@ class RoomWorker:
             log.info("agent_closing", reason=reason, pid=agent.proc.pid)
             await agent.close(wait_s=2.0 if reason == "idle" else 0.0)
             await self.store.agent_ended(agent.proc.pid)
+
+
+class Lane(RoomWorker):
+    """One thread of a room with worktrees: its prompts, in order, in the thread's own git worktree (made on
+    its first prompt), each once one of the room's `max_parallel` slots is free. It ends when idle."""
+
+    def __init__(self, room: RoomWorker, thread: str, conversation: str) -> None:
+        super().__init__(
+            room.room_id,
+            room.claude,
+            room.workdir,
+            room.store,
+            room.batcher,
+            room.policy,
+            room.guard,
+            room.reply_mode,
+            room.session_scope,
+            room.desk,
+            room.wall,
+            room.metrics,
+        )
+        assert room.worktrees is not None
+        self.room, self.thread, self.conversation, self.trees = room, thread, conversation, room.worktrees
+        self._dropped = room._dropped  # a 🛑 reaches a queued prompt wherever it waits
+
+    async def run(self) -> None:
+        structlog.contextvars.bind_contextvars(room_id=self.room_id, thread=self.thread)
+        ending = "stopping"
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(self.claude.idle_close_s):
+                        prompt = await self.inbox.get()
+                except TimeoutError:
+                    if self.inbox.empty():  # the room makes a new lane for the thread's next prompt
+                        if self.room.lanes.get(self.conversation) is self:
+                            del self.room.lanes[self.conversation]
+                        ending = "idle"
+                        return
+                    continue
+                if (by := self._dropped.pop(prompt.event_id, None)) is not None:
+                    await self._report_dropped(prompt, by)
+                    continue
+                await self.handle(prompt)
+        finally:
+            await asyncio.shield(self._close_agent(ending))
+
+    async def handle(self, prompt: Prompt) -> None:
+        async with self.room.slots:
+            if (by := self._dropped.pop(prompt.event_id, None)) is not None:  # dropped while it waited for a slot
+                await self._report_dropped(prompt, by)
+                return
+            async with self.trees.lock(self.thread):
+                try:
+                    path = await self.trees.ensure(self.thread)
+                except (GitError, OSError) as exc:
+                    log.warning("worktree_failed", thread=self.thread, error=str(exc))
+                    await self._fail(prompt, f"this thread's git worktree could not be made: {exc}")
+                    return
+                self._work_in(path)
+                await self.room.spare_agents(self)
+                self.model = self.room.model
+                if self.room.fresh:  # `!new`: the next prompt, whichever thread it is in
+                    self.room.fresh, self.fresh = False, True
+                await super().handle(prompt)
+
+    def _work_in(self, path: Path) -> None:
+        """Run the agent in the worktree at `path`: its working directory, its guard's and its wall's."""
+        if path == self.workdir:
+            return
+        self.workdir = path
+        self.guard = ToolGuard(self.room.guard.data_dir, path, self.room.guard.allow_claude_config_writes)
+        if self.room.wall is not None:
+            self.wall = self.trees.lane_wall(self.room.wall, path)
+
+    async def _fail(self, prompt: Prompt, reason: str) -> None:
+        await self.store.set_prompt_state(prompt.event_id, "running")
+        await self.batcher.put(self._begin(prompt, working=False))
+        await self.batcher.put(Block(prompt.event_id, f"❌ Not run: {reason}."))
+        await self.batcher.put(EndOfRun(prompt.event_id, run_summary(None, reason), "failed"))

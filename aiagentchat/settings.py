@@ -132,6 +132,9 @@ class RoomSettings(_Strict):
     # false: the run's text and tool lines stream as messages
     reply_mode: Literal["flat", "thread"] = "flat"  # thread: each prompt's output in a thread rooted at it
     session_scope: Literal["room", "thread"] = "room"  # thread: each thread is its own Claude conversation
+    worktrees: bool = False  # with session_scope thread, in a git checkout: each thread in its own worktree
+    max_parallel: int = Field(default=2, ge=1)  # with worktrees: how many threads' prompts run at once
+    worktree_idle_days: float = Field(default=14.0, gt=0)  # `!status` lists worktrees of threads idle this long
     binary: str | None = None
     permission_mode: PermissionMode | None = None
     allowed_tools: list[str] | None = None
@@ -152,6 +155,8 @@ class RoomSettings(_Strict):
     def _threads_for_thread_sessions(self) -> RoomSettings:
         if self.session_scope == "thread" and self.reply_mode != "thread":
             raise ValueError('session_scope = "thread" needs reply_mode = "thread"')
+        if self.worktrees and self.session_scope != "thread":
+            raise ValueError('worktrees = true needs session_scope = "thread"')
         return self
 
 
@@ -222,6 +227,10 @@ class Settings(BaseSettings):
     def home_for(self, room: RoomSettings) -> Path:
         """The room's own HOME for its sandboxed agent (its ~/.claude: sessions, settings)."""
         return self.paths.data_dir / "homes" / _digest(room.id)
+
+    def worktrees_for(self, room: RoomSettings) -> Path:
+        """Where the room's threads get their git worktrees (with `worktrees = true`)."""
+        return self.paths.data_dir / "worktrees" / _digest(room.id)
 
 
 def _digest(room_id: str) -> str:

@@ -483,3 +483,23 @@ async def test_each_answer_is_counted_by_its_verdict_and_a_request_nobody_answer
     verdicts = ("allow", "deny", "unanswered")
     counted = {v: metrics.registry.get_sample_value("aiagentchat_approvals_total", {"verdict": v}) for v in verdicts}
     assert counted == {"allow": None, "deny": 1.0, "unanswered": 1.0}
+
+
+async def test_requests_of_runs_at_once_take_turns_and_a_stop_denies_only_its_own_run(store):
+    recorder = AskingRecorder()
+    policy = policy_for(store, recorder)
+    other = Prompt(ROOM, "$other", "@u:x", "in another thread")
+    first = asyncio.ensure_future(policy.decide(PROMPT, "Bash", TOUCH))
+    first_notice = await asyncio.wait_for(recorder.asked.get(), 5)
+    second = asyncio.ensure_future(policy.decide(other, "Bash", {"command": "touch b.txt", "description": "b"}))
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(recorder.asked.get(), 1)  # asked only once the first is answered
+    assert not policy.cancel("stopped by @u:x", "$other")  # its stop does not deny the first's request
+    assert policy.pending is not None and policy.pending.prompt_id == PROMPT.event_id
+    assert policy.answer(policy.request_for(recorder.event_of(first_notice.ref)), Answer("allow", "@u:x"))
+    assert (await asyncio.wait_for(first, 5)).allow
+    await asyncio.wait_for(recorder.asked.get(), 5)
+    assert policy.pending is not None and policy.pending.prompt_id == "$other"
+    assert policy.cancel("stopped by @u:x", "$other")
+    decision = await asyncio.wait_for(second, 5)
+    assert not decision.allow and "stopped by @u:x" in decision.message

@@ -16,6 +16,7 @@ from aiagentchat.doctor import (
     _control_response,
     _credentials,
     _workdir,
+    _worktrees,
     exit_code,
     report,
 )
@@ -149,3 +150,12 @@ async def test_the_built_in_homeserver_is_reported_and_never_started(tmp_path: P
     assert "✅ room local (!local:localhost): allowed users: @you:localhost" in text
     assert "✅ rate limit: the bot is exempt" in text
     assert not port_in_use(port)
+
+
+def test_a_room_with_worktrees_is_told_whether_its_threads_get_them(tmp_path, monkeypatch):
+    assert _worktrees(tmp_path, 2, "room").level is Level.WARN  # not a checkout: threads take turns
+    (tmp_path / ".git").mkdir()
+    checked = _worktrees(tmp_path, 3, "room")
+    assert checked.level is Level.OK and "3 run at once" in checked.detail
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
+    assert _worktrees(tmp_path, 3, "room").level is Level.FAIL

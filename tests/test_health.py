@@ -181,8 +181,8 @@ def test_the_rooms_are_read_when_scraped_summed_over_rooms_where_a_total_is_enou
         stats = Stats(
             rate_limited=2, backoff_s=1.5, sent_by_kind=Counter(message=3, edit=1), prompts_ended=Counter(ended)
         )
-        inbox = SimpleNamespace(qsize=lambda: queued)
-        return SimpleNamespace(inbox=inbox, agent=agent, batcher=SimpleNamespace(stats=stats, backlog=lambda: backlog))
+        batcher = SimpleNamespace(stats=stats, backlog=lambda: backlog)
+        return SimpleNamespace(queued=lambda: queued, live_agents=lambda: int(agent is not None), batcher=batcher)
 
     workers = {"!a:x": worker(2, 5, object(), done=3, refused=1), "!b:x": worker(0, 0, None, done=1, dropped=1)}
     scraped = samples(Metrics(lambda: workers).exposition(None)[0].decode())

@@ -9,7 +9,17 @@ from nio import Event
 
 from aiagentchat import intake
 from aiagentchat.approvals import Answer, Pending
-from aiagentchat.intake import Accept, ApprovalAnswer, Ignore, Malformed, Refuse, RunCommand, SaveUpload, StopPrompt
+from aiagentchat.intake import (
+    Accept,
+    ApprovalAnswer,
+    Confirm,
+    Ignore,
+    Malformed,
+    Refuse,
+    RunCommand,
+    SaveUpload,
+    StopPrompt,
+)
 from aiagentchat.settings import RoomSettings
 from aiagentchat.wire import HOPS_KEY, MARKER_KEY
 
@@ -143,10 +153,13 @@ def reaction(key: str, target: str = "$prompt", sender: str = ALICE) -> Any:
     return event(content, sender=sender, kind="m.reaction")
 
 
-def test_reactions_stop_prompts_and_nothing_else():
+def test_reactions_stop_prompts_confirm_what_asked_for_it_and_do_nothing_else():
     assert decided(reaction("🛑")) == StopPrompt("$prompt")
+    assert decided(reaction("✅", "$question")) == Confirm("$question")  # the room checks that it asked
+    assert decided(reaction("✅️", "$question")) == Confirm("$question")  # with a variation selector
     assert decided(reaction("👍")) == Ignore()
     assert decided(reaction("🛑", sender=MALLORY)) == Refuse("sender not in allowed_users")
+    assert decided(reaction("✅", "$question", sender=MALLORY)) == Refuse("sender not in allowed_users")
 
 
 def pending(question: bool = False) -> Pending:

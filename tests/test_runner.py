@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from aiagentchat.guard import ToolGuard
 from aiagentchat.runner import RoomWorker, agent_environment
 from aiagentchat.settings import ClaudeSettings
 from aiagentchat.store import OutboxRow, Prompt
+from aiagentchat.worktrees import Worktrees
 
 pytestmark = pytest.mark.anyio
 FAKE = Path(__file__).parent / "fakes" / "fake_claude.py"
@@ -323,3 +325,167 @@ async def test_a_refused_prompt_is_answered_without_running(tmp_path, store):
     assert recorder.output("$busy") == "\n⛔ Not run: busy: 3 prompts are queued.\n"
     assert recorder.states["$busy"] == "refused" and recorder.finals["$busy"]["ok"] is False
     assert worker.agent is None
+
+
+def git_init(path: Path) -> None:
+    subprocess.run(["git", "-C", str(path), "init", "--quiet"], check=True)
+
+
+def git_checkout(path: Path) -> Path:
+    path.mkdir()
+    for args in (["init", "--quiet"], ["config", "user.email", "t@x"], ["config", "user.name", "T"]):
+        subprocess.run(["git", "-C", str(path), *args], check=True)
+    (path / "README").write_text("x\n")
+    subprocess.run(["git", "-C", str(path), "add", "README"], check=True)
+    subprocess.run(["git", "-C", str(path), "commit", "--quiet", "-m", "first"], check=True)
+    return path
+
+
+def threaded_worker(tmp_path, store, claude, max_parallel=2) -> tuple[RoomWorker, Recorder]:
+    recorder, repo = Recorder(), git_checkout(tmp_path / "work")
+    guard = ToolGuard(tmp_path / "data", repo)
+    trees = Worktrees(repo, tmp_path / "data" / "worktrees", None)
+    policy = RoomToolPolicy(claude)
+    worker = RoomWorker(
+        "!room:x",
+        claude,
+        repo,
+        store,
+        recorder,
+        policy,
+        guard,
+        "thread",
+        "thread",
+        None,
+        None,
+        None,
+        trees,
+        max_parallel,
+    )
+    return worker, recorder
+
+
+async def ended_by(recorder: Recorder, deadline: float = 20) -> str:
+    async with asyncio.timeout(deadline):
+        return await recorder.ended.get()
+
+
+async def test_threads_run_at_once_each_in_its_worktree_and_in_order_within_a_thread(tmp_path, store):
+    worker, recorder = threaded_worker(tmp_path, store, fake_claude(tmp_path))
+    async with asyncio.TaskGroup() as group:
+        task = group.create_task(worker.run())
+        hanging = Prompt("!room:x", "$a", "@u:x", "hang")
+        for prompt in (
+            hanging,
+            Prompt("!room:x", "$b", "@u:x", "cwd"),
+            Prompt("!room:x", "$a2", "@u:x", "cwd", thread="$a"),
+        ):
+            await store.add_prompt(prompt)
+            await worker.inbox.put(prompt)
+        assert await ended_by(recorder) == "$b"  # while $a still runs: the threads run at once
+        assert [runner.current.event_id for runner in worker.running()] == ["$a"]
+        assert recorder.output("$b").startswith(str(worker.worktrees.path_of("$b")))
+        assert not worker.stop("@u:x", thread="$b")  # nothing runs in that thread
+        assert worker.stop("@u:x", thread="$a")
+        assert await ended_by(recorder) == "$a" and "Stopped by @u:x" in recorder.output("$a")
+        assert await ended_by(recorder) == "$a2"  # after $a, in the same thread and the same worktree
+        assert recorder.output("$a2").startswith(str(worker.worktrees.path_of("$a")))
+        task.cancel()
+    assert recorder.states == {"$a": "failed", "$b": "done", "$a2": "done"}
+
+
+async def test_max_parallel_holds_the_next_thread_until_a_run_ends(tmp_path, store):
+    worker, recorder = threaded_worker(tmp_path, store, fake_claude(tmp_path), max_parallel=1)
+    async with asyncio.TaskGroup() as group:
+        task = group.create_task(worker.run())
+        for prompt in (Prompt("!room:x", "$a", "@u:x", "hang"), Prompt("!room:x", "$b", "@u:x", "say b")):
+            await store.add_prompt(prompt)
+            await worker.inbox.put(prompt)
+        async with asyncio.timeout(10):
+            while not worker.running():
+                await asyncio.sleep(0.01)
+        assert worker.waits(Prompt("!room:x", "$c", "@u:x", "say c"))
+        with pytest.raises(TimeoutError):
+            await ended_by(recorder, deadline=1.5)  # $b waits for the one slot
+        assert worker.stop("@u:x")
+        assert [await ended_by(recorder), await ended_by(recorder)] == ["$a", "$b"]
+        task.cancel()
+
+
+async def test_a_checkout_that_is_not_git_runs_threads_in_turn_in_the_working_directory(tmp_path, store):
+    claude = fake_claude(tmp_path)
+    recorder, workdir = Recorder(), tmp_path / "plain"
+    workdir.mkdir()
+    trees = Worktrees(workdir, tmp_path / "data" / "worktrees", None)
+    worker = RoomWorker(
+        "!room:x", claude, workdir, store, recorder, RoomToolPolicy(claude), ToolGuard(tmp_path / "data", workdir),
+        "thread", "thread", None, None, None, trees, 2,
+    )  # fmt: skip
+    first, second = await run_prompts(worker, recorder, "cwd", "cwd")
+    assert recorder.output(first).startswith(str(workdir)) and recorder.output(second).startswith(str(workdir))
+    assert not worker.lanes and not (tmp_path / "data" / "worktrees").exists()
+
+
+async def test_shutdown_interrupts_every_threads_run_and_ends_their_agents_and_an_idle_lane_leaves(tmp_path, store):
+    worker, recorder = threaded_worker(tmp_path, store, fake_claude(tmp_path, idle_close_s=1))
+    task = asyncio.create_task(worker.run())
+    quick = Prompt("!room:x", "$q", "@u:x", "say done")
+    await store.add_prompt(quick)
+    await worker.inbox.put(quick)
+    assert await ended_by(recorder) == "$q"
+    async with asyncio.timeout(10):  # idle for idle_close_s: its agent is closed and the lane leaves
+        while worker.lanes:
+            await asyncio.sleep(0.05)
+    for event_id in ("$a", "$b"):
+        prompt = Prompt("!room:x", event_id, "@u:x", "hang")
+        await store.add_prompt(prompt)
+        await worker.inbox.put(prompt)
+    async with asyncio.timeout(10):
+        while sum(runner.agent is not None for runner in worker.running()) < 2:
+            await asyncio.sleep(0.01)
+    processes = [runner.agent.proc for runner in worker.running()]
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert {await ended_by(recorder), await ended_by(recorder)} == {"$a", "$b"}
+    assert "Interrupted: the daemon is shutting down" in recorder.output("$a")
+    assert recorder.states["$a"] == recorder.states["$b"] == "interrupted"
+    assert all(proc.returncode is not None for proc in processes) and not worker.lanes
+
+
+async def test_a_thread_whose_worktree_cannot_be_made_is_told_why(tmp_path, store):
+    claude = fake_claude(tmp_path)
+    recorder, empty = Recorder(), tmp_path / "empty"
+    empty.mkdir()
+    git_init(empty)  # no commit: no HEAD to branch from
+    worker = RoomWorker(
+        "!room:x", claude, empty, store, recorder, RoomToolPolicy(claude), ToolGuard(tmp_path / "data", empty),
+        "thread", "thread", None, None, None, Worktrees(empty, tmp_path / "trees", None), 2,
+    )  # fmt: skip
+    (prompt,) = await run_prompts(worker, recorder, "say hi")
+    assert "❌ Not run: this thread's git worktree could not be made" in recorder.output(prompt)
+    assert recorder.states[prompt] == "failed"
+
+
+async def test_a_room_task_that_fails_raises_the_failure_itself_and_keeps_the_prompts_its_lanes_held(tmp_path, store):
+    worker, recorder = threaded_worker(tmp_path, store, fake_claude(tmp_path))
+    task = asyncio.create_task(worker.run())
+    prompts = [Prompt("!room:x", "$a", "@u:x", "hang")]
+    prompts += [Prompt("!room:x", f"$a{n}", "@u:x", f"say {n}", thread="$a") for n in (2, 3)]
+    for prompt in prompts:
+        await store.add_prompt(prompt)
+        await worker.inbox.put(prompt)
+    async with asyncio.timeout(10):
+        while not (worker.running() and worker.queued() == 2):
+            await asyncio.sleep(0.01)
+    (lane,) = worker.lanes.values()
+
+    async def broken(prompt: Prompt) -> None:
+        raise RuntimeError("a bug in the lane")
+
+    lane.handle = broken  # its next prompt fails outside the run's own error handling
+    assert worker.stop("@u:x")  # $a ends; the lane takes $a2 and fails
+    with pytest.raises(RuntimeError, match="a bug in the lane"):  # as itself: the supervisor judges it
+        await task
+    assert await ended_by(recorder) == "$a"
+    assert not worker.lanes and worker.inbox.get_nowait().event_id == "$a3"  # handed out again on restart

@@ -93,6 +93,12 @@ def test_defaults_without_a_file(monkeypatch):
             '[[rooms]]\nid = "!a:x"\nsession_scope = "thread"\n',
             'rooms.0: Value error, session_scope = "thread" needs reply_mode = "thread"',
         ),
+        (
+            '[[rooms]]\nid = "!a:x"\nreply_mode = "thread"\nworktrees = true\n',
+            'rooms.0: Value error, worktrees = true needs session_scope = "thread"',
+        ),
+        ('[[rooms]]\nid = "!a:x"\nmax_parallel = 0\n', "settings.toml:3: rooms.0.max_parallel: Input should be"),
+        ('[[rooms]]\nid = "!a:x"\nworktree_idle_days = -1\n', "settings.toml:3: rooms.0.worktree_idle_days"),
     ],
 )
 def test_invalid_file_names_key_and_line(tmp_path, text, expected):
@@ -172,3 +178,12 @@ def test_env_passthrough_may_not_hand_the_daemon_secrets_to_the_agent(tmp_path, 
     expected = f"room !b:localhost: env_passthrough '{pattern}' would hand the daemon's secret AIAGENTCHAT_MATRIX__"
     with pytest.raises(ConfigError, match=re.escape(expected)):
         check_safety(load_settings(write(tmp_path, text)))
+
+
+def test_worktrees_are_off_by_default_and_live_under_the_data_dir_per_room(tmp_path):
+    text = '[paths]\ndata_dir = "%s"\n[[rooms]]\nid = "!a:x"\n[[rooms]]\nid = "!b:x"\n' % (tmp_path / "data")
+    settings = load_settings(write(tmp_path, text))
+    first, second = settings.rooms
+    assert (first.worktrees, first.max_parallel, first.worktree_idle_days) == (False, 2, 14)
+    assert settings.worktrees_for(first).parent == tmp_path / "data" / "worktrees"
+    assert settings.worktrees_for(first) != settings.worktrees_for(second)

@@ -2,8 +2,8 @@
 """A tiny stand-in for the Claude Code CLI's bidirectional stream-json mode, for unit tests of the runner.
 
 The prompt decides what it does: `say WORDS` streams WORDS; `env` answers with the sorted names of its
-environment; `argv` answers with its arguments as JSON; `tool NAME` asks permission for tool NAME and
-answers with the decision it got; `hang` never answers; `crash` exits with code 3; `bigline N` writes
+environment; `argv` answers with its arguments as JSON; `cwd` with its working directory; `tool NAME` asks
+permission for tool NAME and answers with the decision it got; `hang` never answers; `crash` exits with code 3; `bigline N` writes
 one non-JSON line of N bytes, then answers `survived`; `drip N MS` streams N lines `line 000001 xxx...` (100
 characters each), one every MS milliseconds; `flood PATH` copies the stream-json lines in PATH to stdout as fast
 as it can, then ends the turn. Like the real CLI (2.1.197): `--resume bad` (a conversation it does not have)
@@ -82,6 +82,8 @@ while True:
         answer(" ".join(sorted(os.environ)))
     elif prompt == "argv":
         answer(json.dumps(sys.argv[1:]))
+    elif prompt == "cwd":
+        answer(os.getcwd())
     elif prompt.startswith("tool "):
         emit({"type": "control_request", "request_id": "r1",
               "request": {"subtype": "can_use_tool", "tool_name": prompt[5:], "input": {"file_path": "/x"}}})

@@ -26,6 +26,10 @@ holds only tool_result blocks continues the script of the turn that started it.
                        retries them, each time writing a `system/api_retry` line), then text `<words...>`.
 - `big <n>`         -> n lines `line 000001 xxxx...` of 100 characters each (99 + newline).
 - `drip <n> <ms>`   -> the same n lines, one line per delta every `ms` milliseconds (a steady stream).
+- `gate <name> <script...>` -> holds the request until a request `open <name> ...` has arrived (at most
+                       GATE_WAIT_S; then text `gate <name> never opened`), then answers as `<script...>`.
+- `open <name> <script...>` -> opens the gate `<name>` and answers as `<script...>`. Two conversations that
+                       must overlap in time: the first waits at the gate until the second has begun.
 - anything else     -> text `ok`.
 
 Requests without a `tools` list are the CLI's side queries (titles, Bash command-prefix detection, ...): they
@@ -89,7 +93,7 @@ import signal
 import sys
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from aiohttp import web
@@ -219,6 +223,8 @@ def script_answer(parsed: Parsed) -> Answer:
     word, _, rest = text.partition(" ")
     word = word.lower()
     rest = rest.strip()
+    if word in ("gate", "open") and len(rest.split(maxsplit=1)) == 2:
+        return script_answer(replace(parsed, latest_user_text=rest.split(maxsplit=1)[1]))
     if parsed.continuation:
         if word in ("bash", "write", "ask"):
             return text_answer("tool said: " + parsed.tool_result[:500])
@@ -260,6 +266,8 @@ def script_answer(parsed: Parsed) -> Answer:
 RECORDS = web.AppKey("records", list)
 OVERLOADED = web.AppKey("overloaded", dict)  # latest user text → 529s answered so far (`overloaded`)
 HITS = web.AppKey("hits", dict)
+GATES = web.AppKey("gates", dict)  # name → asyncio.Event (`gate`, `open`)
+GATE_WAIT_S = 60.0
 
 
 def _usage(output_tokens: int) -> dict[str, int]:
@@ -369,6 +377,16 @@ async def messages(request: web.Request) -> web.StreamResponse:
             error = {"type": "overloaded_error", "message": "Overloaded"}
             return web.json_response({"type": "error", "error": error}, status=529)
     answer = script_answer(parsed) if has_tools else side_answer(body)
+    if has_tools and not parsed.continuation and word.lower() in ("gate", "open") and count:
+        gate = request.app[GATES].setdefault(count, asyncio.Event())
+        if word.lower() == "open":
+            gate.set()
+        else:
+            try:
+                async with asyncio.timeout(GATE_WAIT_S):
+                    await gate.wait()
+            except TimeoutError:
+                answer = text_answer(f"gate {count} never opened")
     model = body.get("model", "claude-test")
     try:
         if answer.hang:
@@ -430,6 +448,7 @@ def make_app() -> web.Application:
     app[RECORDS] = []
     app[HITS] = {}
     app[OVERLOADED] = {}
+    app[GATES] = {}
     app.router.add_get("/", root)  # add_get also answers HEAD
     app.router.add_post("/v1/messages", messages)
     app.router.add_post("/v1/messages/count_tokens", count_tokens)
