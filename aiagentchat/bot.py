@@ -492,7 +492,8 @@ class Bot:
         wall = wall_for(claude, workdir, home, Path.home()) if claude.sandbox == "bwrap" else None
         worker = self.workers[room_id]
         if (claude, workdir) != (worker.claude, worker.workdir):  # `!allow` and `!deny` keep the agent running
-            worker.reconfigure(claude, workdir, guard, wall)
+            trees = Worktrees(workdir, self.settings.worktrees_for(room).resolve(), wall) if room.worktrees else None
+            worker.reconfigure(claude, workdir, guard, wall, trees)
         self.policies[room_id].update(claude, room)
 
     def workdirs(self) -> dict[Path, str]:

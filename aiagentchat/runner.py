@@ -451,11 +451,18 @@ class RoomWorker:
             self._deadline.reschedule(asyncio.get_running_loop().time())
         return True
 
-    def reconfigure(self, claude: ClaudeSettings, workdir: Path, guard: ToolGuard, wall: Wall | None) -> None:
+    def reconfigure(
+        self, claude: ClaudeSettings, workdir: Path, guard: ToolGuard, wall: Wall | None, worktrees: Worktrees | None
+    ) -> None:
         """New settings from the chat (`!tools`, `!project`): the next prompt starts a new agent process with them,
-        in another working directory also a new conversation. The agent of a running prompt finishes it."""
+        in another working directory also a new conversation, and threads get worktrees of the new checkout (the
+        lanes of the old one end when idle). The agent of a running prompt finishes it."""
+        for lane in self.lanes.values():
+            lane.claude, lane._reconfigured = claude, True
         if workdir != self.workdir:
             self.fresh = True
+            self.worktrees = worktrees
+            self.lanes = {}
         self.claude, self.workdir, self.guard, self.wall = claude, workdir, guard, wall
         self._reconfigured = True
 

@@ -394,6 +394,26 @@ async def test_threads_run_at_once_each_in_its_worktree_and_in_order_within_a_th
     assert recorder.states == {"$a": "failed", "$b": "done", "$a2": "done"}
 
 
+async def test_a_new_checkout_gives_threads_worktrees_of_it(tmp_path, store):
+    worker, recorder = threaded_worker(tmp_path, store, fake_claude(tmp_path))
+    other = git_checkout(tmp_path / "other")
+    async with asyncio.TaskGroup() as group:
+        task = group.create_task(worker.run())
+        first = Prompt("!room:x", "$a", "@u:x", "cwd")
+        await store.add_prompt(first)
+        await worker.inbox.put(first)
+        assert await ended_by(recorder) == "$a"
+        trees = Worktrees(other, tmp_path / "data" / "worktrees-other", None)
+        worker.reconfigure(worker.claude, other, ToolGuard(tmp_path / "data", other), None, trees)  # `!project`
+        again = Prompt("!room:x", "$a2", "@u:x", "cwd", thread="$a")
+        await store.add_prompt(again)
+        await worker.inbox.put(again)
+        assert await ended_by(recorder) == "$a2"
+        task.cancel()
+    assert recorder.output("$a2").startswith(str(trees.path_of("$a")))
+    assert (other / ".git" / "worktrees").is_dir()
+
+
 async def test_max_parallel_holds_the_next_thread_until_a_run_ends(tmp_path, store):
     worker, recorder = threaded_worker(tmp_path, store, fake_claude(tmp_path), max_parallel=1)
     async with asyncio.TaskGroup() as group:
