@@ -80,6 +80,17 @@ Observed CLI behaviour (Claude Code 2.1.197, checked against this server):
 - Exit code after stdin is closed is 1 when the last turn's result had `is_error: true`, else 0. `fail400`
   gives `subtype: success`, `is_error: true`, `api_error_status: 400`, result `API Error: 400 scripted
   failure (fail400)`, exit code 1.
+
+What changed in 2.1.332 (the pinned version since 2026-11-30; everything above still holds unless said here):
+- A standalone long `sleep N` in Bash is refused by the CLI itself (tool_result `<tool_use_error>Blocked:
+  standalone sleep N...`); `echo started; sleep 31` runs.
+- A prompt with an image gets one more text block after it, `[Image: source: PATH]`; `user_texts` skips it.
+- The acknowledgement of an idle interrupt carries `response: {"still_queued": []}`.
+- New `system` lines (`task_started` around a Bash tool); the runner passes unknown `system` subtypes by.
+- The initialize answer lists far more `commands` (built-in skills) and `models`; the daemon relies on nothing
+  in it but its `subtype: success`, which it requires (a refusal stops the agent before its first turn).
+- The npm package asks for Node >= 22 (`engines`), but its `bin/claude.exe` is the native binary, which the
+  postinstall links in; it installs and runs with Node 20 here.
 """
 
 from __future__ import annotations
