@@ -23,6 +23,7 @@ import typer
 
 from aiagentchat import logs
 from aiagentchat.bot import Bot
+from aiagentchat.control import socket_path
 from aiagentchat.doctor import missing_claude_login, report
 from aiagentchat.health import Health, serving
 from aiagentchat.identity import IdentityError, fingerprint
@@ -72,7 +73,7 @@ async def serve(settings: Settings) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop)
-        async with serving(health, bot.metrics):
+        async with serving(health, bot.metrics), bot.control.serving(socket_path(settings.paths.data_dir)):
             notifying = asyncio.create_task(notifier.run(bot.ready, lambda: health.sync_problem() is None))
             try:
                 await bot.run()

@@ -84,13 +84,18 @@ class Commands:
     async def run(self, room_id: str, room: RoomSettings, worker: RoomWorker, asked: Prompt, command: Command) -> None:
         """Answer the command `asked` carries, in reply to it (in its thread, if it was posted in one)."""
         log.info("command", room_id=room_id, command=command.word, sender=asked.sender)
-        handler = getattr(self, f"_{command.word}", None) if command.word in _NAMES else None
-        if handler is None:
-            notice = _answer(f"Unknown command `{room.command_prefix}{command.word}`.\n\n{help_text(room)}")
-        else:
-            notice = await handler(room_id, room, worker, asked.sender, command.argument)
+        notice = await self.answer(room_id, room, worker, asked.sender, command)
         reply = {"reply_to": asked.event_id, "marker": {"command": asked.event_id}, "thread": asked.thread or None}
         await worker.batcher.put(dataclasses.replace(notice, **reply))
+
+    async def answer(
+        self, room_id: str, room: RoomSettings, worker: RoomWorker, sender: str, command: Command
+    ) -> Notice:
+        """What `command` from `sender` (a person, or the operator through the control socket) does and says."""
+        handler = getattr(self, f"_{command.word}", None) if command.word in _NAMES else None
+        if handler is None:
+            return _answer(f"Unknown command `{room.command_prefix}{command.word}`.\n\n{help_text(room)}")
+        return await handler(room_id, room, worker, sender, command.argument)
 
     async def _help(self, room_id: str, room: RoomSettings, worker: RoomWorker, sender: str, arg: str) -> Notice:
         return _answer(help_text(room))

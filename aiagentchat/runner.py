@@ -342,6 +342,11 @@ class RoomWorker:
             self._deadline.reschedule(asyncio.get_running_loop().time())
         return True
 
+    def queued(self) -> list[Prompt]:
+        """The prompts waiting in the inbox, in order, without those dropped."""
+        waiting: collections.deque[Prompt] = self.inbox._queue  # type: ignore[attr-defined]  # asyncio keeps them so
+        return [prompt for prompt in waiting if prompt.event_id not in self._dropped]
+
     async def drop(self, event_id: str, by: str) -> bool:
         """Answer a queued prompt as dropped instead of running it (🛑 on it); False if it is not queued."""
         if event_id in self._dropped or await self.store.prompt_state(event_id) != "queued":
