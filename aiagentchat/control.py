@@ -300,7 +300,7 @@ class Hub:
             "id": room_id,
             "name": room.name or room_id,
             "state": state,
-            "refused": "its budget for today is spent" if state == "refused" else None,
+            "refused": "budget spent" if state == "refused" else None,
             "model": worker.model,
             "cost_today": spent,
             "budget": budget,
