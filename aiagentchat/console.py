@@ -181,7 +181,7 @@ class Console(App[None]):
     #rooms { height: 5; }
     #detail { height: 8; border-top: solid $primary; padding: 0 1; }
     #queue { height: 3; border-top: solid $primary; }
-    #log { border-top: solid $primary; }
+    #log { border-top: solid $primary; padding: 0 1; }
     #status { height: 1; background: $panel; padding: 0 1; }
     """
     BINDINGS: ClassVar = [
@@ -191,6 +191,7 @@ class Console(App[None]):
         Binding("A", "answer('always')", "Always"),
         Binding("x", "drop", "Drop"),
         Binding("N", "new", "New"),
+        Binding("r", "attach", "Reattach", show=False),
         Binding("tab", "focus_next", "Next pane", show=False),
         Binding("q", "quit", "Quit"),
     ]
@@ -228,6 +229,7 @@ class Console(App[None]):
         yield Footer()
 
     def on_mount(self) -> None:
+        self.theme = "ansi-dark"  # the terminal's own colours: readable on dark and light terminals alike
         self.set_interval(1.0, self.refresh_view)
         if self._socket is not None:
             self.attach()
@@ -239,7 +241,7 @@ class Console(App[None]):
         try:
             self.client = await ControlClient.connect(self._socket)
         except OSError as exc:
-            self.status = f"❌ cannot reach the daemon at {self._socket}: {exc.strerror or exc}"
+            self.status = f"❌ cannot reach the daemon at {self._socket}: {exc.strerror or exc} (r tries again)"
             self.refresh_view()
             return
         streaming = asyncio.create_task(self.client.stream(self.take))
@@ -252,8 +254,13 @@ class Console(App[None]):
             streaming.cancel()
             await self.client.close()
             self.client = None
-        self.status = f"❌ detached: {why}"
+        self.status = f"❌ detached: {why} (r attaches again)"
         self.refresh_view()
+
+    def action_attach(self) -> None:
+        if self.client is None and self._socket is not None:
+            self.status = "connecting…"
+            self.attach()
 
     # --- state -------------------------------------------------------------------------------------------
 

@@ -349,7 +349,7 @@ class Hub:
         try:
             try:
                 request = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
                 raise RequestError("not a JSON line") from None
             if not isinstance(request, dict):
                 raise RequestError("a request is a JSON object")
@@ -364,6 +364,10 @@ class Hub:
             reply = await handler(self, client, request)
         except RequestError as error:
             self._send(client, _line({"type": "error", "id": request_id, "error": str(error)}))
+            return
+        except Exception:  # a fault of the daemon's, not of the request: logged, and the client told so
+            log.exception("control_request_failed", peer=client.peer)
+            self._send(client, _line({"type": "error", "id": request_id, "error": "internal error; see the log"}))
             return
         self._send(client, _line(reply | {"type": "reply", "id": request_id, "ok": True}))
 

@@ -184,6 +184,7 @@ GARBAGE = [
     ),
     (b'{"op": "subscribe", "logs": "yes"}\n', "`logs` is true or false"),
     (b"\xff\xfe\x00\n", "not a JSON line"),
+    (b"[" * 60_000 + b"\n", "not a JSON line"),
 ]
 
 
@@ -213,6 +214,38 @@ def test_whatever_a_client_writes_it_gets_one_answer_a_line_and_the_daemon_goes_
                 await client.send(line + b"\n")
                 answer = await client.read()
                 assert answer["type"] in ("error", "reply"), answer
+            assert (await client.ask({"op": "snapshot", "id": "after"}))["ok"] is True
+
+    asyncio.run(check())
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
+FIELDS = ("id", "room", "prompt", "approval", "verdict", "text", "logs")
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    requests=st.lists(
+        st.fixed_dictionaries(
+            {"op": st.sampled_from(["snapshot", "subscribe", "stop", "drop", "answer", "new", "launch"])},
+            optional={name: JSON | st.sampled_from([ROOM, "allow", "deny", "always", "$queued"]) for name in FIELDS},
+        ),
+        min_size=1,
+        max_size=4,
+    )
+)
+def test_requests_with_any_fields_of_any_type_get_a_reply_or_an_error_and_nothing_breaks(tmp_path_factory, requests):
+    async def check() -> None:
+        async with served(tmp_path_factory.mktemp("j")) as (_bot, path), connected(path) as client:
+            for request in requests:
+                await client.send(request)
+                answer = await client.until(lambda m: m["type"] in ("error", "reply"))
+                assert answer["type"] == "reply" or isinstance(answer["error"], str), answer
+                assert answer.get("error") != "internal error; see the log", (request, answer)
             assert (await client.ask({"op": "snapshot", "id": "after"}))["ok"] is True
 
     asyncio.run(check())
