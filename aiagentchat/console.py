@@ -28,6 +28,7 @@ from aiagentchat.control import MAX_REQUEST_BYTES
 
 LOG_KEPT = 500  # records kept per room
 TOOLS_SHOWN = 4
+STALE_S = 0.25  # the agent's streamed text is shown at most this often
 STREAM_LIMIT = 16 * 1024 * 1024  # a stream line (a big chunk of output) may be long
 
 
@@ -210,6 +211,7 @@ class Console(App[None]):
             lambda: collections.deque(maxlen=LOG_KEPT)
         )
         self.status = "connecting…" if socket is not None else ""
+        self._stale = False  # the selected room's activity changed since it was shown
 
     def compose(self) -> ComposeResult:
         yield Static(id="status")
@@ -231,6 +233,7 @@ class Console(App[None]):
     def on_mount(self) -> None:
         self.theme = "ansi-dark"  # the terminal's own colours: readable on dark and light terminals alike
         self.set_interval(1.0, self.refresh_view)
+        self.set_interval(STALE_S, self._refresh_if_stale)
         if self._socket is not None:
             self.attach()
         self.refresh_view()
@@ -291,8 +294,7 @@ class Console(App[None]):
                 self._tails[room_id] = tail
                 line = next((line.strip() for line in reversed(tail.splitlines()) if line.strip()), "")
                 self.activity[room_id] = f"✍️ {line[-120:]}"
-                if room_id == self.selected:
-                    self.refresh_view()
+                self._stale = self._stale or room_id == self.selected  # shown within STALE_S: a burst costs one
             case "log":
                 record = message.get("record")
                 if isinstance(record, dict):
@@ -308,7 +310,12 @@ class Console(App[None]):
 
     # --- the screen --------------------------------------------------------------------------------------
 
+    def _refresh_if_stale(self) -> None:
+        if self._stale:
+            self.refresh_view()
+
     def refresh_view(self, rooms_changed: bool = False) -> None:
+        self._stale = False
         now = self._clock()
         table = self.query_one("#rooms", DataTable)
         if rooms_changed or table.row_count != len(self.rooms):
