@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
-import itertools
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,64 +21,11 @@ from textual.screen import ModalScreen
 from textual.widgets import DataTable, Footer, Input, Label, RichLog, Static
 
 from aiagentchat.commands import usd
-from aiagentchat.control import MAX_REQUEST_BYTES
+from aiagentchat.control import ControlClient, ControlError
 
 LOG_KEPT = 500  # records kept per room
 TOOLS_SHOWN = 4
 STALE_S = 0.25  # the agent's streamed text is shown at most this often
-STREAM_LIMIT = 16 * 1024 * 1024  # a stream line (a big chunk of output) may be long
-
-
-class ControlError(Exception):
-    """The daemon answered a request with an error, or is gone."""
-
-
-class ControlClient:
-    """Requests with their answers, and the stream, over one connection to the control socket."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._reader, self._writer = reader, writer
-        self._ids = itertools.count(1)
-        self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
-
-    @classmethod
-    async def connect(cls, path: Path) -> ControlClient:
-        return cls(*await asyncio.open_unix_connection(str(path), limit=STREAM_LIMIT))
-
-    async def request(self, op: str, **fields: Any) -> dict[str, Any]:
-        request_id = next(self._ids)
-        answer = self._waiting[request_id] = asyncio.get_running_loop().create_future()
-        line = json.dumps({"op": op, "id": request_id} | fields).encode() + b"\n"
-        if len(line) > MAX_REQUEST_BYTES:
-            raise ControlError("request too long")
-        self._writer.write(line)
-        await self._writer.drain()
-        reply = await answer
-        if reply["type"] == "error":
-            raise ControlError(reply["error"])
-        return reply
-
-    async def stream(self, handle: Callable[[dict[str, Any]], None]) -> str:
-        """Hand each streamed message to `handle` and answers to their requests, until the connection ends;
-        why it ended."""
-        why = "the daemon closed the connection"
-        while line := await self._reader.readline():
-            message = json.loads(line)
-            if message.get("type") in ("reply", "error") and message.get("id") in self._waiting:
-                self._waiting.pop(message["id"]).set_result(message)
-            elif message.get("type") == "dropped":
-                why = str(message.get("reason"))
-            else:
-                handle(message)
-        for waiting in self._waiting.values():
-            waiting.set_exception(ControlError(why))
-        self._waiting.clear()
-        return why
-
-    async def close(self) -> None:
-        self._writer.close()
-        with contextlib.suppress(ConnectionError):
-            await self._writer.wait_closed()
 
 
 def elapsed(seconds: float) -> str:

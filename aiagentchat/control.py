@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ import socket
 import stat
 import struct
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,6 +44,7 @@ TOOL_LINES_KEPT = 50  # of a running prompt, for a snapshot
 ACTIVITY_CHARS = 200
 EXCERPT_CHARS = 200
 REASON_CHARS = 1000
+STREAM_LIMIT = 16 * 1024 * 1024  # what a client takes as one line: a big chunk of output may be long
 CLOSE_GRACE_S = 5.0  # a dropped client's last line may take this long to leave, then its connection is cut
 VERDICTS = ("allow", "deny", "always")
 
@@ -500,6 +502,61 @@ class _LogTap(logging.Handler):
         except (TypeError, ValueError):  # a record that cannot be rendered: the main handler says so already
             return
         self._hub.from_any_thread(text)
+
+
+# --- the client side (the console, doctor) ---------------------------------------------------------------
+
+
+class ControlError(Exception):
+    """The daemon answered a request with an error, or is gone."""
+
+
+class ControlClient:
+    """Requests with their answers, and the stream, over one connection to the control socket."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader, self._writer = reader, writer
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
+
+    @classmethod
+    async def connect(cls, path: Path) -> ControlClient:
+        return cls(*await asyncio.open_unix_connection(str(path), limit=STREAM_LIMIT))
+
+    async def request(self, op: str, **fields: Any) -> dict[str, Any]:
+        request_id = next(self._ids)
+        answer = self._waiting[request_id] = asyncio.get_running_loop().create_future()
+        line = json.dumps({"op": op, "id": request_id} | fields).encode() + b"\n"
+        if len(line) > MAX_REQUEST_BYTES:
+            raise ControlError("request too long")
+        self._writer.write(line)
+        await self._writer.drain()
+        reply = await answer
+        if reply["type"] == "error":
+            raise ControlError(reply["error"])
+        return reply
+
+    async def stream(self, handle: Callable[[dict[str, Any]], None]) -> str:
+        """Hand each streamed message to `handle` and answers to their requests, until the connection ends;
+        why it ended."""
+        why = "the daemon closed the connection"
+        while line := await self._reader.readline():
+            message = json.loads(line)
+            if message.get("type") in ("reply", "error") and message.get("id") in self._waiting:
+                self._waiting.pop(message["id"]).set_result(message)
+            elif message.get("type") == "dropped":
+                why = str(message.get("reason"))
+            else:
+                handle(message)
+        for waiting in self._waiting.values():
+            waiting.set_exception(ControlError(why))
+        self._waiting.clear()
+        return why
+
+    async def close(self) -> None:
+        self._writer.close()
+        with contextlib.suppress(ConnectionError):
+            await self._writer.wait_closed()
 
 
 def socket_path(data_dir: Path) -> Path:

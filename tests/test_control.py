@@ -23,7 +23,7 @@ import structlog
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aiagentchat import logs
+from aiagentchat import doctor, logs
 from aiagentchat.approvals import Pending
 from aiagentchat.batcher import Begin, Block, EndOfRun, Notice, Text
 from aiagentchat.bot import Bot
@@ -36,6 +36,7 @@ from tests.test_hostile_events import ALICE
 pytestmark = pytest.mark.anyio
 ROOM = ROOMS[0]
 NOBODY = 65534
+NOW = 1_764_500_000.0
 
 
 class Line:
@@ -364,3 +365,16 @@ async def test_the_operators_actions_go_the_way_peoples_do_and_name_the_operator
         assert notices == [
             "The operator: 🆕 The next prompt starts a new conversation (the running prompt finishes in the current one)."
         ]
+
+
+async def test_doctor_asks_the_socket_whether_the_daemon_runs_and_what_its_rooms_do(tmp_path):
+    async with served(tmp_path) as (bot, path):
+        bot.workers[ROOM].current, bot.workers[ROOM].current_since = prompt("$run"), NOW
+        running = await doctor._daemon(bot.settings)
+        assert running.line() == f"✅ daemon: running, starting, serving {len(ROOMS)} room(s): {ROOM} running"
+    assert (await doctor._daemon(bot.settings)).line() == "✅ daemon: not running"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()
+    left = await doctor._daemon(bot.settings)
+    assert left.line() == f"✅ daemon: not running ({path} is left from a daemon that did not stop cleanly)"
