@@ -117,7 +117,7 @@ async def test_the_screenshot_in_the_readme_is_what_the_console_shows():
     )
 
 
-async def test_deny_asks_for_a_reason_and_drop_takes_the_highlighted_queued_prompt(tmp_path):
+async def test_deny_asks_for_a_reason_drop_takes_the_highlighted_queued_prompt_and_n_starts_anew(tmp_path):
     async with served(tmp_path) as (bot, path):
         worker, policy = bot.workers[ROOM], bot.policies[ROOM]
         worker.current, worker.current_since = prompt("$run"), NOW
@@ -144,6 +144,11 @@ async def test_deny_asks_for_a_reason_and_drop_takes_the_highlighted_queued_prom
                 while "$second" not in worker._dropped:
                     await pilot.pause(0.05)
             assert worker._dropped == {"$second": OPERATOR}
+
+            await pilot.press("N")
+            async with asyncio.timeout(10):
+                while not worker.fresh:
+                    await pilot.pause(0.05)
 
 
 def test_a_rooms_state_and_a_log_line_in_words():
