@@ -123,6 +123,9 @@ class Bot:
         self.commands = Commands(store, settings.paths.data_dir / "outgoing")
         self.ready = asyncio.Event()
         self.last_sync: float | None = None  # time.monotonic() at the end of the last good sync
+        self.last_turn: float | None = None  # time.monotonic() when the sync loop last began a request or a wait
+        # the longest a turn of a live sync loop takes: a long-poll that hits the request timeout, or a back-off
+        self._turn_limit_s = settings.matrix.request_timeout_s + SYNC_TIMEOUT_MS / 1000 + MAX_SYNC_BACKOFF_S
         self.metrics = Metrics(lambda: self.workers)
         self._stopping = asyncio.Event()
         self.crypto = Crypto(self.client, settings, self.rooms, self._batcher_of, self._consider_safely)
@@ -276,6 +279,7 @@ class Bot:
         full_state = True  # the first sync of every start brings the rooms' state (power levels, creators)
         failures = 0
         while True:
+            self.last_turn = time.monotonic()
             try:
                 response = await self.client.sync(timeout=SYNC_TIMEOUT_MS, since=token, full_state=full_state)
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
@@ -291,6 +295,7 @@ class Bot:
                 if failures == 1:
                     log.warning("sync_failing", error=response.message)
                 delay = min(MAX_SYNC_BACKOFF_S, 2 ** min(failures, 10) / 2)
+                self.last_turn = time.monotonic()
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                 continue
             if failures:
@@ -306,6 +311,12 @@ class Bot:
             if not self.ready.is_set():
                 self.ready.set()
                 log.info("ready", rooms=len(self.rooms), user_id=self.client.user_id)
+
+    def sync_loop_alive(self) -> bool:
+        """For the systemd watchdog: the sync loop began a request or a back-off wait lately. A homeserver that is
+        down does not count against it (a restart would not bring it back, and would end the rooms' runs, whose
+        output waits in the outbox); a hung loop or event loop does."""
+        return self.last_turn is not None and time.monotonic() - self.last_turn < self._turn_limit_s
 
     def _sync_not_handled(self, token: str | None) -> _Skipped | None:
         """nio raised while it took in a sync response (its own parsing or room state, before the daemon saw

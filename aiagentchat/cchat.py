@@ -6,6 +6,9 @@
     cchat send ROOM TEXT [--wait [--json] [--timeout S] [--bot USER]]
     cchat rooms [--json]
     cchat tail ROOM [--json] [--bot USER]
+    cchat adopt ROOM [--session ID] [--cwd DIR]       the room goes on with a conversation started in a terminal
+    cchat handback ROOM                               the room's conversation into your ~/.claude; prints the
+                                                      command that resumes it in a terminal
 
 ROOM is a room id (`!...`), an alias (`#name:server`) or a room `name` from the daemon's settings file
 (`--config`, `AIAGENTCHAT_CONFIG` or `./settings.toml`; needed only for names and the allowed-users check).
@@ -17,8 +20,8 @@ settings), and in an encrypted room only events encrypted with a room key that o
 its homeserver lists them) shared directly. What they print has control characters and terminal escapes
 removed (newlines and tabs stay).
 
-Exit codes: 0 answered, 1 the agent reported an error, 2 usage or configuration error (also: homeserver
-unreachable, saved login rejected), 3 timed out, 4 not allowed or not joined, 130 interrupted.
+Exit codes: 0 answered, 1 the agent reported an error (adopt: the room refused), 2 usage or configuration error
+(also: homeserver unreachable, saved login rejected), 3 timed out, 4 not allowed or not joined, 130 interrupted.
 Every error is one line on stderr.
 
 The login (`{homeserver, user_id, device_id, access_token}`, mode 0600) lives in
@@ -56,6 +59,7 @@ from typer.core import TyperGroup
 
 from aiagentchat.device_keys import store_key, upkeep
 from aiagentchat.errors import ConfigError
+from aiagentchat.handover import HandoverError, Transcripts, hand_over, resume_command, session_id, terminal_claude_dir
 from aiagentchat.private import Credentials
 from aiagentchat.wire import HOPS_KEY, HOPS_VARIABLE, MARKER_KEY
 
@@ -495,6 +499,193 @@ class Follower:
         self._failures += 1
         await asyncio.sleep(min(0.5 * 2**self._failures, 10.0))
         return []
+
+
+# --- handing a conversation over (cchat adopt, cchat handback) --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Handover:
+    """A room's side of a conversation handed over: its working directory and where its agent's CLI keeps the
+    conversations (the room's home in the sandbox; with `sandbox = "off"`, the daemon's HOME, taken to be this
+    user's)."""
+
+    name: str
+    workdir: Path
+    home: Path
+    walled: bool
+
+    @property
+    def transcripts(self) -> Transcripts:
+        return Transcripts.in_home(self.home, self.workdir)
+
+
+def handover_room(settings: Settings, entry: RoomSettings, room: str) -> Handover:
+    """The room's side; Fail when its conversations are kept per thread (none is the room's)."""
+    if entry.session_scope != "room":
+        raise Fail(
+            EXIT_USAGE,
+            f'{room} keeps a conversation per thread (session_scope = "thread"): only a room with one conversation '
+            "hands it over",
+        )
+    walled = settings.claude_for(entry).sandbox == "bwrap"
+    home = settings.home_for(entry).resolve() if walled else Path.home()
+    return Handover(room, settings.workdir_for(entry).resolve(), home, walled)
+
+
+def terminal_session(side: Handover, cwd: Path, session: str | None, claude_dir: Path) -> tuple[str, Transcripts]:
+    """The terminal's conversation to adopt, and where the terminal's CLI keeps it: `session`, else the newest
+    one started in `cwd`, which must be the room's working directory (a conversation is kept per directory and
+    `--resume` finds it only there)."""
+    try:
+        here = cwd.resolve(strict=True)
+    except OSError as exc:
+        raise Fail(EXIT_USAGE, f"{cwd}: {exc.strerror}") from None
+    if here != side.workdir:
+        raise Fail(
+            EXIT_USAGE,
+            f"{side.name} works in {side.workdir}, not in {here}: a conversation goes on in the directory it was "
+            f"started in; adopt one started in {side.workdir}, or set the room's workdir to {here}",
+        )
+    terminal = Transcripts.in_claude_dir(claude_dir, here)
+    try:
+        if session is None:
+            found = terminal.newest()
+            if found is None:
+                raise Fail(EXIT_USAGE, f"no Claude Code conversation was started in {here} (none in {terminal.folder})")
+            return found, terminal
+        chosen = session_id(session)
+        if not terminal.has(chosen):
+            raise Fail(EXIT_USAGE, f"no conversation {chosen} was started in {here} (not in {terminal.folder})")
+    except (HandoverError, OSError) as exc:
+        raise Fail(EXIT_USAGE, str(exc)) from None
+    return chosen, terminal
+
+
+def copy_conversation(source: Transcripts, target: Transcripts, session: str) -> bool:
+    """hand_over, its refusals as Fail."""
+    try:
+        return hand_over(source, target, session)
+    except (HandoverError, OSError) as exc:
+        raise Fail(EXIT_USAGE, f"conversation {session} not copied: {exc}") from None
+
+
+def make_home(side: Handover, data_dir: Path) -> None:
+    """The room's home as the daemon makes it (0700), before the daemon has run an agent there; Fail when the
+    data dir is another user's: its agent could not read what this user writes."""
+    if not side.walled:
+        return
+    try:
+        owner = data_dir.stat().st_uid
+    except OSError as exc:
+        raise Fail(EXIT_USAGE, f"the daemon's data dir {data_dir}: {exc.strerror}") from None
+    if owner != os.geteuid():
+        raise Fail(EXIT_USAGE, f"the daemon's data dir {data_dir} is another user's: run cchat as that user")
+    for folder in (side.home.parent, side.home):
+        folder.mkdir(mode=0o700, exist_ok=True)
+
+
+@dataclass(frozen=True)
+class AdoptRequest:
+    room: str
+    session: str | None
+    cwd: Path
+    timeout: float
+    config: Path | None
+    bot: str | None = None
+
+
+async def run_adopt(request: AdoptRequest) -> int:
+    """Copy the terminal's conversation into the room's home, then have the room take it up with `!resume ID`,
+    which the daemon checks and answers (a line in the room that says who adopted what)."""
+    credentials = load_credentials(credentials_path())
+    settings = read_settings(request.config)
+    assert settings is not None  # read_settings(needed=True) always has settings
+    bot = bot_user(request.bot, settings)
+    client: Any = connect_plain(credentials)
+    try:
+        room_id, entry = await resolve_room(client, request.room, settings)
+        if entry is None:
+            raise Fail(EXIT_USAGE, f"unknown room {request.room}: adopt needs a room of the daemon's settings")
+        if credentials.user_id not in entry.allowed_users:
+            raise Fail(EXIT_FORBIDDEN, f"{credentials.user_id} is not in allowed_users of {request.room}; nothing done")
+        side = handover_room(settings, entry, request.room)
+        session, terminal = terminal_session(side, request.cwd, request.session, terminal_claude_dir())
+        encrypted = await check_room(client, room_id, request.room)
+        make_home(side, settings.paths.data_dir)
+        copy_conversation(terminal, side.transcripts, session)
+        if encrypted:
+            client = await for_encryption(client, credentials)
+            await prepare_room(client, room_id)
+            await warn_unless_cross_signed(client)
+        follower = Follower(client, room_id, bot, encrypted)
+        await follower.start()
+        command_id = await send_prompt(client, room_id, prompt_content(f"{entry.command_prefix}resume {session}"))
+        reply = await command_reply(follower, command_id, request.timeout)
+    finally:
+        await client.close()
+    if reply is None:
+        error_line(
+            f"no answer to {entry.command_prefix}resume within {request.timeout:g} s: is the daemon running? "
+            f"The conversation is in the room's home; send `{entry.command_prefix}resume {session}` there later"
+        )
+        return EXIT_TIMEOUT
+    if reply["marker"].get("resumed") != session:
+        error_line(f"{request.room} refused: {reply['body']}")
+        return EXIT_AGENT_ERROR
+    print(
+        f"{request.room} goes on with conversation {session} (started in {side.workdir}): its next prompt resumes "
+        "it. The terminal's copy is left as it was.",
+        flush=True,
+    )
+    return EXIT_OK
+
+
+async def command_reply(follower: Follower, command_id: str, timeout: float) -> dict[str, Any] | None:
+    """The bot's answer to the command `command_id` ({"body", "marker"}, the body printable); None after
+    `timeout`."""
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                for event in await follower.poll():
+                    marker = marker_of(event)
+                    if marker is not None and marker.get("command") == command_id:
+                        return {"body": printable(event["content"]["body"]), "marker": marker}
+    except TimeoutError:
+        return None
+
+
+async def run_handback(room: str, config: Path | None) -> str:
+    """Copy the room's conversation into this user's ~/.claude; the command that resumes it there."""
+    import sqlite3
+
+    from aiagentchat.store import peek_conversation
+
+    settings = read_settings(config)
+    assert settings is not None  # read_settings(needed=True) always has settings
+    entry = lookup_room(settings, room)
+    room_id = entry.id if entry is not None else room
+    if entry is None or room_id.startswith("#"):  # an alias: the homeserver knows which room it names
+        client = connect_plain(load_credentials(credentials_path()))
+        try:
+            room_id, entry = await resolve_room(client, room, settings)
+        finally:
+            await client.close()
+    if entry is None:
+        raise Fail(EXIT_USAGE, f"unknown room {room}: handback needs a room of the daemon's settings")
+    side = handover_room(settings, entry, room)
+    try:
+        session, running = peek_conversation(settings.database, room_id)
+    except sqlite3.Error as exc:
+        raise Fail(EXIT_USAGE, f"cannot read the daemon's database {settings.database}: {exc}") from None
+    if session is None:
+        raise Fail(EXIT_USAGE, f"{room} has no conversation yet")
+    if running:
+        raise Fail(EXIT_USAGE, f"a prompt is running in {room}: hand its conversation back once it has ended")
+    terminal = Transcripts.in_claude_dir(terminal_claude_dir(), side.workdir)
+    if copy_conversation(side.transcripts, terminal, session):
+        error_line(f"conversation {session} copied to {terminal.path(session)}")
+    return resume_command(side.workdir, session)
 
 
 # --- answers (pure) ---------------------------------------------------------------------------------------------
@@ -1022,6 +1213,41 @@ def tail(
 ) -> None:
     """Print the bot's last output in ROOM, then its output as it arrives, until Ctrl-C."""
     run(run_tail(room, as_json, lines, config, bot), interrupted=EXIT_OK)
+
+
+@app.command()
+def adopt(
+    room: Annotated[str, typer.Argument(help="Room id (!...), alias (#...:server) or room name from the settings.")],
+    session: Annotated[
+        Optional[str],  # noqa: UP045 - typer needs Optional here
+        typer.Option("--session", help="The conversation's id (default: the newest one started in the directory)."),
+    ] = None,
+    cwd: Annotated[
+        Optional[Path],  # noqa: UP045 - typer needs Optional here
+        typer.Option("--cwd", help="The directory it was started in, the room's working directory (default: here)."),
+    ] = None,
+    timeout: Annotated[float, typer.Option("--timeout", help="Wait S seconds for the room's answer.")] = 60.0,
+    config: ConfigOption = None,
+    bot: BotOption = None,
+) -> None:
+    """Go on in ROOM with a Claude Code conversation started in a terminal: it is copied into the room's home
+    (yours is left as it was) and the room's next prompt resumes it."""
+    with failing():
+        if not timeout > 0:
+            raise Fail(EXIT_USAGE, "--timeout must be more than 0 seconds")
+    here = Path(os.environ.get("CCHAT_CWD") or Path.cwd())  # scripts/cchat runs in the project: where you were
+    request = AdoptRequest(room, session, here / cwd if cwd is not None else here, timeout, config, bot)
+    raise typer.Exit(run(run_adopt(request)))
+
+
+@app.command()
+def handback(
+    room: Annotated[str, typer.Argument(help="Room id (!...), alias (#...:server) or room name from the settings.")],
+    config: ConfigOption = None,
+) -> None:
+    """Copy ROOM's conversation into your ~/.claude and print the command that resumes it in a terminal
+    (`eval "$(cchat handback ROOM)"` runs it)."""
+    print(run(run_handback(room, config)), flush=True)
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ async def serve(settings: Settings) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop)
         async with serving(health, bot.metrics), bot.control.serving(socket_path(settings.paths.data_dir)):
-            notifying = asyncio.create_task(notifier.run(bot.ready, lambda: health.sync_problem() is None))
+            notifying = asyncio.create_task(notifier.run(bot.ready, bot.sync_loop_alive))
             try:
                 await bot.run()
             finally:

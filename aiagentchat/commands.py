@@ -1,4 +1,4 @@
-"""Room commands (`!help`, `!stop`, `!new`, `!status`, `!cost`, `!model`, `!get`): recognised in an allowed
+"""Room commands (`!help`, `!stop`, `!new`, `!status`, `!cost`, `!model`, `!get`, `!resume`): recognised in an allowed
 user's message and answered at once, even while a prompt runs."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import structlog
 
 from aiagentchat.approvals import rule_text
 from aiagentchat.batcher import Notice
+from aiagentchat.handover import HandoverError, Transcripts, session_id
 from aiagentchat.runner import RoomWorker
 from aiagentchat.settings import RoomSettings
 from aiagentchat.store import Approval, Prompt, Store
@@ -31,6 +32,7 @@ COMMANDS = {
     "cost": "what this room's runs cost today and in all",
     "model NAME": "use model NAME for the next prompts (from the room's allowed list)",
     "get PATH": "send a file from the working directory",
+    "resume ID": "go on with conversation ID, which `cchat adopt` copied here from a terminal",
 }
 
 
@@ -85,7 +87,8 @@ class Commands:
         """Answer the command `asked` carries, in reply to it (in its thread, if it was posted in one)."""
         log.info("command", room_id=room_id, command=command.word, sender=asked.sender)
         notice = await self.answer(room_id, room, worker, asked.sender, command)
-        reply = {"reply_to": asked.event_id, "marker": {"command": asked.event_id}, "thread": asked.thread or None}
+        marker = notice.marker | {"command": asked.event_id}
+        reply = {"reply_to": asked.event_id, "marker": marker, "thread": asked.thread or None}
         await worker.batcher.put(dataclasses.replace(notice, **reply))
 
     async def answer(
@@ -171,6 +174,41 @@ class Commands:
             return _answer(f"⛔ `{arg}` could not be read: {exc.strerror or exc}.")
         mimetype = mimetypes.guess_type(name)[0] or "application/octet-stream"
         return Notice("", f"📄 `{arg}`", {}, copy, name, mimetype)
+
+    async def _resume(self, room_id: str, room: RoomSettings, worker: RoomWorker, sender: str, arg: str) -> Notice:
+        """Take up a conversation whose transcript is in the room's home (put there by `cchat adopt`): its id
+        becomes the room's session, and the next prompt's agent resumes it. The answer's marker says
+        `resumed` when it did, for cchat."""
+        if not arg:
+            return _answer(f"Usage: `{room.command_prefix}resume ID`: {COMMANDS['resume ID']}.")
+        try:
+            session = session_id(arg)
+        except HandoverError as exc:
+            return _answer(f"⛔ {exc}.")
+        if room.session_scope != "room":
+            return _answer('⛔ This room keeps a conversation per thread (`session_scope = "thread"`): not here.')
+        if worker.current is not None or (queued := worker.inbox.qsize()):
+            busy = (
+                "a prompt is running" if worker.current is not None else f"{queued} queued prompt{'s' * (queued != 1)}"
+            )
+            return _answer(f"⛔ Not now: {busy}. Resume once the room is idle.")
+        home = worker.wall.home if worker.wall is not None else Path.home()
+        try:
+            present = Transcripts.in_home(home, worker.workdir).has(session)
+        except (HandoverError, OSError) as exc:
+            log.warning("resume_refused", room_id=room_id, session_id=session, error=str(exc))
+            return _answer(f"⛔ The room's conversations cannot be read: {exc}.")
+        if not present:
+            return _answer(
+                f"⛔ This room has no conversation `{session}` for its working directory: `cchat adopt` copies one "
+                "here from a terminal."
+            )
+        await self._store.new_conversation(room_id)
+        await self._store.set_session_id(room_id, session)
+        worker.fresh, worker.restart = False, True
+        log.info("conversation_adopted", room_id=room_id, session_id=session, by=sender)
+        text = f"🔁 This room now goes on with conversation `{session}`: the next prompt resumes it."
+        return Notice("", text, {"resumed": session})
 
 
 _NAMES = {key.split()[0] for key in COMMANDS}

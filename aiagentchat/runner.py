@@ -128,6 +128,8 @@ class AgentProcess:
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         self.saw_output = False
         self.conversation_gone = False  # it was to resume a conversation the CLI no longer has
+        self.initialize_id = ""  # the request id of the handshake
+        self.refused: str | None = None  # why the CLI refused the handshake: it is not read any further
         self._tasks = [asyncio.create_task(self._read_stdout()), asyncio.create_task(self._read_stderr())]
 
     @classmethod
@@ -156,7 +158,9 @@ class AgentProcess:
             start_new_session=True,
         )
         agent = cls(proc, session_id is not None, hops, claude.model, conversation)
-        await agent.write(initialize_request())
+        handshake = initialize_request()
+        agent.initialize_id = handshake["request_id"]
+        await agent.write(handshake)
         return agent
 
     @property
@@ -169,6 +173,8 @@ class AgentProcess:
             events = [event for line in lines if (event := self._event(line)) is not None]
             if events:
                 await self.events.put(events)
+            if self.refused is not None:
+                break  # the run ends as if the agent had exited, and the process is ended then
         await self.events.put(None)
 
     def _event(self, line: bytes | OverlongLine) -> dict[str, Any] | None:
@@ -176,6 +182,8 @@ class AgentProcess:
             log.warning("agent_line_too_long", size=line.size)
             return None
         event = parse_line(line)
+        if self.refused is not None:
+            return None
         if event is None:
             if line.strip():
                 log.warning("agent_line_not_json", line=line[:200].decode("utf-8", "replace"))
@@ -185,8 +193,21 @@ class AgentProcess:
             # "No conversation found with session ID: <id>" on stderr and in `errors`, 0 turns, exit 1)
             self.conversation_gone = True
             return None
+        if event.get("type") == "control_response" and not self._handshake_accepted(event.get("response")):
+            return None
         self.saw_output = True
         return event
+
+    def _handshake_accepted(self, response: Any) -> bool:
+        """False when `response` refuses the handshake, which registers the tool guard: a CLI that does not take
+        the guard's hook must run no tool, whatever its version says."""
+        if not isinstance(response, dict) or response.get("request_id") != self.initialize_id:
+            return True
+        if response.get("subtype") == "success":
+            return True
+        self.refused = str(response.get("error") or "no reason given")[:300]
+        log.error("agent_refused_handshake", error=self.refused)
+        return False
 
     async def _read_stderr(self) -> None:
         async for lines in read_lines(self.proc.stderr, max_line=64 * 1024):
@@ -273,6 +294,7 @@ class RoomWorker:
         self.current: Prompt | None = None
         self.current_since = 0.0  # time.time() when the current prompt started
         self.fresh = False  # `!new`: the next prompt starts a new conversation
+        self.restart = False  # `!resume`: the next prompt starts a new agent process, which resumes the stored session
         self._deadline: asyncio.Timeout | None = None
         self._stopped_by: str | None = None
         self._dropped: dict[str, str] = {}  # queued prompts to answer as dropped → who dropped them
@@ -457,6 +479,9 @@ class RoomWorker:
             self.fresh = False
             await self._close_agent("new conversation")
             await self.store.new_conversation(conversation)
+        if self.restart:
+            self.restart = False
+            await self._close_agent("conversation adopted")
         agent, wanted = self.agent, (prompt.hops, self.model, conversation)
         if agent is not None and agent.alive and (agent.hops, agent.model, agent.conversation) == wanted:
             return agent
@@ -632,6 +657,13 @@ class RoomWorker:
             await self.store.new_conversation(agent.conversation)
             await self.batcher.put(Block(prompt.event_id, "ℹ️ The earlier conversation is gone; starting a new one."))
             return await self._run(prompt)
+        if agent.refused is not None:
+            text = (
+                f"❌ The Claude Code CLI refused the daemon's handshake ({agent.refused}), which registers the tool "
+                "guard, so it was stopped before it could run a tool. `aiagentchat doctor` checks the CLI."
+            )
+            await self.batcher.put(Block(prompt.event_id, text))
+            return run_summary(None, "the CLI refused the tool guard")
         log.warning("agent_exited", detail=description)
         await self.batcher.put(Block(prompt.event_id, f"❌ The agent stopped unexpectedly ({description})."))
         return run_summary(None, f"the agent stopped unexpectedly ({description})")

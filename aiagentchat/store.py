@@ -502,3 +502,14 @@ class Store:
             (room_id, limit),
         )
         return [Approval(what, verdict, by, reason, at_ms / 1000) for what, verdict, by, reason, at_ms in rows]
+
+
+def peek_conversation(path: Path, room_id: str) -> tuple[str | None, bool]:
+    """For `cchat handback`, beside a running daemon and without writing: the room's session id, and whether
+    one of its prompts runs (or ran when the daemon stopped). sqlite3.Error when the database cannot be read."""
+    with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+        session = db.execute("SELECT session_id FROM sessions WHERE room_id = ?", (room_id,)).fetchone()
+        running = db.execute(
+            "SELECT 1 FROM prompts WHERE room_id = ? AND state = 'running' LIMIT 1", (room_id,)
+        ).fetchone()
+    return (session[0] if session else None), running is not None

@@ -48,7 +48,7 @@ class Notifier:
 
     async def run(self, ready: asyncio.Event, healthy: Callable[[], bool]) -> None:
         """`READY=1` once the daemon is ready, then, with a watchdog, `WATCHDOG=1` every half of its period while
-        `healthy()`: a hung event loop or a sync loop that no longer syncs gets the daemon restarted."""
+        `healthy()`: a hung event loop or sync loop gets the daemon restarted."""
         await ready.wait()
         self.send("READY=1")
         if self.watchdog_s is None:

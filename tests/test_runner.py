@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from aiagentchat.approvals import RoomToolPolicy
 from aiagentchat.batcher import Begin, Block, EndOfRun, Text
@@ -180,6 +181,20 @@ async def test_a_resumed_agent_that_cannot_start_keeps_its_conversation(tmp_path
     (prompt,) = await run_prompts(worker, recorder, "say hi")
     assert "❌ The agent stopped unexpectedly (exit code 1: Error: Settings file not found" in recorder.output(prompt)
     assert await store.session_id("!room:x") == "1234-abcd"
+
+
+async def test_a_cli_that_refuses_the_tool_guard_is_stopped_before_its_turn(tmp_path, store):
+    worker, recorder = make_worker(tmp_path, store, fake_claude(tmp_path, extra_args=["--refuse-hooks"]))
+    with capture_logs() as logs:
+        (prompt,) = await run_prompts(worker, recorder, "say hi")
+    assert recorder.output(prompt).strip() == (
+        "❌ The Claude Code CLI refused the daemon's handshake (hooks are not supported), which registers the tool "
+        "guard, so it was stopped before it could run a tool. `aiagentchat doctor` checks the CLI."
+    )
+    assert recorder.states == {prompt: "failed"} and worker.agent is None
+    assert [entry["error"] for entry in logs if entry["event"] == "agent_refused_handshake"] == [
+        "hooks are not supported"
+    ]
 
 
 async def test_a_stored_session_is_resumed(tmp_path, store):

@@ -6,6 +6,7 @@ import asyncio
 import os
 import secrets
 import socket
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,8 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
+from aiagentchat.bot import Bot
+from aiagentchat.settings import Settings
 from aiagentchat.systemd import Notifier
 
 pytestmark = pytest.mark.anyio
@@ -118,3 +121,35 @@ async def test_without_a_watchdog_run_ends_after_ready(listener):
     async with asyncio.timeout(5):
         await Notifier(path).run(ready, lambda: True)
     assert received(sock) == ["READY=1"]
+
+
+async def test_the_watchdog_sees_a_sync_loop_alive_while_the_homeserver_is_down_and_not_once_it_hangs(store, tmp_path):
+    settings = Settings(matrix={"homeserver": "http://127.0.0.1:9", "user_id": "@bot:x"}, paths={"data_dir": tmp_path})
+    bot = Bot(settings, store)
+    attempts: list[float] = []
+    hang = asyncio.Event()
+
+    async def sync(**_: object) -> None:
+        attempts.append(time.monotonic())
+        if len(attempts) > 2:
+            hang.set()
+            await asyncio.Event().wait()  # a request that never ends
+        raise ConnectionRefusedError("homeserver down")
+
+    bot.client.sync = sync  # type: ignore[method-assign]
+    assert not bot.sync_loop_alive()  # not started
+    loop = asyncio.create_task(bot._sync_loop())
+    try:
+        with capture_logs():
+            async with asyncio.timeout(10):
+                await hang.wait()
+            assert bot.last_sync is None and bot.sync_loop_alive()  # two failed syncs, and backing off between
+            bot._turn_limit_s = 0.2
+            async with asyncio.timeout(5):
+                while bot.sync_loop_alive():
+                    await asyncio.sleep(0.02)  # poll interval of the condition above
+    finally:
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+        await bot.client.close()
+        bot.device_lock.release()

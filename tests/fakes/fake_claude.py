@@ -8,7 +8,7 @@ one non-JSON line of N bytes, then answers `survived`; `drip N MS` streams N lin
 characters each), one every MS milliseconds; `flood PATH` copies the stream-json lines in PATH to stdout as fast
 as it can, then ends the turn. Like the real CLI (2.1.197): `--resume bad` (a conversation it does not have)
 writes one error result and exits 1; `--settings` naming a missing file exits 1 with only an error on stderr;
-`--version` prints one line.
+`--version` prints one line. `--refuse-hooks`: the handshake (initialize) is answered with an error.
 """
 
 import json
@@ -68,7 +68,10 @@ def read():
 while True:
     message = read()
     if message["type"] == "control_request":
-        if message["request"]["subtype"] == "initialize":
+        if message["request"]["subtype"] == "initialize" and "--refuse-hooks" in sys.argv:
+            refusal = {"subtype": "error", "request_id": message["request_id"], "error": "hooks are not supported"}
+            emit({"type": "control_response", "response": refusal})
+        elif message["request"]["subtype"] == "initialize":
             emit({"type": "control_response", "response": {"subtype": "success", "request_id": message["request_id"]}})
         continue
     prompt = message["message"]["content"]

@@ -118,9 +118,10 @@ def _visible(text: str) -> str:
 def user_texts(message: dict[str, Any]) -> list[str]:
     """The typed texts of one user message: its non-empty text blocks outside system reminders, without the
     CLI's `[Request interrupted by user...]` markers (after an interrupt the CLI merges the interrupted prompt,
-    the marker and the next prompt into one user message)."""
+    the marker and the next prompt into one user message) and without the `[Image: source: PATH]` block that
+    CLI 2.1.332 adds after a prompt with an image."""
     texts = [_visible(b.get("text", "")) for b in _blocks(message) if b.get("type") == "text"]
-    return [t for t in texts if t and not t.startswith("[Request interrupted")]
+    return [t for t in texts if t and not t.startswith(("[Request interrupted", "[Image: source: "))]
 
 
 def user_text(message: dict[str, Any]) -> str:

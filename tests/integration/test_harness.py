@@ -183,10 +183,13 @@ async def test_cli_bidirectional_protocol(model: ModelServer, claude_dirs: tuple
         assert result["subtype"] == "error_during_execution" and result["is_error"] is True, result
         assert elapsed < 3, elapsed
         assert (await model.requests())[-1]["disconnected"] is True
-        # an interrupt while idle is acknowledged and produces no result line
+        # an interrupt while idle is acknowledged and produces no result line (2.1.332 adds
+        # `response: {"still_queued": []}` to the acknowledgement)
         request_id = await claude.interrupt()
         events = await claude.read_until(lambda e: e["type"] == "control_response", 10)
-        assert events[-1]["response"] == {"subtype": "success", "request_id": request_id}
+        acknowledged = events[-1]["response"]
+        assert (acknowledged["subtype"], acknowledged["request_id"]) == ("success", request_id), acknowledged
+        assert not [e for e in events if is_result(e)], events
 
         await claude.send_user("say still here")
         assert (await claude.read_until(is_result, 30))[-1]["result"] == "still here"
@@ -218,7 +221,7 @@ async def test_cli_kill_ends_running_tools(model: ModelServer, claude_dirs: tupl
     claude = await StreamJsonClaude.start(base_url=model.base_url, home=home, cwd=work)
     try:
         await claude.initialize()
-        await claude.send_user("bash sleep 31")
+        await claude.send_user("bash echo started; sleep 31")
         await claude.read_until(lambda e: e["type"] == "assistant", 30)
         deadline = time.monotonic() + 10
         while not (tools := _sleepers(claude.proc.pid)):
