@@ -307,11 +307,13 @@ class Batcher:
         live_status: bool = False,
         status_after_s: float = 1.0,
         presence: Signals | None = None,
+        tap: Callable[[str, Item], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.room_id = room_id
         self._outbox = outbox
+        self._tap = tap  # sees each item as it is put (the control socket's stream); never raises
         self._transcripts = transcripts
         self._max_run_bytes = max_run_bytes
         self._tail_bytes = tail_bytes
@@ -364,6 +366,8 @@ class Batcher:
         if self._closing:
             raise RuntimeError(f"the batcher of {self.room_id} is closed")
         await self._queue.put(item)
+        if self._tap is not None:
+            self._tap(self.room_id, item)
 
     async def close(self) -> None:
         """Flush everything still pending, partial lines included, deliver it, and let run() return.

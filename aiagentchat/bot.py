@@ -37,6 +37,7 @@ from aiagentchat.approvals import RoomToolPolicy
 from aiagentchat.batcher import Accepted, Batcher, Notice
 from aiagentchat.chatrooms import ADMIN_WORDS, RoomAdmin
 from aiagentchat.commands import Commands, over_budget
+from aiagentchat.control import Hub
 from aiagentchat.crypto import Crypto, DeviceLock
 from aiagentchat.desk import Desk
 from aiagentchat.guard import ToolGuard
@@ -138,6 +139,7 @@ class Bot:
         self.metrics = Metrics(lambda: self.workers)
         self._stopping = asyncio.Event()
         self.crypto = Crypto(self.client, settings, self.rooms, self._batcher_of, self._consider_safely)
+        self.control = Hub(self)  # the control socket's view of the rooms (cli.py serves it)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -208,6 +210,7 @@ class Bot:
             live_status=room.live_status,
             status_after_s=output.status_after_s,
             presence=sender,
+            tap=self.control.observe,
         )
         workdir = self.settings.workdir_for(room).resolve()
         guard = ToolGuard(self.settings.paths.data_dir, workdir, room.allow_claude_config_writes)

@@ -1,6 +1,6 @@
 """`aiagentchat` / `python -m aiagentchat`: start the daemon; `aiagentchat verify`: verify the bot's device or a
 person; `aiagentchat keys`: the bot's cross-signing keys; `aiagentchat trust`: accept a person's new identity;
-`aiagentchat doctor`: check the set-up.
+`aiagentchat doctor`: check the set-up; `aiagentchat console`: the operator's screen.
 Exit codes: 2 bad settings (or the bot's device in use by another process), 3 Matrix login refused, 4 the
 built-in homeserver failed to start, 5 the access token was revoked while running, 6 the database failed
 (it cannot be read or written); `verify` exits 1 when the device was not verified, `keys` and `trust` 1 when
@@ -23,6 +23,7 @@ import typer
 
 from aiagentchat import logs
 from aiagentchat.bot import Bot
+from aiagentchat.control import socket_path
 from aiagentchat.doctor import missing_claude_login, report
 from aiagentchat.health import Health, serving
 from aiagentchat.identity import IdentityError, fingerprint
@@ -72,7 +73,7 @@ async def serve(settings: Settings) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop)
-        async with serving(health, bot.metrics):
+        async with serving(health, bot.metrics), bot.control.serving(socket_path(settings.paths.data_dir)):
             notifying = asyncio.create_task(notifier.run(bot.ready, bot.sync_loop_alive))
             try:
                 await bot.run()
@@ -179,6 +180,16 @@ def trust_command(
     """Accept USER's new cross-signing identity after the daemon refused them because it changed (it works while
     the daemon runs)."""
     print(accept_identity(_settings(config or ctx.obj), user))
+
+
+@app.command("console")
+def console_command(ctx: typer.Context, config: ConfigOption = None) -> None:
+    """The operator's console: every room of the running daemon, live, with its running prompt, queue, waiting
+    approval and log; keys to stop, drop, allow, deny, always and start a new conversation. It talks to the
+    daemon's control socket (data_dir/control.sock) and can attach and detach at any time."""
+    from aiagentchat.console import Console  # Textual only for this command: the daemon's start stays light
+
+    Console(socket_path(_settings(config or ctx.obj).paths.data_dir)).run()
 
 
 @app.command("doctor")

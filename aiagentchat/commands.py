@@ -97,16 +97,30 @@ class Commands:
     async def run(self, room_id: str, room: RoomSettings, worker: RoomWorker, asked: Prompt, command: Command) -> None:
         """Answer the command `asked` carries, in reply to it (in its thread, if it was posted in one)."""
         log.info("command", room_id=room_id, command=command.word, sender=asked.sender)
-        handler = getattr(self, f"_{command.word}", None) if command.word in _NAMES else None
-        if handler is None:
-            notice = _answer(f"Unknown command `{room.command_prefix}{command.word}`.\n\n{help_text(room)}")
-        elif command.word in THREADED:
-            notice = await handler(room_id, room, worker, asked, command.argument)
-        else:
-            notice = await handler(room_id, room, worker, asked.sender, command.argument)
+        notice = await self.answer(room_id, room, worker, asked.sender, command, asked)
         marker = notice.marker | {"command": asked.event_id}
         reply = {"reply_to": asked.event_id, "marker": marker, "thread": asked.thread or None}
         await worker.batcher.put(dataclasses.replace(notice, **reply))
+
+    async def answer(
+        self,
+        room_id: str,
+        room: RoomSettings,
+        worker: RoomWorker,
+        sender: str,
+        command: Command,
+        asked: Prompt | None = None,
+    ) -> Notice:
+        """What `command` from `sender` (a person, or the operator through the control socket) does and says;
+        `asked`, the message that carried it, for the commands that act on its thread."""
+        handler = getattr(self, f"_{command.word}", None) if command.word in _NAMES else None
+        if handler is None:
+            return _answer(f"Unknown command `{room.command_prefix}{command.word}`.\n\n{help_text(room)}")
+        if command.word in THREADED:
+            if asked is None:
+                return _answer(f"`{room.command_prefix}{command.word}` acts on the thread it is sent in.")
+            return await handler(room_id, room, worker, asked, command.argument)
+        return await handler(room_id, room, worker, sender, command.argument)
 
     async def _help(self, room_id: str, room: RoomSettings, worker: RoomWorker, sender: str, arg: str) -> Notice:
         return _answer(help_text(room))

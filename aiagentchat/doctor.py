@@ -34,6 +34,7 @@ from nio import (
 )
 from pydantic import SecretStr
 
+from aiagentchat.control import ControlClient, ControlError, socket_path
 from aiagentchat.crypto import cross_signing_path
 from aiagentchat.errors import ConfigError
 from aiagentchat.identity import IdentityError, fingerprint, query, read_devices, read_identity
@@ -48,6 +49,7 @@ from aiagentchat.transport import credentials_path
 
 HOMESERVER_TIMEOUT_S = 10.0
 CLI_TIMEOUT_S = 30.0
+CONTROL_TIMEOUT_S = 5.0
 NETWORK_ERRORS = (aiohttp.ClientError, TimeoutError, OSError, ValueError)
 RATE_LIMITS = "README#rate-limits"
 
@@ -127,6 +129,7 @@ async def diagnose(config: Path | None, env: Mapping[str, str]) -> AsyncIterator
     source = str(config) if config is not None else "no file: defaults and environment"
     yield Check(Level.OK, "settings", f"{source}, {len(settings.rooms)} room(s)")
     yield _data_dir(settings)
+    yield await _daemon(settings)
     session = Session(settings)
     try:
         async for check in _homeserver(session):
@@ -155,6 +158,32 @@ def _data_dir(settings: Settings) -> Check:
     except ConfigError as exc:
         return Check(Level.FAIL, "data dir", str(exc), "the daemon refuses to start until then")
     return Check(Level.OK, "data dir", f"{data_dir}, private")
+
+
+async def _daemon(settings: Settings) -> Check:
+    """Whether the daemon runs, asked through its control socket (a snapshot: nothing changes)."""
+    path = socket_path(settings.paths.data_dir)
+    if not path.exists():
+        return Check(Level.OK, "daemon", "not running")
+    try:
+        async with asyncio.timeout(CONTROL_TIMEOUT_S):
+            client = await ControlClient.connect(path)
+            streaming = asyncio.create_task(client.stream(lambda _message: None))
+            try:
+                snapshot = await client.request("snapshot")
+            finally:
+                streaming.cancel()
+                await client.close()
+    except (ConnectionRefusedError, FileNotFoundError):
+        return Check(Level.OK, "daemon", f"not running ({path} is left from a daemon that did not stop cleanly)")
+    except (OSError, ControlError, TimeoutError) as exc:
+        why = "no answer" if isinstance(exc, TimeoutError) else getattr(exc, "strerror", None) or str(exc)
+        return Check(Level.WARN, "daemon", f"its control socket {path} did not answer: {why}", "run doctor as its user")
+    rooms = snapshot.get("rooms", [])
+    busy = [f"{room['name']} {room['state']}" for room in rooms if room["state"] != "idle"]
+    state = "ready" if snapshot.get("ready") else "starting"
+    detail = f"running, {state}, serving {len(rooms)} room(s)" + (f": {', '.join(busy)}" if busy else "")
+    return Check(Level.OK, "daemon", detail)
 
 
 # --- the homeserver and the bot's login ---------------------------------------------------------------------

@@ -50,20 +50,24 @@ def configure(level: str = "info", stream: TextIO | None = None) -> None:
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(
-        structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=_SHARED,
-            processors=[
-                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                structlog.processors.format_exc_info,
-                redact,
-                renderer,
-            ],
-        )
-    )
+    handler.setFormatter(formatter(renderer))
     number = logging.getLevelNamesMapping()[level.upper()]
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(number if number == logging.DEBUG else max(number, logging.WARNING))
     logging.getLogger(OWN_LOGGER).setLevel(number)
     logging.captureWarnings(True)
+
+
+def formatter(renderer: Any = None) -> logging.Formatter:
+    """Records (the daemon's events and the libraries' alike) as the log shows them, redacted; JSON by default
+    (the control socket streams them so)."""
+    return structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=_SHARED,
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            redact,
+            renderer if renderer is not None else structlog.processors.JSONRenderer(),
+        ],
+    )

@@ -466,6 +466,13 @@ class RoomWorker:
         self.claude, self.workdir, self.guard, self.wall = claude, workdir, guard, wall
         self._reconfigured = True
 
+    def waiting_prompts(self) -> list[Prompt]:
+        """The prompts waiting to run, in this worker's inbox and its lanes', in order, without those dropped."""
+        waiting: list[Prompt] = []
+        for worker in self.workers():
+            waiting += worker.inbox._queue  # type: ignore[attr-defined]  # asyncio keeps them so
+        return [prompt for prompt in waiting if prompt.event_id not in self._dropped]
+
     async def drop(self, event_id: str, by: str) -> bool:
         """Answer a queued prompt as dropped instead of running it (🛑 on it); False if it is not queued."""
         if event_id in self._dropped or await self.store.prompt_state(event_id) != "queued":
