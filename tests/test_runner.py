@@ -16,6 +16,7 @@ from aiagentchat.runner import RoomWorker, agent_environment
 from aiagentchat.settings import ClaudeSettings
 from aiagentchat.store import OutboxRow, Prompt
 from aiagentchat.worktrees import Worktrees
+from tests.harness.git import make_repository
 
 pytestmark = pytest.mark.anyio
 FAKE = Path(__file__).parent / "fakes" / "fake_claude.py"
@@ -331,18 +332,9 @@ def git_init(path: Path) -> None:
     subprocess.run(["git", "-C", str(path), "init", "--quiet"], check=True)
 
 
-def git_checkout(path: Path) -> Path:
-    path.mkdir()
-    for args in (["init", "--quiet"], ["config", "user.email", "t@x"], ["config", "user.name", "T"]):
-        subprocess.run(["git", "-C", str(path), *args], check=True)
-    (path / "README").write_text("x\n")
-    subprocess.run(["git", "-C", str(path), "add", "README"], check=True)
-    subprocess.run(["git", "-C", str(path), "commit", "--quiet", "-m", "first"], check=True)
-    return path
-
 
 def threaded_worker(tmp_path, store, claude, max_parallel=2) -> tuple[RoomWorker, Recorder]:
-    recorder, repo = Recorder(), git_checkout(tmp_path / "work")
+    recorder, repo = Recorder(), make_repository(tmp_path / "work")
     guard = ToolGuard(tmp_path / "data", repo)
     trees = Worktrees(repo, tmp_path / "data" / "worktrees", None)
     policy = RoomToolPolicy(claude)
@@ -396,7 +388,7 @@ async def test_threads_run_at_once_each_in_its_worktree_and_in_order_within_a_th
 
 async def test_a_new_checkout_gives_threads_worktrees_of_it(tmp_path, store):
     worker, recorder = threaded_worker(tmp_path, store, fake_claude(tmp_path))
-    other = git_checkout(tmp_path / "other")
+    other = make_repository(tmp_path / "other")
     async with asyncio.TaskGroup() as group:
         task = group.create_task(worker.run())
         first = Prompt("!room:x", "$a", "@u:x", "cwd")

@@ -1,7 +1,6 @@
 """`!merge`, `!discard` (and its ✅) and `!status` in a room whose threads have worktrees, against a real git
 repository and a worker that runs nothing."""
 
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from aiagentchat.runner import RoomWorker
 from aiagentchat.settings import ClaudeSettings, RoomSettings
 from aiagentchat.store import Prompt
 from aiagentchat.worktrees import Worktrees, branch_name
+from tests.harness.git import git, make_repository
 
 pytestmark = pytest.mark.anyio
 ROOM = "!room:x"
@@ -37,21 +37,6 @@ class Room:
 
     def forget(self, ref: str) -> str | None:
         return self.refs.pop(ref, None)
-
-
-def git(cwd: Path, *args: str) -> str:
-    return subprocess.run(["git", "-C", str(cwd), *args], check=True, capture_output=True, text=True).stdout.strip()
-
-
-def checkout(path: Path) -> Path:
-    path.mkdir()
-    git(path, "init", "--quiet", "--initial-branch", "main")
-    git(path, "config", "user.email", "t@x")
-    git(path, "config", "user.name", "T")
-    (path / "README").write_text("x\n")
-    git(path, "add", "README")
-    git(path, "commit", "--quiet", "-m", "first")
-    return path
 
 
 def setup(tmp_path: Path, store, workdir: Path, *, worktrees: bool = True) -> tuple[RoomSettings, RoomWorker, Room]:
@@ -79,7 +64,7 @@ async def test_merge_and_discard_say_why_they_cannot_act_where_they_cannot(tmp_p
     plain = tmp_path / "plain"
     plain.mkdir()
     for workdir, worktrees, thread, expected in [
-        (checkout(tmp_path / "repo"), True, "", "Send `!merge` in the thread whose work it is about"),
+        (make_repository(tmp_path / "repo"), True, "", "Send `!merge` in the thread whose work it is about"),
         (plain, True, "$t", "not a git checkout"),
         (plain, False, "$t", "Threads have no worktrees in this room"),
     ]:
@@ -91,7 +76,7 @@ async def test_merge_and_discard_say_why_they_cannot_act_where_they_cannot(tmp_p
 
 
 async def test_merge_waits_for_nothing_while_the_thread_is_busy(tmp_path, store):
-    settings, worker, room = setup(tmp_path, store, checkout(tmp_path / "repo"))
+    settings, worker, room = setup(tmp_path, store, make_repository(tmp_path / "repo"))
     await worker.worktrees.ensure("$t")
     async with worker.worktrees.lock("$t"):  # a prompt runs in the thread
         notice = await command(Commands(store, tmp_path / "out"), settings, worker, room, "!merge", "$t")
@@ -100,7 +85,7 @@ async def test_merge_waits_for_nothing_while_the_thread_is_busy(tmp_path, store)
 
 async def test_discard_asks_and_only_a_confirmation_of_that_question_discards(tmp_path, store):
     commands = Commands(store, tmp_path / "out")
-    repo = checkout(tmp_path / "repo")
+    repo = make_repository(tmp_path / "repo")
     settings, worker, room = setup(tmp_path, store, repo)
     path = await worker.worktrees.ensure("$t")
     (path / "loose.txt").write_text("x\n")
@@ -119,7 +104,7 @@ async def test_discard_asks_and_only_a_confirmation_of_that_question_discards(tm
 
 
 async def test_status_lists_worktrees_idle_long_enough(tmp_path, store):
-    settings, worker, room = setup(tmp_path, store, checkout(tmp_path / "repo"))
+    settings, worker, room = setup(tmp_path, store, make_repository(tmp_path / "repo"))
     trees = worker.worktrees
     await trees.ensure("$old")
     await trees.ensure("$new")

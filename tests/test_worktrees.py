@@ -10,31 +10,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from aiagentchat.worktrees import BRANCH_PREFIX, Git, GitError, Worktrees, branch_name, short_name
+from tests.harness.git import git, make_repository, merging
 
 pytestmark = pytest.mark.anyio
 
 
-def git(cwd: Path, *args: str) -> str:
-    return subprocess.run(["git", "-C", str(cwd), *args], check=True, capture_output=True, text=True).stdout.strip()
-
-
-def merging(repo: Path) -> bool:
-    """Whether a merge is under way in the checkout (MERGE_HEAD is there)."""
-    found = subprocess.run(["git", "-C", str(repo), "rev-parse", "-q", "--verify", "MERGE_HEAD"], check=False)
-    return found.returncode == 0
-
-
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
-    checkout = tmp_path / "project"
-    checkout.mkdir()
-    git(checkout, "init", "--quiet", "--initial-branch", "main")
-    git(checkout, "config", "user.name", "Tester")
-    git(checkout, "config", "user.email", "tester@example.org")
-    (checkout / "README").write_text("hello\n")
-    git(checkout, "add", "README")
-    git(checkout, "commit", "--quiet", "-m", "first")
-    return checkout
+    return make_repository(tmp_path / "project")
 
 
 @pytest.fixture

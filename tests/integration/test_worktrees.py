@@ -3,38 +3,17 @@ repository made here): two threads write different files at the same time, each 
 in each brings both into the main checkout; a conflicting third is reported and changes nothing; `!discard`
 removes a worktree and its branch once ✅ confirms it; after a restart a thread goes on in its worktree."""
 
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from aiagentchat.worktrees import branch_name
+from tests.harness.git import git, make_repository, merging
 from tests.integration.test_approval import ended
 from tests.integration.test_conversation import react, replies
 from tests.integration.test_threads import in_thread
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
-
-
-def git(cwd: Path, *args: str) -> str:
-    return subprocess.run(["git", "-C", str(cwd), *args], check=True, capture_output=True, text=True).stdout.strip()
-
-
-def merging(repo: Path) -> bool:
-    """Whether a merge is under way in the checkout (MERGE_HEAD is there)."""
-    found = subprocess.run(["git", "-C", str(repo), "rev-parse", "-q", "--verify", "MERGE_HEAD"], check=False)
-    return found.returncode == 0
-
-
-def make_repository(path: Path) -> Path:
-    path.mkdir()
-    git(path, "init", "--quiet", "--initial-branch", "main")
-    git(path, "config", "user.name", "Tester")
-    git(path, "config", "user.email", "tester@example.org")
-    (path / "README").write_text("the project\n")
-    git(path, "add", "README")
-    git(path, "commit", "--quiet", "-m", "first")
-    return path
 
 
 def worktrees(repo: Path) -> dict[str, Path]:
