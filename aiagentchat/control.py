@@ -267,13 +267,15 @@ class Hub:
             for prompt in worker.waiting_prompts()
         ]
         running = None
-        if (current := worker.current) is not None:
+        runs = worker.running()  # with worktrees, one per thread running now: the longest-running is shown
+        if runs and (current := (lead := min(runs, key=lambda run: run.current_since)).current) is not None:
             shown = self._running.get(room_id)
             running = {
                 "prompt": current.event_id,
                 "sender": current.sender,
                 "text": _excerpt(current.text),
-                "since": worker.current_since,
+                "since": lead.current_since,
+                "runs": len(runs),
                 "tools": list(shown.tools) if shown is not None and shown.prompt_id == current.event_id else [],
                 "activity": shown.activity() if shown is not None and shown.prompt_id == current.event_id else "",
             }

@@ -293,6 +293,7 @@ async def test_the_stream_shows_a_run_its_tool_lines_and_its_end_and_a_snapshot_
             "sender": ALICE,
             "text": "list the files",
             "since": 1000.0,
+            "runs": 1,
             "tools": ["💻 `ls -la`"],
             "activity": None,
         }
