@@ -10,7 +10,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from aiagentchat.settings import ClaudeSettings, ConfigError, Settings
+from aiagentchat.settings import ClaudeSettings, ConfigError, RoomSettings, Settings
 
 # bound read-only when present (--ro-bind-try): programs, libraries, configuration
 SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt")
@@ -90,23 +90,37 @@ def prepare_home(wall: Wall) -> None:
 
 
 def check_bwrap(settings: Settings) -> None:
-    """At start-up: when a room is to be walled in, bwrap must be able to run here (ConfigError if not)."""
-    if any(settings.claude_for(room).sandbox == "bwrap" for room in settings.rooms):
+    """At start-up: when a room is to be walled in (one in the settings, the built-in homeserver's room "local",
+    or one an admin may make from the chat with the room defaults), bwrap must be able to run here (ConfigError
+    if not)."""
+    rooms = list(settings.rooms)
+    if not settings.matrix.homeserver:
+        rooms.append(RoomSettings(id="!local:localhost"))
+    if settings.daemon.admins:
+        rooms.append(settings.room_defaults.room("!made-from-chat:x", {}))
+    if any(settings.claude_for(room).sandbox == "bwrap" for room in rooms):
         probe_bwrap()
 
 
 def probe_bwrap() -> None:
-    """Whether bwrap runs here and can create its namespaces (`bwrap --ro-bind / / true`); ConfigError if not."""
+    """Whether bwrap runs here and can make what a wall needs: its namespaces, a fresh /proc and /dev (as
+    `Wall.argv` does); ConfigError if not."""
     fix = 'install bubblewrap (apt-get install bubblewrap) or set sandbox = "off" in [claude] or per room'
     bwrap = shutil.which("bwrap")
     if bwrap is None:
         raise ConfigError(f"the agent sandbox needs bwrap, which is not on PATH; {fix}")
     try:
         probe = subprocess.run(
-            [bwrap, "--ro-bind", "/", "/", "true"], capture_output=True, text=True, timeout=PROBE_TIMEOUT_S
+            [bwrap, "--ro-bind", "/", "/", "--unshare-pid", "--proc", "/proc", "--dev", "/dev", "true"],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=PROBE_TIMEOUT_S,
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise ConfigError(f"the agent sandbox cannot run: {bwrap} failed ({exc}); {fix}") from exc
     if probe.returncode != 0:
         why = " ".join(probe.stderr.split()) or f"exit code {probe.returncode}"
+        if "mount proc" in why:  # podman masks parts of /proc, and the kernel then refuses a fresh one
+            fix = "in a podman container, run it with --security-opt 'unmask=/proc/*' (README: Container); or " + fix
         raise ConfigError(f"the agent sandbox cannot run: {why}; {fix} (user namespaces may be disabled here)")

@@ -148,9 +148,31 @@ def test_start_up_refuses_when_bwrap_is_missing_or_cannot_run(tmp_path, monkeypa
     check_bwrap(settings)
 
 
+def test_start_up_refuses_a_container_that_masks_proc_and_says_how_to_run_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    refusing = "#!/bin/sh\ncase \"$*\" in *'--proc /proc'*) echo 'bwrap: Can'\\''t mount proc on /newroot/proc: "
+    executable(tmp_path / "bwrap", refusing + "Operation not permitted' >&2; exit 1;; esac\nexit 0\n")
+    with pytest.raises(ConfigError, match=r"mount proc .*--security-opt 'unmask=/proc/\*'"):
+        check_bwrap(Settings(rooms=[RoomSettings(id="!a:x")]))
+
+
+def test_start_up_checks_bwrap_for_the_built_in_room_and_rooms_an_admin_may_make_from_the_chat(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    own = {"homeserver": "https://matrix.example.org", "user_id": "@bot:example.org"}
+    admins = {"admins": ["@admin:x"]}
+    check_bwrap(Settings(matrix=own, daemon=admins, room_defaults={"sandbox": "off"}))
+    check_bwrap(Settings(matrix=own, room_defaults={}))  # no admin: no room can be made from the chat
+    with pytest.raises(ConfigError, match="needs bwrap, which is not on PATH"):
+        check_bwrap(Settings(matrix=own, daemon=admins))
+    with pytest.raises(ConfigError, match="needs bwrap, which is not on PATH"):
+        check_bwrap(Settings())  # the built-in homeserver's room "local"
+    check_bwrap(Settings(claude={"sandbox": "off"}))
+
+
 def test_start_up_does_not_need_bwrap_when_every_room_opts_out(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
-    check_bwrap(Settings(rooms=[RoomSettings(id="!a:x", sandbox="off")]))
+    own = {"homeserver": "https://matrix.example.org", "user_id": "@bot:example.org"}
+    check_bwrap(Settings(matrix=own, rooms=[RoomSettings(id="!a:x", sandbox="off")]))
     check_bwrap(Settings(claude=ClaudeSettings(sandbox="off"), rooms=[RoomSettings(id="!a:x")]))
 
 

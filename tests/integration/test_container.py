@@ -275,6 +275,13 @@ def test_image_has_no_node(image: str) -> None:
     assert found == "", f"Node.js in the final image: {found}"
 
 
+def test_without_unmask_the_daemon_refuses_to_start_and_says_how(image: str) -> None:
+    """podman's masks on /proc keep bwrap from giving an agent a fresh /proc: the start-up check finds it."""
+    refused = podman("run", "--rm", "--network", "host", image, timeout=120, check=False)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "mount proc" in refused.stderr and "--security-opt 'unmask=/proc/*'" in refused.stderr, refused.stderr
+
+
 def run_daemon(image: str, volume: str, model_url: str, name: str) -> Running:
     env = {"ANTHROPIC_BASE_URL": model_url, "ANTHROPIC_API_KEY": "sk-ant-test-not-a-real-key"}
     argv = ["podman", "run", "--rm", "--name", name, "--network", "host", *UNMASK, "-v", f"{volume}:/data"]
