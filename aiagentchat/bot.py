@@ -130,7 +130,9 @@ class Bot:
         self._seen: set[str] = set()  # rooms recorded as watched, so a sync needs no write for them
         self._syncing = False  # while a sync batch is handled, its prompts are recorded together at its end
         self._accepting: list[tuple[Prompt, float | None]] = []  # accepted, not recorded yet
-        self.commands = Commands(store, settings.paths.data_dir / "outgoing", self._settings_lines)
+        self.commands = Commands(
+            store, settings.paths.data_dir / "outgoing", self._settings_lines, self.admin.commands_for
+        )
         self.ready = asyncio.Event()
         self.last_sync: float | None = None  # time.monotonic() at the end of the last good sync
         self.last_turn: float | None = None  # time.monotonic() when the sync loop last began a request or a wait

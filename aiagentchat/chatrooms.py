@@ -166,6 +166,13 @@ class RoomAdmin:
     def is_admin(self, user: str) -> bool:
         return user in self._settings.daemon.admins
 
+    def commands_for(self, room_id: str, user: str) -> Mapping[str, str]:
+        """The admin commands `!help` lists to `user` in the room: all of them to an admin in a room made from the
+        chat, none anywhere else."""
+        if self._host.chat_settings(room_id) is None or not self.is_admin(user):
+            return {}
+        return ADMIN_COMMANDS
+
     async def run(self, room_id: str, room: RoomSettings, worker: RoomWorker, asked: Prompt, command: Command) -> None:
         """Answer `!allow`, `!deny`, `!tools`, `!project` or `!leave`, in reply to the command."""
         log.info("command", room_id=room_id, command=command.word, sender=asked.sender)

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from aiagentchat import cchat, intake
 from aiagentchat.bot import Bot
 from aiagentchat.chatrooms import Refused, RoomAdmin, project_dir, sources, tool_names, user_id
-from aiagentchat.commands import Command
+from aiagentchat.commands import Command, Commands
 from aiagentchat.settings import ConfigError, Settings, check_safety, load_settings
 from aiagentchat.store import Prompt, Store
 from tests.test_intake import Approvals, event, text
@@ -377,6 +377,52 @@ async def test_status_names_where_each_setting_comes_from(admin, tree):
     default = sources(settings, settings.room_defaults.room(ROOM_ID, {}), {})
     assert any(line.startswith("  - `workdir` = ") and line.endswith("(built-in default)") for line in default)
     assert sources(settings, room, None) == ["- **Settings:** from settings.toml"]
+
+
+ADMIN_HELP = [
+    "- `!allow @USER`: let USER prompt in this room",
+    "- `!deny @USER`: take USER's right to prompt here away",
+    "- `!tools`: the tools run without asking and those always refused; `tools allow|deny|remove TOOL…`, `tools reset`",
+    "- `!project PATH`: make PATH (under the daemon's project_roots) this room's working directory; a new conversation",
+    "- `!leave`: the bot leaves this room and forgets it; its working directory stays",
+]
+
+
+async def test_help_lists_the_admin_commands_to_an_admin_of_a_room_made_from_the_chat_only(admin, store, tmp_path):
+    commands = Commands(store, tmp_path, admin_commands=admin.admin.commands_for)
+
+    async def helped(sender: str, room_id: str = ROOM_ID, word: str = "help") -> list[str]:
+        room = admin.settings.room_defaults.room(room_id, admin.host.chat.get(room_id, {}))
+        notice = await commands.answer(room_id, room, Worker(), sender, Command(word, ""))
+        return notice.markdown.splitlines()
+
+    shown = await helped(ADMIN)
+    assert shown[shown.index(ADMIN_HELP[0]) - 1].startswith("**Admin commands**")
+    assert [line for line in shown if line in ADMIN_HELP] == ADMIN_HELP
+    assert "- `!status`: the running prompt, the queue, the session, the model and today's cost" in shown
+    assert [line for line in await helped(ADMIN, word="nosuch") if line in ADMIN_HELP] == ADMIN_HELP
+    for sender, room_id in ((ALICE, ROOM_ID), (ADMIN, "!file:x")):  # not an admin; a room of settings.toml
+        lines = await helped(sender, room_id)
+        assert "- `!status`: the running prompt, the queue, the session, the model and today's cost" in lines
+        assert not any("Admin commands" in line or "`!allow" in line or "`!leave" in line for line in lines)
+
+
+async def test_the_daemons_help_asks_its_room_admin(tmp_path, store):
+    settings = Settings(
+        matrix={"homeserver": "http://127.0.0.1:9", "user_id": "@bot:x"},
+        paths={"data_dir": tmp_path / "data"},
+        daemon={"admins": [ADMIN]},
+    )
+    bot = Bot(settings, store)
+    try:
+        bot.chat[ROOM_ID] = {"allowed_users": [ADMIN]}
+        room = settings.room_defaults.room(ROOM_ID, bot.chat[ROOM_ID])
+        for sender, listed in ((ADMIN, True), (ALICE, False)):
+            notice = await bot.commands.answer(ROOM_ID, room, Worker(), sender, Command("help", ""))
+            assert (ADMIN_HELP[-1] in notice.markdown.splitlines()) is listed
+    finally:
+        await bot.client.close()
+        bot.device_lock.release()
 
 
 def test_nothing_in_a_command_reaches_outside_its_checks(tree):
