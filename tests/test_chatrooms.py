@@ -16,6 +16,7 @@ from aiagentchat import cchat, intake
 from aiagentchat.bot import Bot
 from aiagentchat.chatrooms import Refused, RoomAdmin, project_dir, sources, tool_names, user_id
 from aiagentchat.commands import Command, Commands
+from aiagentchat.private import Credentials
 from aiagentchat.settings import ConfigError, Settings, check_safety, load_settings
 from aiagentchat.store import Prompt, Store
 from tests.test_intake import Approvals, event, text
@@ -471,6 +472,63 @@ def test_cchat_rooms_lists_the_stored_rooms_that_the_file_does_not_configure(tmp
     assert json.loads(listed.stdout)[1]["stored"] is True
     empty = load_settings(write(tmp_path, f'[paths]\ndata_dir = "{tmp_path}/none"\n'))
     assert cchat.stored_rooms(empty) == []
+
+
+def keep(tmp_path: Path, *rooms: tuple[str, dict[str, Any]]) -> None:
+    """Rooms made from the chat, in the database of a daemon whose data dir is tmp_path/data."""
+
+    async def add() -> None:
+        store = await Store.open(tmp_path / "data" / "aiagentchat.db")
+        for room_id, chat in rooms:
+            await store.add_chat_room(room_id, ADMIN, chat)
+        await store.close()
+
+    asyncio.run(add())
+
+
+FILE_ROOM = '[paths]\ndata_dir = "{data}"\n[[rooms]]\nid = "!work:x"\nname = "work"\nallowed_users = ["@bob:x"]\n'
+
+
+def test_cchat_finds_a_stored_room_by_its_name_or_id_unless_the_file_has_that_name(tmp_path):
+    (tmp_path / "code" / "site").mkdir(parents=True)
+    keep(
+        tmp_path,
+        ("!site:x", {"allowed_users": [ALICE], "name": "site"}),
+        ("!other:x", {"allowed_users": [ALICE], "name": "work"}),
+        ("!moved:x", {"allowed_users": [ALICE], "name": "moved", "workdir": str(tmp_path / "code" / "site")}),
+    )
+    settings = load_settings(write(tmp_path, FILE_ROOM))
+    site = cchat.lookup_room(settings, "site")
+    assert (site.id, site.allowed_users) == ("!site:x", [ALICE])
+    assert cchat.lookup_room(settings, "!site:x").name == "site"  # by its id too: cchat knows who may prompt there
+    assert cchat.lookup_room(settings, "work").id == "!work:x"  # settings.toml wins
+    assert cchat.lookup_room(settings, "nope") is None and cchat.lookup_room(settings, "!nope:x") is None
+    moved = cchat.lookup_room(settings, "moved")  # no project_roots today: served in its own directory, as the daemon
+    assert settings.workdir_for(moved).parent == tmp_path / "data" / "rooms"
+    rooted = load_settings(write(tmp_path, FILE_ROOM + f'[daemon]\nproject_roots = ["{tmp_path / "code"}"]\n'))
+    assert rooted.workdir_for(cchat.lookup_room(rooted, "moved")) == tmp_path / "code" / "site"
+    assert cchat.lookup_room(load_settings(write(tmp_path, f'[paths]\ndata_dir = "{tmp_path}/none"\n')), "site") is None
+
+
+def test_cchat_commands_take_a_stored_rooms_name_and_refuse_an_ambiguous_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("CCHAT_CONFIG_DIR", str(tmp_path / "cchat"))
+    for variable in ("AIAGENTCHAT_CONFIG", "AIAGENTCHAT_HOPS", "CCHAT_BOT"):
+        monkeypatch.delenv(variable, raising=False)
+    Credentials("http://127.0.0.1:9", BOB, "DEV", "tok").save(tmp_path / "cchat" / "credentials.json")
+    keep(
+        tmp_path,
+        ("!site:x", {"allowed_users": [ALICE], "name": "site"}),
+        ("!a:x", {"allowed_users": [BOB], "name": "twin"}),
+        ("!b:x", {"allowed_users": [BOB], "name": "twin"}),
+    )
+    config = str(write(tmp_path, FILE_ROOM))
+    sent = CliRunner().invoke(cchat.app, ["send", "site", "say hi", "--config", config])
+    assert (sent.exit_code, sent.stdout) == (4, "")  # found, with its allowed users: Bob is not one; nothing sent
+    assert sent.stderr == f"cchat: {BOB} is not in allowed_users or allowed_bots of site; nothing sent\n"
+    ambiguous = "cchat: 2 rooms made from the chat are named 'twin': !a:x, !b:x; give its id\n"
+    for command in (["send", "twin", "say hi"], ["tail", "twin", "--bot", "@bot:x"], ["handback", "twin"]):
+        refused = CliRunner().invoke(cchat.app, [*command, "--config", config])
+        assert (refused.exit_code, refused.stdout, refused.stderr) == (2, "", ambiguous), command
 
 
 async def test_at_start_up_the_stored_rooms_are_served_unless_the_file_configures_them(tmp_path, store):
