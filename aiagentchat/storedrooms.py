@@ -75,7 +75,11 @@ def stored_rooms(settings: Settings) -> list[StoredRoom]:
     database = settings.database
     if not database.exists():
         return []
-    with contextlib.closing(sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True)) as db:
+    # The daemon keeps its database in WAL mode, with a -wal file beside it while it runs: then read through it.
+    # Without one nothing is being written, and an immutable read leaves no -wal or -shm file of this user behind.
+    wal = database.with_name(f"{database.name}-wal")
+    how = "mode=ro" if wal.exists() else "immutable=1"
+    with contextlib.closing(sqlite3.connect(f"{database.resolve().as_uri()}?{how}", uri=True)) as db:
         if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'chat_rooms'").fetchone() is None:
             return []
         rows = db.execute("SELECT room_id, settings FROM chat_rooms ORDER BY created_ms, room_id").fetchall()

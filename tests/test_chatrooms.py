@@ -2,8 +2,10 @@
 and what each command changes, records and answers (no homeserver: a fake daemon and a real database)."""
 
 import asyncio
+import contextlib
 import json
 import os
+import sqlite3
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -19,6 +21,7 @@ from aiagentchat.commands import Command, Commands
 from aiagentchat.private import Credentials
 from aiagentchat.settings import ConfigError, Settings, check_safety, load_settings
 from aiagentchat.store import Prompt, Store
+from aiagentchat.storedrooms import stored_rooms
 from tests.test_intake import Approvals, event, text
 from tests.test_settings import write
 
@@ -529,6 +532,37 @@ def test_cchat_commands_take_a_stored_rooms_name_and_refuse_an_ambiguous_one(tmp
     for command in (["send", "twin", "say hi"], ["tail", "twin", "--bot", "@bot:x"], ["handback", "twin"]):
         refused = CliRunner().invoke(cchat.app, [*command, "--config", config])
         assert (refused.exit_code, refused.stdout, refused.stderr) == (2, "", ambiguous), command
+
+
+async def test_stored_rooms_are_read_beside_a_running_daemon_and_leave_no_file_behind(tmp_path):
+    settings = load_settings(write(tmp_path, FILE_ROOM))
+    assert stored_rooms(settings) == []  # no database yet
+    store = await Store.open(settings.database)
+    try:
+        assert stored_rooms(settings) == []
+        await store.add_chat_room("!work:x", ADMIN, {"allowed_users": [ALICE]})  # the file's: it wins
+        await store.add_chat_room(ROOM_ID, ADMIN, {"allowed_users": [ALICE], "name": "site"})
+        await store.add_chat_room("!odd:x", ADMIN, {"allowed_users": [ALICE]})
+        await store.set_chat_room("!odd:x", {"max_queued": -1}, ADMIN, "test", "")
+        (found, odd) = stored_rooms(settings)  # while the daemon runs: its writes are in the -wal file
+        assert (found.room_id, found.room.name, found.room.allowed_users, found.problem) == (
+            ROOM_ID,
+            "site",
+            [ALICE],
+            "",
+        )
+        assert (odd.room, odd.problem) == (None, "max_queued: Input should be greater than or equal to 0")
+    finally:
+        await store.close()
+    files = sorted(settings.paths.data_dir.iterdir())
+    assert [entry.room_id for entry in stored_rooms(settings)] == [ROOM_ID, "!odd:x"]
+    assert sorted(settings.paths.data_dir.iterdir()) == files  # no -wal or -shm of cchat's or doctor's user
+    with contextlib.closing(sqlite3.connect(settings.database)) as db:  # a database from before rooms from the chat
+        db.execute("DROP TABLE chat_rooms")
+    assert stored_rooms(settings) == []
+    settings.database.write_bytes(b"garbage" * 100)
+    with pytest.raises(sqlite3.Error):
+        stored_rooms(settings)
 
 
 async def test_at_start_up_the_stored_rooms_are_served_unless_the_file_configures_them(tmp_path, store):
