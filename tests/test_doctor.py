@@ -6,6 +6,7 @@ import socket
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -168,14 +169,13 @@ def test_a_room_with_worktrees_is_told_whether_its_threads_get_them(tmp_path, mo
     assert _worktrees(tmp_path, 3, "room").level is Level.FAIL
 
 
-def keep_rooms(database: Path, *rooms: tuple[str, object]) -> None:
-    """Rooms made from the chat as the daemon's database keeps them (`object`: their keys, stored as JSON)."""
+def keep_rooms(database: Path, *rooms: tuple[str, dict[str, Any]]) -> None:
+    """Rooms made from the chat, as the daemon's database keeps them."""
 
     async def add() -> None:
         store = await Store.open(database)
         for room_id, chat in rooms:
-            await store.add_chat_room(room_id, "@admin:localhost", {"allowed_users": []})
-            await store.set_chat_room(room_id, chat, "@admin:localhost", "test", "")  # type: ignore[arg-type]
+            await store.add_chat_room(room_id, "@admin:localhost", chat)
         await store.close()
 
     asyncio.run(add())
