@@ -146,7 +146,8 @@ async def test_cchat_new_makes_a_room_the_bot_serves_in_the_project_given(world)
     assert f"✅ stored room site work ({room}): {world.bot_id} is in the room" in stored, output
     assert f"✅ stored room site work ({room}): allowed users: {world.user.user_id}" in stored
     assert f"✅ stored room site work ({room}): its working directory, chosen with `!project`, is under" in output
-    assert not [line for line in stored if not line.startswith("✅")], output
+    warned = f"⚠️ stored room site work ({room}): encrypted; trust all: every device of an allowed user may prompt"
+    assert [line.split(" → ")[0] for line in stored if not line.startswith("✅")] == [warned], output
 
     refused = await cli("new", "elsewhere", "--workdir", str(world.tmp_path))
     assert refused.code == 1 and "is outside the project roots" in refused.stderr
