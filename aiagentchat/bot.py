@@ -49,6 +49,7 @@ from aiagentchat.runner import RoomWorker
 from aiagentchat.sandbox import wall_for
 from aiagentchat.settings import RoomSettings, Settings
 from aiagentchat.store import Prompt, Store
+from aiagentchat.storedrooms import checked_chat
 from aiagentchat.transport import MatrixSender, TokenRevoked, login, make_client
 from aiagentchat.uploads import FileRefused, check_size, image_type, save_upload
 from aiagentchat.worktrees import Worktrees
@@ -130,7 +131,9 @@ class Bot:
         self._seen: set[str] = set()  # rooms recorded as watched, so a sync needs no write for them
         self._syncing = False  # while a sync batch is handled, its prompts are recorded together at its end
         self._accepting: list[tuple[Prompt, float | None]] = []  # accepted, not recorded yet
-        self.commands = Commands(store, settings.paths.data_dir / "outgoing", self._settings_lines)
+        self.commands = Commands(
+            store, settings.paths.data_dir / "outgoing", self._settings_lines, self.admin.commands_for
+        )
         self.ready = asyncio.Event()
         self.last_sync: float | None = None  # time.monotonic() at the end of the last good sync
         self.last_turn: float | None = None  # time.monotonic() when the sync loop last began a request or a wait
@@ -184,15 +187,10 @@ class Bot:
     def _checked_chat(self, room_id: str, chat: dict[str, Any]) -> dict[str, Any]:
         """A stored room's chat-set keys, its working directory judged again by today's project_roots: one they no
         longer allow is dropped (the room goes back to its own directory under the data dir) and logged."""
-        workdir = chat.get("workdir")
-        if workdir is None:
-            return chat
-        try:
-            chatrooms.project_dir(str(workdir), self.settings.daemon.project_roots, self.settings.paths.data_dir)
-        except chatrooms.Refused as refused:
-            log.warning("room_workdir_refused", room_id=room_id, workdir=workdir, reason=str(refused))
-            return {key: value for key, value in chat.items() if key != "workdir"}
-        return chat
+        served, refused = checked_chat(self.settings, chat)
+        if refused is not None:
+            log.warning("room_workdir_refused", room_id=room_id, workdir=chat.get("workdir"), reason=refused)
+        return served
 
     def _make_worker(self, room_id: str, room: RoomSettings) -> RoomWorker:
         claude = self.settings.claude_for(room)

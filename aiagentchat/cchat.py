@@ -12,7 +12,8 @@
                                                       command that resumes it in a terminal
 
 ROOM is a room id (`!...`), an alias (`#name:server`) or a room `name` from the daemon's settings file
-(`--config`, `AIAGENTCHAT_CONFIG` or `./settings.toml`; needed only for names and the allowed-users check).
+(`--config`, `AIAGENTCHAT_CONFIG` or `./settings.toml`; needed only for names and the allowed-users check), else the
+name of a room made from the chat that the daemon's database keeps.
 `--wait` follows the room from the sync position taken *before* the prompt was sent and stops at the bot event
 whose `org.aiagentchat` marker names this prompt's event id and carries `final`.
 
@@ -69,6 +70,7 @@ if TYPE_CHECKING:  # each command imports what it needs when it runs: `--help` a
 
     from aiagentchat.plainclient import PlainClient
     from aiagentchat.settings import RoomSettings, Settings
+    from aiagentchat.storedrooms import StoredRoom
 
 EXIT_OK, EXIT_AGENT_ERROR, EXIT_USAGE, EXIT_TIMEOUT, EXIT_FORBIDDEN, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 DEFAULT_SETTINGS = Path("settings.toml")
@@ -165,9 +167,36 @@ def needs_settings(room: str, bot: str | None, follows: bool) -> bool:
 
 
 def lookup_room(settings: Settings | None, room: str) -> RoomSettings | None:
-    """The settings' room named `room`, else the one whose id is `room`."""
+    """The settings' room named `room`, else the one whose id is `room`; else a room made from the chat that the
+    daemon's database keeps, by its name (Fail when more than one has it) or its id."""
     rooms = settings.rooms if settings else []
-    return next((r for r in rooms if r.name == room), None) or next((r for r in rooms if r.id == room), None)
+    entry = next((r for r in rooms if r.name == room), None) or next((r for r in rooms if r.id == room), None)
+    if entry is not None or settings is None:
+        return entry
+    quiet = room.startswith(("!", "#"))  # an id needs no entry; a name does: say why none was found
+    stored = [found.room for found in read_stored_rooms(settings, quiet) if found.room is not None]
+    named = [r for r in stored if r.name == room]
+    if len(named) > 1:
+        ids = ", ".join(r.id for r in named)
+        raise Fail(
+            EXIT_USAGE, printable(f"{len(named)} rooms made from the chat are named {room!r}: {ids}; give its id")
+        )
+    return named[0] if named else next((r for r in stored if r.id == room), None)
+
+
+def read_stored_rooms(settings: Settings, quiet: bool = False) -> list[StoredRoom]:
+    """The rooms made from the chat that the daemon's database keeps (read-only); none when it cannot be read (then
+    a warning on stderr, unless `quiet`)."""
+    import sqlite3
+
+    from aiagentchat.storedrooms import stored_rooms as stored
+
+    try:
+        return stored(settings)
+    except sqlite3.Error as exc:
+        if not quiet:
+            error_line(f"warning: the rooms made from the chat are not read: {settings.database}: {exc}")
+        return []
 
 
 def bot_user(bot: str | None, settings: Settings | None) -> str:
@@ -183,10 +212,13 @@ def may_prompt(room: RoomSettings, user_id: str) -> bool:
 
 
 async def resolve_room(client: Any, room: str, settings: Settings | None) -> tuple[str, RoomSettings | None]:
-    """ROOM (id, alias or settings name) as a room id, with its settings entry when the settings have one."""
+    """ROOM (id, alias, or the name of a room of the settings or made from the chat) as a room id, with its settings
+    entry when the settings or the daemon's database have one."""
     entry = lookup_room(settings, room)
     if entry is None and not room.startswith(("!", "#")):
-        hint = "give a room id (!...), an alias (#...:server) or a room name from the settings"
+        hint = (
+            "give a room id (!...), an alias (#...:server), or the name of a room of the settings or made from the chat"
+        )
         raise Fail(EXIT_USAGE, f"unknown room {room!r}: {hint}")
     target = entry.id if entry else room
     room_id = await resolve_alias(client, target) if target.startswith("#") else target
@@ -607,7 +639,10 @@ async def run_adopt(request: AdoptRequest) -> int:
     try:
         room_id, entry = await resolve_room(client, request.room, settings)
         if entry is None:
-            raise Fail(EXIT_USAGE, f"unknown room {request.room}: adopt needs a room of the daemon's settings")
+            raise Fail(
+                EXIT_USAGE,
+                f"unknown room {request.room}: adopt needs a room of the daemon's settings or one made from the chat",
+            )
         if credentials.user_id not in entry.allowed_users:
             raise Fail(EXIT_FORBIDDEN, f"{credentials.user_id} is not in allowed_users of {request.room}; nothing done")
         side = handover_room(settings, entry, request.room)
@@ -673,7 +708,9 @@ async def run_handback(room: str, config: Path | None) -> str:
         finally:
             await client.close()
     if entry is None:
-        raise Fail(EXIT_USAGE, f"unknown room {room}: handback needs a room of the daemon's settings")
+        raise Fail(
+            EXIT_USAGE, f"unknown room {room}: handback needs a room of the daemon's settings or one made from the chat"
+        )
     side = handover_room(settings, entry, room)
     try:
         session, running = peek_conversation(settings.database, room_id)
@@ -962,34 +999,13 @@ async def command_answer(follower: Follower, command_id: str, deadline: float) -
 
 
 def stored_rooms(settings: Settings) -> list[dict[str, Any]]:
-    """The rooms made from the chat that the daemon keeps in its database (read-only; none without one), except
-    those settings.toml configures (it wins)."""
-    import sqlite3
-
-    database = settings.database
-    if not database.exists():
-        return []
-    configured = {room.id for room in settings.rooms}
-    try:
-        with contextlib.closing(sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True)) as db:
-            rows = db.execute("SELECT room_id, settings FROM chat_rooms ORDER BY created_ms, room_id").fetchall()
-    except sqlite3.Error as exc:
-        error_line(f"warning: the rooms made from the chat are not listed: {database}: {exc}")
-        return []
+    """The rooms made from the chat that the daemon's database keeps and serves (read-only; none without one),
+    except those settings.toml configures (it wins)."""
     listed = []
-    for room_id, text in rows:
-        chat = json.loads(text)
-        if room_id not in configured and isinstance(chat, dict):
-            users = chat.get("allowed_users")
-            name = chat.get("name")
-            listed.append(
-                {
-                    "name": name if isinstance(name, str) else None,
-                    "id": room_id,
-                    "allowed_users": [u for u in users if isinstance(u, str)] if isinstance(users, list) else [],
-                    "stored": True,
-                }
-            )
+    for found in read_stored_rooms(settings):
+        if found.room is not None:
+            room = found.room
+            listed.append({"name": room.name, "id": room.id, "allowed_users": room.allowed_users, "stored": True})
     return listed
 
 
@@ -1205,11 +1221,11 @@ app = typer.Typer(
 )
 
 ConfigOption = Annotated[
-    Optional[Path],  # noqa: UP007 - typer needs Optional here
+    Optional[Path],  # noqa: UP045 - typer needs Optional here
     typer.Option("--config", envvar="AIAGENTCHAT_CONFIG", help="The daemon's settings (default ./settings.toml)."),
 ]
 BotOption = Annotated[
-    Optional[str],  # noqa: UP007 - typer needs Optional here
+    Optional[str],  # noqa: UP045 - typer needs Optional here
     typer.Option(
         "--bot", envvar="CCHAT_BOT", help="The bot's user id: only its events are answers (default: the settings')."
     ),
@@ -1271,7 +1287,12 @@ def verify(
 
 @app.command()
 def send(
-    room: Annotated[str, typer.Argument(help="Room id (!...), alias (#...:server) or room name from the settings.")],
+    room: Annotated[
+        str,
+        typer.Argument(
+            help="Room id (!...), alias (#...:server), or a room name: from the settings or made from the chat."
+        ),
+    ],
     text: Annotated[str, typer.Argument(help="The prompt; - reads it from stdin.")],
     wait: Annotated[bool, typer.Option("--wait", help="Follow the room until the answer to this prompt.")] = False,
     timeout: Annotated[float, typer.Option("--timeout", help="With --wait: give up after S seconds.")] = 600.0,
@@ -1319,11 +1340,11 @@ def rooms(
 def new(
     name: Annotated[str, typer.Argument(help="The new room's name.")],
     workdir: Annotated[
-        Optional[str],  # noqa: UP007 - typer needs Optional here
+        Optional[str],  # noqa: UP045 - typer needs Optional here
         typer.Option("--workdir", help="Once the bot has joined, send `!project PATH` (PATH under its project_roots)."),
     ] = None,
     invite: Annotated[
-        Optional[list[str]],  # noqa: UP007 - typer needs Optional here
+        Optional[list[str]],  # noqa: UP045 - typer needs Optional here
         typer.Option("--invite", help="Invite this person too (a full Matrix ID); repeat for more."),
     ] = None,
     timeout: Annotated[float, typer.Option("--timeout", help="With --workdir: give up after S seconds.")] = 60.0,
@@ -1345,7 +1366,12 @@ def new(
 
 @app.command()
 def tail(
-    room: Annotated[str, typer.Argument(help="Room id (!...), alias (#...:server) or room name from the settings.")],
+    room: Annotated[
+        str,
+        typer.Argument(
+            help="Room id (!...), alias (#...:server), or a room name: from the settings or made from the chat."
+        ),
+    ],
     as_json: Annotated[bool, typer.Option("--json", help="One JSON line per event: {prompt, body, final}.")] = False,
     lines: Annotated[int, typer.Option("--lines", "-n", min=0, help="Bot events shown from before now.")] = 10,
     config: ConfigOption = None,
@@ -1357,7 +1383,12 @@ def tail(
 
 @app.command()
 def adopt(
-    room: Annotated[str, typer.Argument(help="Room id (!...), alias (#...:server) or room name from the settings.")],
+    room: Annotated[
+        str,
+        typer.Argument(
+            help="Room id (!...), alias (#...:server), or a room name: from the settings or made from the chat."
+        ),
+    ],
     session: Annotated[
         Optional[str],  # noqa: UP045 - typer needs Optional here
         typer.Option("--session", help="The conversation's id (default: the newest one started in the directory)."),
@@ -1382,7 +1413,12 @@ def adopt(
 
 @app.command()
 def handback(
-    room: Annotated[str, typer.Argument(help="Room id (!...), alias (#...:server) or room name from the settings.")],
+    room: Annotated[
+        str,
+        typer.Argument(
+            help="Room id (!...), alias (#...:server), or a room name: from the settings or made from the chat."
+        ),
+    ],
     config: ConfigOption = None,
 ) -> None:
     """Copy ROOM's conversation into your ~/.claude and print the command that resumes it in a terminal

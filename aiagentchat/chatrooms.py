@@ -8,7 +8,6 @@ chosen by whoever typed them: each is checked here, and a bad one is answered wi
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from aiagentchat.commands import Command
 from aiagentchat.runner import RoomWorker
 from aiagentchat.settings import USER_ID, ClaudeSettings, RoomSettings, Settings
 from aiagentchat.store import Prompt, Store
+from aiagentchat.storedrooms import Refused, project_dir
 
 log = structlog.get_logger(__name__)
 
@@ -38,10 +38,6 @@ _USER = re.compile(USER_ID)
 _TOOL = re.compile(r"[A-Za-z][\w.-]*(?:\([^()\n]*\))?")  # Read, mcp__srv__tool, Bash(git status:*)
 _SEPARATOR = re.compile(r"[\s,]+")
 MAX_TOOLS = 100
-
-
-class Refused(Exception):
-    """An admin command's argument that cannot be taken; the message says why, for the room."""
 
 
 def user_id(argument: str) -> str:
@@ -74,30 +70,6 @@ def tool_names(argument: str) -> list[str]:
     if len(tools) > MAX_TOOLS:
         raise Refused(f"at most {MAX_TOOLS} tools at once")
     return tools
-
-
-def project_dir(argument: str, roots: list[Path], data_dir: Path) -> Path:
-    """The directory `!project PATH` names, resolved (every symbolic link followed, `..` taken), when it lies in
-    one of `roots`, else Refused with the reason."""
-    if not roots:
-        raise Refused("`project` is off here: the daemon's settings name no `project_roots`")
-    shown = ", ".join(f"`{root}`" for root in roots)
-    raw = Path(os.path.expanduser(argument))
-    if not raw.is_absolute():
-        raise Refused(f"`{argument[:200]}` is not an absolute path: give `/path` or `~/path` under {shown}")
-    try:
-        real = raw.resolve(strict=True)
-    except (OSError, RuntimeError, ValueError):  # missing, a link loop, a NUL byte
-        raise Refused(f"`{argument[:200]}` does not exist") from None
-    if not real.is_dir():
-        raise Refused(f"`{argument[:200]}` is not a directory")
-    if not any(real.is_relative_to(root.resolve()) for root in roots):
-        leads = f" (it leads to `{real}`)" if real != Path(os.path.normpath(raw)) else ""
-        raise Refused(f"`{argument[:200]}`{leads} is outside the project roots: {shown}")
-    data = data_dir.resolve()
-    if real.is_relative_to(data) or data.is_relative_to(real):
-        raise Refused(f"`{real}` overlaps the daemon's data directory; the agent must not reach its files")
-    return real
 
 
 def sources(settings: Settings, room: RoomSettings, chat: Mapping[str, Any] | None) -> list[str]:
@@ -165,6 +137,13 @@ class RoomAdmin:
 
     def is_admin(self, user: str) -> bool:
         return user in self._settings.daemon.admins
+
+    def commands_for(self, room_id: str, user: str) -> Mapping[str, str]:
+        """The admin commands `!help` lists to `user` in the room: all of them to an admin in a room made from the
+        chat, none anywhere else."""
+        if self._host.chat_settings(room_id) is None or not self.is_admin(user):
+            return {}
+        return ADMIN_COMMANDS
 
     async def run(self, room_id: str, room: RoomSettings, worker: RoomWorker, asked: Prompt, command: Command) -> None:
         """Answer `!allow`, `!deny`, `!tools`, `!project` or `!leave`, in reply to the command."""

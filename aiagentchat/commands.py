@@ -9,7 +9,7 @@ import datetime
 import mimetypes
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,11 +88,16 @@ class Commands:
     """Answers the commands of one daemon's rooms; replies are notices in reply to the command."""
 
     def __init__(
-        self, store: Store, scratch: Path, settings_lines: Callable[[str], Awaitable[list[str]]] | None = None
+        self,
+        store: Store,
+        scratch: Path,
+        settings_lines: Callable[[str], Awaitable[list[str]]] | None = None,
+        admin_commands: Callable[[str, str], Mapping[str, str]] | None = None,
     ) -> None:
         self._store = store
         self._scratch = scratch  # private copies of files on their way to the room
         self._settings_lines = settings_lines  # `!status`: where a room's settings come from
+        self._admin_commands = admin_commands  # `!help`: (room id, sender) → the admin commands they may run there
 
     async def run(self, room_id: str, room: RoomSettings, worker: RoomWorker, asked: Prompt, command: Command) -> None:
         """Answer the command `asked` carries, in reply to it (in its thread, if it was posted in one)."""
@@ -115,15 +120,19 @@ class Commands:
         `asked`, the message that carried it, for the commands that act on its thread."""
         handler = getattr(self, f"_{command.word}", None) if command.word in _NAMES else None
         if handler is None:
-            return _answer(f"Unknown command `{room.command_prefix}{command.word}`.\n\n{help_text(room)}")
+            shown = help_text(room, self._admin(room_id, sender))
+            return _answer(f"Unknown command `{room.command_prefix}{command.word}`.\n\n{shown}")
         if command.word in THREADED:
             if asked is None:
                 return _answer(f"`{room.command_prefix}{command.word}` acts on the thread it is sent in.")
             return await handler(room_id, room, worker, asked, command.argument)
         return await handler(room_id, room, worker, sender, command.argument)
 
+    def _admin(self, room_id: str, sender: str) -> Mapping[str, str]:
+        return self._admin_commands(room_id, sender) if self._admin_commands is not None else {}
+
     async def _help(self, room_id: str, room: RoomSettings, worker: RoomWorker, sender: str, arg: str) -> Notice:
-        return _answer(help_text(room))
+        return _answer(help_text(room, self._admin(room_id, sender)))
 
     async def _stop(self, room_id: str, room: RoomSettings, worker: RoomWorker, asked: Prompt, arg: str) -> Notice:
         if worker.stop(asked.sender, asked.thread or None):
@@ -362,15 +371,24 @@ def _approval_line(approval: Approval) -> str:
     return f"{approval.what}: {verdict}{by}{reason}, {ago(approval.at)}"
 
 
-def help_text(room: RoomSettings) -> str:
+def help_text(room: RoomSettings, admin: Mapping[str, str] | None = None) -> str:
+    """The room's commands and aliases; `admin`, the admin commands of a room made from the chat, for an admin."""
     prefix = room.command_prefix
     lines = ["**Commands**", *(f"- `{prefix}{name}`: {what}" for name, what in COMMANDS.items())]
+    if admin:
+        lines += [
+            "",
+            "**Admin commands** (a room made from the chat; you are one of the daemon's admins)",
+            *(f"- `{prefix}{name}`: {what}" for name, what in admin.items()),
+        ]
     if room.aliases:
         lines += ["", "**Aliases**", *(f"- `{prefix}{name}` → {text}" for name, text in room.aliases.items())]
     lines += [
         "",
-        "React 🛑 to a prompt to stop it (or drop it if it waits). Answer an approval request by reacting ✅ ❌ 🔁 "
-        "or replying `yes`, `no [reason]`, `always`; answer the agent's question by replying. Anything else is a "
-        "prompt.",
+        (
+            "React 🛑 to a prompt to stop it (or drop it if it waits). Answer an approval request by reacting ✅ ❌ 🔁 "
+            "or replying `yes`, `no [reason]`, `always`; answer the agent's question by replying. Anything else is "
+            "a prompt."
+        ),
     ]
     return "\n".join(lines)

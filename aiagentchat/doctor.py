@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import shutil
+import sqlite3
 import tempfile
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ from aiagentchat.protocol import parse_line
 from aiagentchat.runner import agent_environment, cli_arguments, initialize_request
 from aiagentchat.sandbox import installation, probe_bwrap, wall_for
 from aiagentchat.settings import ClaudeSettings, RoomSettings, Settings, check_safety, load_settings
+from aiagentchat.storedrooms import StoredRoom, stored_rooms
 from aiagentchat.transport import credentials_path
 
 HOMESERVER_TIMEOUT_S = 10.0
@@ -137,15 +139,23 @@ async def diagnose(config: Path | None, env: Mapping[str, str]) -> AsyncIterator
         async for check in _online(session):
             yield check
         for room in session.settings.rooms:
-            async for check in _room(session, room):
+            async for check in _room(session, room, _name("room", room)):
+                yield check
+        stored, problem = _stored(session.settings)
+        if problem is not None:
+            yield problem
+        for entry in stored:
+            async for check in _stored_room(session, entry):
                 yield check
         yield _rate_limit(session)
         yield await _cross_signing(session)
     finally:
         await _close(session)
-    sandbox, walled = await _bwrap(session.settings)
+    served = [entry.room for entry in stored if entry.room is not None]  # their agents are checked too
+    agents = session.settings.model_copy(update={"rooms": [*session.settings.rooms, *served]})
+    sandbox, walled = await _bwrap(agents)
     yield sandbox
-    async for check in _claude(session.settings, env, walled):
+    async for check in _claude(agents, env, walled):
         yield check
 
 
@@ -344,8 +354,53 @@ TRUST = {
 }
 
 
-async def _room(session: Session, room: RoomSettings) -> AsyncIterator[Check]:
-    name = f"room {room.name} ({room.id})" if room.name else f"room {room.id}"
+def _name(kind: str, room: RoomSettings) -> str:
+    return f"{kind} {room.name} ({room.id})" if room.name else f"{kind} {room.id}"
+
+
+def _stored(settings: Settings) -> tuple[list[StoredRoom], Check | None]:
+    """The rooms made from the chat that the database keeps (read-only), and a line saying how many, or why they
+    could not be read; no line when there are none."""
+    try:
+        stored = stored_rooms(settings)
+    except sqlite3.Error as exc:
+        why = f"not read from {settings.database}: {exc}"
+        return [], Check(Level.WARN, "stored rooms", why, "run doctor as the daemon's user")
+    if not stored:
+        return [], None
+    return stored, Check(Level.OK, "stored rooms", f"{len(stored)} room(s) made from the chat, in {settings.database}")
+
+
+async def _stored_room(session: Session, entry: StoredRoom) -> AsyncIterator[Check]:
+    """A room made from the chat, checked as a room of the settings is, and the working directory `!project` gave
+    it judged as the daemon judges it at its start."""
+    room = entry.room
+    if room is None:
+        yield Check(
+            Level.FAIL,
+            f"stored room {entry.room_id}",
+            f"not served: its keys in the database do not make valid settings ({entry.problem})",
+            "make [room_defaults] fit it, or invite the bot to it again",
+        )
+        return
+    name = _name("stored room", room)
+    async for check in _room(session, room, name, stored=True):
+        yield check
+    if entry.workdir is None:
+        return
+    if entry.problem:
+        yield Check(
+            Level.WARN,
+            name,
+            f"the working directory `!project` chose, {entry.workdir}, is not used: {entry.problem}; the daemon "
+            f"serves the room in {session.settings.workdir_for(room)}",
+            "`!project PATH` there with a directory under daemon.project_roots, or add its root to them",
+        )
+    else:
+        yield Check(Level.OK, name, "its working directory, chosen with `!project`, is under daemon.project_roots")
+
+
+async def _room(session: Session, room: RoomSettings, name: str, stored: bool = False) -> AsyncIterator[Check]:
     if session.logged_in:
         try:
             checks = await _membership(session, room, name)
@@ -355,7 +410,7 @@ async def _room(session: Session, room: RoomSettings) -> AsyncIterator[Check]:
             yield check
     else:
         yield Check(Level.WARN, name, "membership and encryption not checked: no login")
-    yield _allowed(room, name)
+    yield _allowed(room, name, stored)
     if session.settings.claude_for(room).permission_mode == "bypassPermissions":
         yield Check(Level.WARN, name, "bypassPermissions: no tool call is asked", "a room you alone use, or none")
     yield _workdir(session.settings.workdir_for(room), name)
@@ -389,14 +444,13 @@ async def _membership(session: Session, room: RoomSettings, name: str) -> list[C
     return [Check(Level.OK, name, f"{bot} is in the room"), encryption]
 
 
-def _allowed(room: RoomSettings, name: str) -> Check:
+def _allowed(room: RoomSettings, name: str, stored: bool = False) -> Check:
     if room.allowed_users:
         return Check(Level.OK, name, f"allowed users: {', '.join(room.allowed_users)}")
+    fix = "an admin's `!allow @you:example.org` in the room" if stored else 'add allowed_users = ["@you:example.org"]'
     if room.allowed_bots:
-        return Check(Level.WARN, name, "only bots may prompt (allowed_users is empty)", "add people to allowed_users")
-    return Check(
-        Level.FAIL, name, "nobody can prompt: allowed_users is empty", 'add allowed_users = ["@you:example.org"]'
-    )
+        return Check(Level.WARN, name, "only bots may prompt (allowed_users is empty)", fix)
+    return Check(Level.FAIL, name, "nobody can prompt: allowed_users is empty", fix)
 
 
 def _workdir(path: Path, name: str) -> Check:

@@ -2,8 +2,10 @@
 and what each command changes, records and answers (no homeserver: a fake daemon and a real database)."""
 
 import asyncio
+import contextlib
 import json
 import os
+import sqlite3
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -15,9 +17,11 @@ from typer.testing import CliRunner
 from aiagentchat import cchat, intake
 from aiagentchat.bot import Bot
 from aiagentchat.chatrooms import Refused, RoomAdmin, project_dir, sources, tool_names, user_id
-from aiagentchat.commands import Command
+from aiagentchat.commands import Command, Commands
+from aiagentchat.private import Credentials
 from aiagentchat.settings import ConfigError, Settings, check_safety, load_settings
 from aiagentchat.store import Prompt, Store
+from aiagentchat.storedrooms import stored_rooms
 from tests.test_intake import Approvals, event, text
 from tests.test_settings import write
 
@@ -379,6 +383,52 @@ async def test_status_names_where_each_setting_comes_from(admin, tree):
     assert sources(settings, room, None) == ["- **Settings:** from settings.toml"]
 
 
+ADMIN_HELP = [
+    "- `!allow @USER`: let USER prompt in this room",
+    "- `!deny @USER`: take USER's right to prompt here away",
+    "- `!tools`: the tools run without asking and those always refused; `tools allow|deny|remove TOOL…`, `tools reset`",
+    "- `!project PATH`: make PATH (under the daemon's project_roots) this room's working directory; a new conversation",
+    "- `!leave`: the bot leaves this room and forgets it; its working directory stays",
+]
+
+
+async def test_help_lists_the_admin_commands_to_an_admin_of_a_room_made_from_the_chat_only(admin, store, tmp_path):
+    commands = Commands(store, tmp_path, admin_commands=admin.admin.commands_for)
+
+    async def helped(sender: str, room_id: str = ROOM_ID, word: str = "help") -> list[str]:
+        room = admin.settings.room_defaults.room(room_id, admin.host.chat.get(room_id, {}))
+        notice = await commands.answer(room_id, room, Worker(), sender, Command(word, ""))
+        return notice.markdown.splitlines()
+
+    shown = await helped(ADMIN)
+    assert shown[shown.index(ADMIN_HELP[0]) - 1].startswith("**Admin commands**")
+    assert [line for line in shown if line in ADMIN_HELP] == ADMIN_HELP
+    assert "- `!status`: the running prompt, the queue, the session, the model and today's cost" in shown
+    assert [line for line in await helped(ADMIN, word="nosuch") if line in ADMIN_HELP] == ADMIN_HELP
+    for sender, room_id in ((ALICE, ROOM_ID), (ADMIN, "!file:x")):  # not an admin; a room of settings.toml
+        lines = await helped(sender, room_id)
+        assert "- `!status`: the running prompt, the queue, the session, the model and today's cost" in lines
+        assert not any("Admin commands" in line or "`!allow" in line or "`!leave" in line for line in lines)
+
+
+async def test_the_daemons_help_asks_its_room_admin(tmp_path, store):
+    settings = Settings(
+        matrix={"homeserver": "http://127.0.0.1:9", "user_id": "@bot:x"},
+        paths={"data_dir": tmp_path / "data"},
+        daemon={"admins": [ADMIN]},
+    )
+    bot = Bot(settings, store)
+    try:
+        bot.chat[ROOM_ID] = {"allowed_users": [ADMIN]}
+        room = settings.room_defaults.room(ROOM_ID, bot.chat[ROOM_ID])
+        for sender, listed in ((ADMIN, True), (ALICE, False)):
+            notice = await bot.commands.answer(ROOM_ID, room, Worker(), sender, Command("help", ""))
+            assert (ADMIN_HELP[-1] in notice.markdown.splitlines()) is listed
+    finally:
+        await bot.client.close()
+        bot.device_lock.release()
+
+
 def test_nothing_in_a_command_reaches_outside_its_checks(tree):
     """A NUL byte, a very long path and a path through a file are refused with a reason, never raised."""
     for argument in ("/\x00", "/" + "a" * 5000, f"{tree.root}/code/file.txt/x"):
@@ -425,6 +475,94 @@ def test_cchat_rooms_lists_the_stored_rooms_that_the_file_does_not_configure(tmp
     assert json.loads(listed.stdout)[1]["stored"] is True
     empty = load_settings(write(tmp_path, f'[paths]\ndata_dir = "{tmp_path}/none"\n'))
     assert cchat.stored_rooms(empty) == []
+
+
+def keep(tmp_path: Path, *rooms: tuple[str, dict[str, Any]]) -> None:
+    """Rooms made from the chat, in the database of a daemon whose data dir is tmp_path/data."""
+
+    async def add() -> None:
+        store = await Store.open(tmp_path / "data" / "aiagentchat.db")
+        for room_id, chat in rooms:
+            await store.add_chat_room(room_id, ADMIN, chat)
+        await store.close()
+
+    asyncio.run(add())
+
+
+FILE_ROOM = '[paths]\ndata_dir = "{data}"\n[[rooms]]\nid = "!work:x"\nname = "work"\nallowed_users = ["@bob:x"]\n'
+
+
+def test_cchat_finds_a_stored_room_by_its_name_or_id_unless_the_file_has_that_name(tmp_path):
+    (tmp_path / "code" / "site").mkdir(parents=True)
+    keep(
+        tmp_path,
+        ("!site:x", {"allowed_users": [ALICE], "name": "site"}),
+        ("!other:x", {"allowed_users": [ALICE], "name": "work"}),
+        ("!moved:x", {"allowed_users": [ALICE], "name": "moved", "workdir": str(tmp_path / "code" / "site")}),
+    )
+    settings = load_settings(write(tmp_path, FILE_ROOM))
+    site = cchat.lookup_room(settings, "site")
+    assert (site.id, site.allowed_users) == ("!site:x", [ALICE])
+    assert cchat.lookup_room(settings, "!site:x").name == "site"  # by its id too: cchat knows who may prompt there
+    assert cchat.lookup_room(settings, "work").id == "!work:x"  # settings.toml wins
+    assert cchat.lookup_room(settings, "nope") is None and cchat.lookup_room(settings, "!nope:x") is None
+    moved = cchat.lookup_room(settings, "moved")  # no project_roots today: served in its own directory, as the daemon
+    assert settings.workdir_for(moved).parent == tmp_path / "data" / "rooms"
+    rooted = load_settings(write(tmp_path, FILE_ROOM + f'[daemon]\nproject_roots = ["{tmp_path / "code"}"]\n'))
+    assert rooted.workdir_for(cchat.lookup_room(rooted, "moved")) == tmp_path / "code" / "site"
+    assert cchat.lookup_room(load_settings(write(tmp_path, f'[paths]\ndata_dir = "{tmp_path}/none"\n')), "site") is None
+
+
+def test_cchat_commands_take_a_stored_rooms_name_and_refuse_an_ambiguous_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("CCHAT_CONFIG_DIR", str(tmp_path / "cchat"))
+    for variable in ("AIAGENTCHAT_CONFIG", "AIAGENTCHAT_HOPS", "CCHAT_BOT"):
+        monkeypatch.delenv(variable, raising=False)
+    Credentials("http://127.0.0.1:9", BOB, "DEV", "tok").save(tmp_path / "cchat" / "credentials.json")
+    keep(
+        tmp_path,
+        ("!site:x", {"allowed_users": [ALICE], "name": "site"}),
+        ("!a:x", {"allowed_users": [BOB], "name": "twin"}),
+        ("!b:x", {"allowed_users": [BOB], "name": "twin"}),
+    )
+    config = str(write(tmp_path, FILE_ROOM))
+    sent = CliRunner().invoke(cchat.app, ["send", "site", "say hi", "--config", config])
+    assert (sent.exit_code, sent.stdout) == (4, "")  # found, with its allowed users: Bob is not one; nothing sent
+    assert sent.stderr == f"cchat: {BOB} is not in allowed_users or allowed_bots of site; nothing sent\n"
+    ambiguous = "cchat: 2 rooms made from the chat are named 'twin': !a:x, !b:x; give its id\n"
+    for command in (["send", "twin", "say hi"], ["tail", "twin", "--bot", "@bot:x"], ["handback", "twin"]):
+        refused = CliRunner().invoke(cchat.app, [*command, "--config", config])
+        assert (refused.exit_code, refused.stdout, refused.stderr) == (2, "", ambiguous), command
+
+
+async def test_stored_rooms_are_read_beside_a_running_daemon_and_leave_no_file_behind(tmp_path):
+    settings = load_settings(write(tmp_path, FILE_ROOM))
+    assert stored_rooms(settings) == []  # no database yet
+    store = await Store.open(settings.database)
+    try:
+        assert stored_rooms(settings) == []
+        await store.add_chat_room("!work:x", ADMIN, {"allowed_users": [ALICE]})  # the file's: it wins
+        await store.add_chat_room(ROOM_ID, ADMIN, {"allowed_users": [ALICE], "name": "site"})
+        await store.add_chat_room("!odd:x", ADMIN, {"allowed_users": [ALICE]})
+        await store.set_chat_room("!odd:x", {"max_queued": -1}, ADMIN, "test", "")
+        (found, odd) = stored_rooms(settings)  # while the daemon runs: its writes are in the -wal file
+        assert (found.room_id, found.room.name, found.room.allowed_users, found.problem) == (
+            ROOM_ID,
+            "site",
+            [ALICE],
+            "",
+        )
+        assert (odd.room, odd.problem) == (None, "max_queued: Input should be greater than or equal to 0")
+    finally:
+        await store.close()
+    files = sorted(settings.paths.data_dir.iterdir())
+    assert [entry.room_id for entry in stored_rooms(settings)] == [ROOM_ID, "!odd:x"]
+    assert sorted(settings.paths.data_dir.iterdir()) == files  # no -wal or -shm of cchat's or doctor's user
+    with contextlib.closing(sqlite3.connect(settings.database)) as db:  # a database from before rooms from the chat
+        db.execute("DROP TABLE chat_rooms")
+    assert stored_rooms(settings) == []
+    settings.database.write_bytes(b"garbage" * 100)
+    with pytest.raises(sqlite3.Error):
+        stored_rooms(settings)
 
 
 async def test_at_start_up_the_stored_rooms_are_served_unless_the_file_configures_them(tmp_path, store):

@@ -1,20 +1,26 @@
 """`aiagentchat doctor` without a homeserver: the lines, the exit code, and the checks that need no network."""
 
+import asyncio
 import json
 import socket
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
 from aiagentchat.doctor import (
     Check,
     Level,
+    Session,
     _allowed,
     _capabilities,
     _claude,
     _control_response,
     _credentials,
+    _stored,
+    _stored_room,
     _workdir,
     _worktrees,
     exit_code,
@@ -22,6 +28,8 @@ from aiagentchat.doctor import (
 )
 from aiagentchat.localserver import Accounts, port_in_use
 from aiagentchat.settings import ClaudeSettings, RoomSettings, load_settings
+from aiagentchat.store import Store
+from aiagentchat.storedrooms import StoredRoom
 
 pytestmark = pytest.mark.anyio
 FAKE = Path(__file__).parent / "fakes" / "fake_claude.py"
@@ -159,3 +167,100 @@ def test_a_room_with_worktrees_is_told_whether_its_threads_get_them(tmp_path, mo
     assert checked.level is Level.OK and "3 run at once" in checked.detail
     monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
     assert _worktrees(tmp_path, 3, "room").level is Level.FAIL
+
+
+def keep_rooms(database: Path, *rooms: tuple[str, dict[str, Any]]) -> None:
+    """Rooms made from the chat, as the daemon's database keeps them."""
+
+    async def add() -> None:
+        store = await Store.open(database)
+        for room_id, chat in rooms:
+            await store.add_chat_room(room_id, "@admin:localhost", chat)
+        await store.close()
+
+    asyncio.run(add())
+
+
+def test_the_stored_rooms_are_checked_like_the_settings_rooms_and_named_as_stored(tmp_path: Path) -> None:
+    data, code = tmp_path / "data", tmp_path / "code"
+    (code / "site").mkdir(parents=True)
+    keep_rooms(
+        data / "aiagentchat.db",
+        ("!file:localhost", {"allowed_users": ["@you:localhost"]}),  # settings.toml configures it: not stored
+        ("!chat:localhost", {"allowed_users": ["@you:localhost"], "name": "chat"}),
+        ("!empty:localhost", {"allowed_users": []}),
+        ("!site:localhost", {"allowed_users": ["@you:localhost"], "workdir": str(code / "site")}),
+        ("!gone:localhost", {"allowed_users": ["@you:localhost"], "workdir": str(code / "gone")}),
+        ("!bad:localhost", {"allowed_users": "@you:localhost"}),
+    )
+    (data / "aiagentchat.db").chmod(0o600)
+    before = sorted((path.name, path.stat().st_mtime_ns) for path in data.iterdir())
+    config = tmp_path / "settings.toml"
+    config.write_text(
+        f'[matrix]\nhomeserver = "http://127.0.0.1:{free_port()}"\nuser_id = "@bot:localhost"\n'
+        f'[paths]\ndata_dir = "{data}"\n[daemon]\nproject_roots = ["{code}"]\n'
+        f'[claude]\nbinary = "{tmp_path / "missing"}"\nsandbox = "off"\n'
+        '[[rooms]]\nid = "!file:localhost"\nallowed_users = ["@you:localhost"]\n'
+    )
+    lines: list[str] = []
+    assert await_report(config, {"HOME": str(tmp_path)}, lines) == 1
+    assert f"✅ stored rooms: 5 room(s) made from the chat, in {data / 'aiagentchat.db'}" in lines
+    assert "⚠️ stored room chat (!chat:localhost): membership and encryption not checked: no login" in lines
+    assert "✅ stored room chat (!chat:localhost): allowed users: @you:localhost" in lines
+    assert any(line.startswith("✅ stored room chat (!chat:localhost): working directory ") for line in lines)
+    assert (
+        "❌ stored room !empty:localhost: nobody can prompt: allowed_users is empty → an admin's "
+        "`!allow @you:example.org` in the room"
+    ) in lines
+    assert f"✅ stored room !site:localhost: working directory {code / 'site'} is writable" in lines
+    assert "✅ stored room !site:localhost: its working directory, chosen with `!project`, is under" in "\n".join(lines)
+    gone = next(line for line in lines if line.startswith("⚠️ stored room !gone:localhost: the working directory"))
+    assert f"`!project` chose, {code / 'gone'}, is not used: `{code / 'gone'}` does not exist" in gone
+    assert f"the daemon serves the room in {data / 'rooms'}/" in gone and "→ `!project PATH` there" in gone
+    bad = next(line for line in lines if line.startswith("❌ stored room !bad:localhost: not served"))
+    assert "allowed_users: Input should be a valid list" in bad
+    assert not any("stored room !file:localhost" in line for line in lines)
+    assert [line for line in lines if "room !file:localhost" in line] == [
+        "⚠️ room !file:localhost: membership and encryption not checked: no login",
+        "✅ room !file:localhost: allowed users: @you:localhost",
+        f"✅ room !file:localhost: working directory {data / 'rooms'}/"
+        + next(line for line in lines if "room !file:localhost: working" in line).split("/rooms/")[1],
+    ]
+    assert sorted((path.name, path.stat().st_mtime_ns) for path in data.iterdir()) == before  # nothing written
+
+
+def test_stored_rooms_that_cannot_be_read_are_a_warning(tmp_path: Path) -> None:
+    settings = load_settings(write_settings(tmp_path, f'[paths]\ndata_dir = "{tmp_path / "data"}"\n'))
+    assert _stored(settings) == ([], None)  # no database: no line
+    (tmp_path / "data").mkdir()
+    settings.database.write_bytes(b"not a database at all, just some bytes" * 40)
+    stored, check = _stored(settings)
+    assert stored == [] and check is not None and check.level is Level.WARN
+    assert check.line().startswith(f"⚠️ stored rooms: not read from {settings.database}: ")
+
+
+async def test_a_stored_room_the_bot_is_not_in_fails_like_a_configured_one(tmp_path: Path) -> None:
+    settings = load_settings(write_settings(tmp_path, f'[paths]\ndata_dir = "{tmp_path / "data"}"\n'))
+    room = settings.room_defaults.room("!chat:localhost", {"allowed_users": ["@you:localhost"]})
+    session = Session(settings, client=SimpleNamespace(), logged_in=True, joined={"!other:localhost"})
+    checks = [check async for check in _stored_room(session, StoredRoom("!chat:localhost", room))]
+    assert checks[0].line() == (
+        "❌ stored room !chat:localhost: @bot:localhost is not in the room → invite @bot:localhost; the daemon joins at "
+        "its start"
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def await_report(config: Path, env: dict[str, str], lines: list[str]) -> int:
+    return asyncio.run(report(config, env, lines.append))
+
+
+def write_settings(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "settings.toml"
+    path.write_text('[matrix]\nuser_id = "@bot:localhost"\nhomeserver = "http://127.0.0.1:9"\n' + text)
+    return path

@@ -5,7 +5,16 @@ from pathlib import Path
 
 import pytest
 
-from aiagentchat.settings import ConfigError, check_safety, load_settings
+from aiagentchat.settings import (
+    NOT_DEFAULTS,
+    ClaudeSettings,
+    ConfigError,
+    DaemonSettings,
+    RoomSettings,
+    Settings,
+    check_safety,
+    load_settings,
+)
 
 GOOD = """
 [matrix]
@@ -82,8 +91,11 @@ def test_defaults_without_a_file(monkeypatch):
     ("text", "expected"),
     [
         ('[claude]\ntimeout_s = "soon"\n', "settings.toml:2: claude.timeout_s: Input should be a valid number"),
-        ('[[rooms]]\nid = "!a:x"\n[[rooms]]\nid = "!b:x"\ncolour = 3\n', "settings.toml:5: rooms.1.colour: Extra inputs"),
-        ("[claude]\npermission_mode = \"yolo\"\n", "settings.toml:2: claude.permission_mode: Input should be"),
+        (
+            '[[rooms]]\nid = "!a:x"\n[[rooms]]\nid = "!b:x"\ncolour = 3\n',
+            "settings.toml:5: rooms.1.colour: Extra inputs",
+        ),
+        ('[claude]\npermission_mode = "yolo"\n', "settings.toml:2: claude.permission_mode: Input should be"),
         ("[matrix\n", "invalid TOML"),
         (
             '[daemon]\nlog_level = "loud"\n',
@@ -115,9 +127,13 @@ def test_password_in_a_readable_file_is_refused(tmp_path):
 
 
 def test_daemon_exits_2_with_one_line_on_a_bad_file(tmp_path):
-    path = write(tmp_path, '[claude]\ntimeout_s = -1\n')
+    path = write(tmp_path, "[claude]\ntimeout_s = -1\n")
     done = subprocess.run(
-        [sys.executable, "-m", "aiagentchat", "--config", str(path)], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "aiagentchat", "--config", str(path)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0
@@ -166,7 +182,9 @@ def test_workdir_rules(tmp_path):
 def test_encryption_settings(tmp_path):
     settings = load_settings(write(tmp_path, GOOD))
     assert [(r.trust, r.key_wait_s) for r in settings.rooms] == [("cross_signed", 60.0), ("cross_signed", 60.0)]
-    with pytest.raises(ConfigError, match=r"settings.toml:3: rooms.0.trust: Input should be 'all', 'tofu', 'cross_signed' or"):
+    with pytest.raises(
+        ConfigError, match=r"settings.toml:3: rooms.0.trust: Input should be 'all', 'tofu', 'cross_signed' or"
+    ):
         load_settings(write(tmp_path, '[[rooms]]\nid = "!a:x"\ntrust = "everyone"\n'))
     with pytest.raises(ConfigError, match="matrix.pickle_key is a secret"):
         load_settings(write(tmp_path, '[matrix]\npickle_key = "k"\n'))
@@ -174,7 +192,7 @@ def test_encryption_settings(tmp_path):
 
 @pytest.mark.parametrize("pattern", ["AIAGENTCHAT_*", "*", "AIAGENTCHAT_MATRIX__PICKLE_KEY"])
 def test_env_passthrough_may_not_hand_the_daemon_secrets_to_the_agent(tmp_path, pattern):
-    text = GOOD.replace('timeout_s = 30\n', f'timeout_s = 30\nenv_passthrough = ["{pattern}"]\n')
+    text = GOOD.replace("timeout_s = 30\n", f'timeout_s = 30\nenv_passthrough = ["{pattern}"]\n')
     expected = f"room !b:localhost: env_passthrough '{pattern}' would hand the daemon's secret AIAGENTCHAT_MATRIX__"
     with pytest.raises(ConfigError, match=re.escape(expected)):
         check_safety(load_settings(write(tmp_path, text)))
@@ -187,3 +205,23 @@ def test_worktrees_are_off_by_default_and_live_under_the_data_dir_per_room(tmp_p
     assert (first.worktrees, first.max_parallel, first.worktree_idle_days) == (False, 2, 14)
     assert settings.worktrees_for(first).parent == tmp_path / "data" / "worktrees"
     assert settings.worktrees_for(first) != settings.worktrees_for(second)
+
+
+def test_readme_names_every_key_of_each_section_and_the_example_describes_rooms_from_the_chat():
+    """README's settings table has a row per section naming each of its keys ([[rooms]] names its own and takes
+    the [claude] ones; [room_defaults] names the keys it leaves out); settings.toml sets the [daemon] keys, each
+    with a comment, and has a commented [room_defaults] table."""
+    root = Path(__file__).parent.parent
+    rows = dict(re.findall(r"^\| `(\[+\w+\]+)` \| (.*) \|$", (root / "README.md").read_text(), re.MULTILINE))
+    sections = {name: field.annotation for name, field in Settings.model_fields.items() if name != "rooms"}
+    for name, model in sections.items():
+        keys = NOT_DEFAULTS if name == "room_defaults" else model.model_fields
+        assert not [key for key in keys if f"`{key}`" not in rows[f"[{name}]"]], name
+    own = [key for key in RoomSettings.model_fields if key not in ClaudeSettings.model_fields]
+    assert not [key for key in own if f"`{key}`" not in rows["[[rooms]]"]]
+    assert "any `[claude]` key" in rows["[[rooms]]"] and "any `[[rooms]]` key" in rows["[room_defaults]"]
+    example = (root / "settings.toml").read_text()
+    daemon = example.split("\n[daemon]\n")[1].split("\n[")[0]
+    for key in DaemonSettings.model_fields:
+        assert re.search(rf"^{key} = .*# \S", daemon, re.MULTILINE), key
+    assert re.search(r"^# .*\n\[room_defaults\]\n# \w+ = ", example, re.MULTILINE)

@@ -2,6 +2,7 @@
 room that is in no settings file, the bot serves it in a working directory of its own, keeps serving it after a
 restart, and takes the admin's commands there; anyone else's invite is ignored."""
 
+import json
 from typing import Any
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from tests.integration.conftest import joined, room_dir, run_ended
 from tests.integration.test_cchat import Cchat
 from tests.integration.test_conversation import reply_to
+from tests.integration.test_doctor import doctor
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 
@@ -132,6 +134,20 @@ async def test_cchat_new_makes_a_room_the_bot_serves_in_the_project_given(world)
     listed = await cli("rooms", "--config", str(daemon.config))
     assert listed.code == 0, listed.stderr
     assert f"site work\t{room}\t{world.user.user_id}\tstored" in listed.stdout.splitlines()
+    config = str(daemon.config)  # names no room: cchat finds this one by its name in the running daemon's database
+    sent = await cli(
+        "send", "site work", "bash pwd", "--wait", "--json", "--config", config, "--timeout", "240", timeout=300
+    )
+    assert sent.code == 0, sent.stderr
+    assert f"tool said: {site}" in "\n".join(json.loads(sent.stdout)["events"])
+
+    _, output = await doctor(daemon)  # while the daemon runs: the database read through its -wal file
+    stored = [line for line in output.splitlines() if f"stored room site work ({room})" in line]
+    assert f"✅ stored room site work ({room}): {world.bot_id} is in the room" in stored, output
+    assert f"✅ stored room site work ({room}): allowed users: {world.user.user_id}" in stored
+    assert f"✅ stored room site work ({room}): its working directory, chosen with `!project`, is under" in output
+    warned = f"⚠️ stored room site work ({room}): encrypted; trust all: every device of an allowed user may prompt"
+    assert [line.split(" → ")[0] for line in stored if not line.startswith("✅")] == [warned], output
 
     refused = await cli("new", "elsewhere", "--workdir", str(world.tmp_path))
     assert refused.code == 1 and "is outside the project roots" in refused.stderr
