@@ -603,10 +603,19 @@ class Store:
         return [RoomChange(by, command, detail, at_ms / 1000) for by, command, detail, at_ms in rows]
 
 
+def read_only(path: Path) -> contextlib.closing[sqlite3.Connection]:
+    """The daemon's database opened for reading beside it (cchat, doctor). It keeps the database in WAL mode, with
+    a -wal file beside it while it runs: then read through it. Without one nothing is being written, and an
+    immutable read leaves no -wal or -shm file of this user behind (one of root's would lock the daemon out)."""
+    wal = path.with_name(f"{path.name}-wal")
+    how = "mode=ro" if wal.exists() else "immutable=1"
+    return contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?{how}", uri=True))
+
+
 def peek_conversation(path: Path, room_id: str) -> tuple[str | None, bool]:
     """For `cchat handback`, beside a running daemon and without writing: the room's session id, and whether
     one of its prompts runs (or ran when the daemon stopped). sqlite3.Error when the database cannot be read."""
-    with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+    with read_only(path) as db:
         session = db.execute("SELECT session_id FROM sessions WHERE room_id = ?", (room_id,)).fetchone()
         running = db.execute(
             "SELECT 1 FROM prompts WHERE room_id = ? AND state = 'running' LIMIT 1", (room_id,)

@@ -4,10 +4,8 @@ such a room: the daemon applies it when the command is given and again at each s
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +13,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from aiagentchat.settings import RoomSettings, Settings
+from aiagentchat.store import read_only
 
 
 class Refused(Exception):
@@ -75,11 +74,7 @@ def stored_rooms(settings: Settings) -> list[StoredRoom]:
     database = settings.database
     if not database.exists():
         return []
-    # The daemon keeps its database in WAL mode, with a -wal file beside it while it runs: then read through it.
-    # Without one nothing is being written, and an immutable read leaves no -wal or -shm file of this user behind.
-    wal = database.with_name(f"{database.name}-wal")
-    how = "mode=ro" if wal.exists() else "immutable=1"
-    with contextlib.closing(sqlite3.connect(f"{database.resolve().as_uri()}?{how}", uri=True)) as db:
+    with read_only(database) as db:
         if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'chat_rooms'").fetchone() is None:
             return []
         rows = db.execute("SELECT room_id, settings FROM chat_rooms ORDER BY created_ms, room_id").fetchall()

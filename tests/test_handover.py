@@ -356,6 +356,8 @@ async def test_handback_copies_the_rooms_conversation_and_prints_the_command_tha
     assert await cchat.run_handback("work", site.config) == f"cd {site.workdir} && claude --resume {ONE}"
     assert site.terminal.path(ONE).read_bytes() == b'{"room": 1}\n'
     assert peek_conversation(site.settings.database, "!work:example.org") == (ONE, False)
+    beside = sorted(path.name for path in site.settings.database.parent.iterdir() if "-" in path.name)
+    assert beside == [], f"{beside}: a reader's own -wal/-shm would keep a daemon of another user out"
     write(site.terminal, ONE, b'{"terminal": 1}\n')
     with pytest.raises(Fail, match="went on where"):
         await cchat.run_handback("work", site.config)
