@@ -215,7 +215,7 @@ class Hub:
             transport.write(last)
         transport.close()
         if self._loop is not None:
-            self._loop.call_later(CLOSE_GRACE_S, transport.abort)
+            self._loop.call_later(CLOSE_GRACE_S, _cut, transport)
 
     async def pump(self) -> None:
         """Send each changed room's summary to the subscribers, once the change is complete (this task runs
@@ -478,6 +478,13 @@ class Hub:
             self.log_line(record)
         elif self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self.log_line, record)
+
+
+def _cut(transport: asyncio.BaseTransport) -> None:
+    """End a closed connection whose last line has not left yet; nothing once it is gone (asyncio forgets a
+    transport's protocol when its connection is lost, and aborting it then fails in the event loop)."""
+    if transport.get_protocol() is not None:
+        transport.abort()
 
 
 _OPS = {

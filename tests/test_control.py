@@ -23,7 +23,7 @@ import structlog
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aiagentchat import doctor, logs
+from aiagentchat import control, doctor, logs
 from aiagentchat.approvals import Pending
 from aiagentchat.batcher import Begin, Block, EndOfRun, Notice, Text
 from aiagentchat.bot import Bot
@@ -252,28 +252,39 @@ def test_requests_with_any_fields_of_any_type_get_a_reply_or_an_error_and_nothin
     asyncio.run(check())
 
 
-async def test_a_client_that_stops_reading_is_dropped_and_told_while_the_others_keep_up(tmp_path):
-    async with served(tmp_path) as (bot, path), connected(path) as slow, connected(path) as reader:
-        for client in (slow, reader):
-            await client.ask({"op": "subscribe", "id": "sub"})
-        batcher = bot.workers[ROOM].batcher
-        await batcher.put(Begin("$p", {}))
-        chunk = "y" * 4000
-        sent = 0
-        with structlog.testing.capture_logs() as logged:
-            while sent < 3 * CLIENT_BUFFER_BYTES:  # the slow one never reads; the socket buffers fill, then its own
-                bot.control.observe(ROOM, Text("$p", chunk))
-                sent += len(chunk)
-                message = await reader.until(lambda m: m["type"] == "output")
-                assert message == {"type": "output", "room": ROOM, "prompt": "$p", "kind": "text", "text": chunk}
-            await asyncio.sleep(0)
-        assert [e["event"] for e in logged if e["event"] == "control_client_dropped"] == ["control_client_dropped"]
-        last = None
-        async with asyncio.timeout(10):
-            while line := await slow.reader.readline():
-                last = json.loads(line)
-        assert last is not None and last["type"] == "dropped" and "stopped reading" in last["reason"]
-        assert (await reader.ask({"op": "snapshot", "id": "still"}))["ok"] is True
+async def test_a_client_that_stops_reading_is_dropped_and_told_while_the_others_keep_up(tmp_path, monkeypatch):
+    monkeypatch.setattr(control, "CLOSE_GRACE_S", 0.2)
+    loop, failures = asyncio.get_running_loop(), []
+    handler = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: failures.append(context))
+    try:
+        async with served(tmp_path) as (bot, path), connected(path) as slow, connected(path) as reader:
+            for client in (slow, reader):
+                await client.ask({"op": "subscribe", "id": "sub"})
+            batcher = bot.workers[ROOM].batcher
+            await batcher.put(Begin("$p", {}))
+            chunk = "y" * 4000
+            sent = 0
+            with structlog.testing.capture_logs() as logged:
+                while sent < 3 * CLIENT_BUFFER_BYTES:  # the slow one never reads: the socket buffers fill, then ours
+                    bot.control.observe(ROOM, Text("$p", chunk))
+                    sent += len(chunk)
+                    message = await reader.until(lambda m: m["type"] == "output")
+                    assert message == {"type": "output", "room": ROOM, "prompt": "$p", "kind": "text", "text": chunk}
+                await asyncio.sleep(0)
+            assert [e["event"] for e in logged if e["event"] == "control_client_dropped"] == ["control_client_dropped"]
+            last = None
+            async with asyncio.timeout(10):
+                while line := await slow.reader.readline():
+                    last = json.loads(line)
+            assert last is not None and last["type"] == "dropped" and "stopped reading" in last["reason"]
+            assert (await reader.ask({"op": "snapshot", "id": "still"}))["ok"] is True
+            past_the_grace = asyncio.Event()
+            loop.call_later(0.3, past_the_grace.set)  # after the daemon's own timer to cut the dropped connection
+            await past_the_grace.wait()
+    finally:
+        loop.set_exception_handler(handler)
+    assert failures == []  # the cut of a connection that had closed by itself failed in the event loop
 
 
 async def test_the_stream_shows_a_run_its_tool_lines_and_its_end_and_a_snapshot_the_running_prompt(tmp_path):
