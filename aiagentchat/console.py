@@ -171,6 +171,11 @@ class VerifyScreen(ModalScreen[None]):
     VerifyScreen > Vertical { width: 76; height: auto; max-height: 22; border: round $primary; padding: 0 1; }
     VerifyScreen #target { margin-bottom: 1; }
     """
+    AUTO_FOCUS = ""  # none: the target's input only while nothing is under way: y and n are the screen's then
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._started = False  # a verification was started from this screen: its outcome stays shown
 
     def compose(self) -> ComposeResult:
         with Vertical():
@@ -193,9 +198,9 @@ class VerifyScreen(ModalScreen[None]):
         target.display = not under_way
         if under_way:
             self.set_focus(None)
+        else:
+            target.focus()
         self.query_one("#progress", Static).update(verification_text(state if under_way or self._started else None))
-
-    _started = False  # a verification was started from this screen: its outcome stays shown
 
     async def on_input_submitted(self, event: Input.Submitted) -> None:
         words = event.value.split()
@@ -266,8 +271,8 @@ class Console(App[None]):
     def compose(self) -> ComposeResult:
         yield Static(id="status")
         rooms = DataTable(id="rooms", cursor_type="row", zebra_stripes=True, cell_padding=0)  # 80 columns: gaps of 1
-        for label, width in (("room", 11), ("state", 25), ("q'd", 4), ("today", 16), ("model", 8), ("trust", 13)):
-            rooms.add_column(Text(f" {label}", justify="right" if label == "q'd" else "left"), width=width)
+        for label, width in (("room", 11), ("state", 25), ("q'd", 4), ("today", 16), ("model", 8), ("trust", 12)):
+            rooms.add_column(label, width=width)
         yield rooms
         yield Static(id="detail")
         queue = DataTable(id="queue", cursor_type="row", show_header=False)
@@ -399,12 +404,12 @@ class Console(App[None]):
     @staticmethod
     def _room_cells(room: dict[str, Any], now: float) -> tuple[Text, ...]:
         return (
-            Text(f" {room['name']}"),
-            Text(f" {state_text(room, now)}"),
-            Text(str(len(room.get("queue") or [])), justify="right"),
-            Text(f" {cost_text(room)}"),
-            Text(f" {room.get('model') or 'default'}"),
-            Text(f" {trust_text(room)}"),
+            Text(str(room["name"])),
+            Text(state_text(room, now)),
+            Text(str(len(room.get("queue") or []))),
+            Text(cost_text(room)),
+            Text(str(room.get("model") or "default")),
+            Text(trust_text(room)),
         )
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:

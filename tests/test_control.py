@@ -22,7 +22,8 @@ import pytest
 import structlog
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from nio import UnknownToDeviceEvent
+from nio import MatrixRoom, UnknownToDeviceEvent
+from nio.crypto import OlmDevice
 
 from aiagentchat import doctor, logs
 from aiagentchat.approvals import Pending
@@ -30,6 +31,7 @@ from aiagentchat.batcher import Begin, Block, EndOfRun, Notice, Text
 from aiagentchat.bot import Bot
 from aiagentchat.control import CLIENT_BUFFER_BYTES, OPERATOR, socket_path
 from aiagentchat.errors import ConfigError
+from aiagentchat.settings import RoomSettings
 from aiagentchat.store import Prompt
 from tests.test_dispatch import ROOMS, a_bot
 from tests.test_hostile_events import ALICE
@@ -455,3 +457,20 @@ async def test_while_the_console_waits_for_a_verification_the_daemon_declines_on
         assert [m.content["transaction_id"] for m in outgoing] == ["t1", "t3"]
         assert "aiagentchat console" in outgoing[-1].content["reason"]
         await client.ask({"op": "verify_cancel", "id": 2})
+
+
+async def test_a_rooms_trust_names_the_allowed_users_its_trust_accepts_no_device_of(tmp_path):
+    async with served(tmp_path) as (bot, path), connected(path) as client:
+        assert (await client.ask({"op": "snapshot", "id": 1}))["rooms"][0]["trust"] is None  # not encrypted
+        bot.client.rooms[ROOM] = MatrixRoom(ROOM, bot.client.user_id, encrypted=True)
+        bot.rooms[ROOM] = RoomSettings(id=ROOM, allowed_users=[ALICE], trust="verified")
+        summary = (await client.ask({"op": "snapshot", "id": 2}))["rooms"][0]
+        assert summary["trust"] == {"policy": "verified", "unverified": [ALICE]}  # no device of hers known
+
+        phone = OlmDevice(ALICE, "PHONE", {"ed25519": "e" * 43, "curve25519": "c" * 43})
+        bot.client.olm.device_store.add(phone)
+        assert (await client.ask({"op": "snapshot", "id": 3}))["rooms"][0]["trust"]["unverified"] == [ALICE]
+        bot.client.verify_device(phone)
+        assert (await client.ask({"op": "snapshot", "id": 4}))["rooms"][0]["trust"]["unverified"] == []
+        bot.rooms[ROOM] = RoomSettings(id=ROOM, allowed_users=[ALICE, "@bob:x"], trust="all")
+        assert (await client.ask({"op": "snapshot", "id": 5}))["rooms"][0]["trust"]["unverified"] == ["@bob:x"]

@@ -28,6 +28,19 @@ def finished(state: dict[str, Any]) -> bool:
     return state["phase"] in ("verified", "failed")
 
 
+async def emoji_shown(client, person: asyncio.Task) -> dict[str, Any]:
+    """The verification's state once it shows its emoji (or failed); at once an error when the person's side of it
+    ended first (declined, say)."""
+    shown = asyncio.create_task(client.until(verification(lambda v: v["phase"] in ("comparing", "failed")), 180))
+    done, _ = await asyncio.wait([shown, person], return_when=asyncio.FIRST_COMPLETED)
+    if shown not in done:
+        shown.cancel()
+        raise AssertionError(f"the person's side ended before the emoji were shown: {person.exception()!r}")
+    state = shown.result()["verification"]
+    assert state["phase"] == "comparing", state["lines"]
+    return state
+
+
 async def refused_until_verified(world, people):
     """A person on Element, cross-signed, in a room with trust = "verified" whose first prompt is refused."""
     person = await people(world.user.user_id, world.user_password, "element")
@@ -48,9 +61,7 @@ async def test_a_person_verifies_the_running_bot_from_element_and_the_console_co
         assert (await client.ask({"op": "verify", "timeout": 240, "id": 2}))["outcome"] == "started"
 
         verifying = asyncio.create_task(person.verify_device(world.bot_id, bot_device_id(world), timeout=240))
-        comparing = await client.until(verification(lambda v: v["phase"] in ("comparing", "failed")), timeout=180)
-        state = comparing["verification"]
-        assert state["phase"] == "comparing", state["lines"]
+        state = await emoji_shown(client, verifying)
         assert len(state["emoji"]) == 7 and len(state["decimals"]) == 3
         assert (await client.ask({"op": "verify_confirm", "match": True, "id": 3}))["outcome"] == "confirmed"
         shown = await verifying
@@ -73,8 +84,7 @@ async def test_the_console_starts_a_verification_with_a_persons_device_and_a_no_
         start = {"op": "verify", "user": world.user.user_id, "device": person.device_id, "timeout": 240, "id": 2}
         assert (await client.ask(start))["outcome"] == "started"
         accepting = asyncio.create_task(person.accept_verification(world.bot_id, timeout=240))
-        comparing = await client.until(verification(lambda v: v["phase"] in ("comparing", "failed")), timeout=180)
-        assert comparing["verification"]["phase"] == "comparing", comparing["verification"]["lines"]
+        await emoji_shown(client, accepting)
         assert (await client.ask({"op": "verify_confirm", "match": False, "id": 3}))["outcome"] == "denied"
         ended = (await client.until(verification(finished), timeout=120))["verification"]
         assert ended["phase"] == "failed" and "do not match" in ended["lines"][-1]
