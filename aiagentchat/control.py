@@ -493,6 +493,9 @@ class Hub:
     async def _verify(self, verification: InDaemon) -> int:
         try:
             code = await verification.run()
+        except Exception:  # a fault of the daemon's: logged here, where nobody awaits the task for it
+            log.exception("verification_failed")
+            raise
         finally:
             if self._bot.crypto.verification is verification.session:
                 self._bot.crypto.verification = None

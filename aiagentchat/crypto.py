@@ -279,9 +279,9 @@ class Crypto:
     def _accepted_somewhere(self, trust: Trust, user_id: str) -> bool:
         olm = self.client.olm
         for device in olm.device_store.active_user_devices(user_id):
-            if trust == "tofu":  # judged without pinning, as `accepts` would on first sight
-                pinned = self.trust.tofu.get(user_id, {})
-                if olm.is_device_verified(device) or pinned.get(device.id) == device.ed25519:
+            if trust == "tofu":  # judged without pinning: a user not pinned yet has these pinned at first need
+                pinned = self.trust.tofu.get(user_id)
+                if pinned is None or olm.is_device_verified(device) or pinned.get(device.id) == device.ed25519:
                     return True
             elif self.trust.accepts(trust, device):
                 return True

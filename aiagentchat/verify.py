@@ -6,9 +6,10 @@ The command runs while the daemon is stopped (they share the device and its cryp
 the second one). With USER and DEVICE it starts the verification; without, it waits for one that a room's
 allowed user starts from their client, whether with a request first (as Element does) or with a start. The
 emoji are shown here, the owner says whether they match, and a match is recorded in the crypto store, where
-the daemon finds it on its next start (the running daemon, at once). When the verified device is cross-signed by its owner's identity, the
-bot also signs that identity with its user-signing key: the person is verified, every device they cross-sign
-is trusted by `trust = "verified"`, and their clients show the bot's signature.
+the daemon finds it on its next start (or at once, when it ran the verification). When the verified device is
+cross-signed by its owner's identity, the bot also signs that identity with its user-signing key: the person is
+verified, every device they cross-sign is trusted by `trust = "verified"`, and their clients show the bot's
+signature.
 """
 
 from __future__ import annotations
@@ -443,7 +444,7 @@ class InDaemon:
         except asyncio.CancelledError:
             self._say("❌ Not verified: cancelled by the operator")
             raise
-        except NETWORK_ERRORS as exc:
+        except (*NETWORK_ERRORS, LocalProtocolError) as exc:
             self._say(f"❌ Not verified: the homeserver did not answer ({type(exc).__name__}: {exc})")
         finally:
             self.session.detach()
