@@ -1,15 +1,19 @@
 """Emoji verification inside a running daemon, through its control socket (real Synapse, real CLI, scripted model,
 and a person on matrix-js-sdk's Rust crypto as Element has it): the socket streams the emoji the person sees, the
 operator confirms them, and at once, with no restart, the person's device and identity count where
-trust = "verified"; a verification the person did not start is still declined meanwhile."""
+trust = "verified"; the console's verification screen shows the same emoji and `y` verifies them; the bot starts
+one with a person's device, and a no-match records nothing."""
 
 import asyncio
 from typing import Any
 
 import pytest
+from textual.widgets import DataTable, Static
 
+from aiagentchat.console import Console
 from tests.harness.js_person import JsPersonError
 from tests.integration.conftest import same_sas
+from tests.integration.test_console import until
 from tests.integration.test_control import control, room_of
 from tests.integration.test_cross_signing import element_asks, element_room
 from tests.integration.test_e2e import bot_device_id
@@ -96,3 +100,25 @@ async def test_the_console_starts_a_verification_with_a_persons_device_and_a_no_
         assert again["rooms"][0]["trust"]["unverified"] == [world.user.user_id]
     refused = await person.send_text(room, "say still refused")
     await daemon.wait_for_log("prompt_ignored", event_id=refused, timeout=90)
+
+
+async def test_the_console_shows_the_emoji_the_person_sees_and_y_verifies_them(world, people):
+    person, _room, _daemon = await refused_until_verified(world, people)
+    app = Console(world.tmp_path / "data" / "control.sock")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await until(pilot, lambda: app.query_one("#rooms", DataTable).row_count == 1)
+        assert str(app.query_one("#rooms", DataTable).get_row_at(0)[5]) == "1 unverified"
+        await pilot.press("v", "enter")  # nothing typed: wait for the person to start it
+        await until(pilot, lambda: app.verification is not None and app.verification["phase"] == "waiting")
+        verifying = asyncio.create_task(person.verify_device(world.bot_id, bot_device_id(world), timeout=240))
+        await until(pilot, lambda: app.verification["phase"] in ("comparing", "failed") or verifying.done(), 180)
+        state = app.verification
+        assert state["phase"] == "comparing", (state["lines"], verifying)
+        progress = str(app.screen.query_one("#progress", Static).render())
+        assert all(name in progress for _, name in state["emoji"]), progress
+        await pilot.press("y")
+        shown = await verifying
+        assert same_sas(shown, printed(state))
+        await until(pilot, lambda: app.verification["phase"] in ("verified", "failed"), 120)
+        assert app.verification["phase"] == "verified", app.verification["lines"]
+        await until(pilot, lambda: str(app.query_one("#rooms", DataTable).get_row_at(0)[5]) == "✓", 60)
