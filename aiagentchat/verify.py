@@ -47,6 +47,7 @@ VERIFIED, NOT_VERIFIED = 0, 1
 Decide = Callable[[Sas], Awaitable[bool]]  # shown the emoji of an established SAS: whether its owner says they match
 SYNC_FILTER = {"room": {"rooms": [], "timeline": {"limit": 0}}, "presence": {"types": []}}
 POLL_MS = 1_000
+ABANDON_S = 5.0  # for telling the other device that a verification the daemon ran is over
 
 
 @dataclass(frozen=True)
@@ -455,15 +456,21 @@ class InDaemon:
 
     async def _abandon(self) -> None:
         """Tell the other device a verification that did not finish is over (so it stops waiting)."""
-        session, client = self.session, self.session.client
-        sas = session.sas
+        if self.session.client.client_session is None:  # the daemon stopped and closed its connection
+            return
         try:
-            if sas is not None and not sas.canceled and not sas.verified:
-                await client.cancel_key_verification(sas.transaction_id)
-            elif sas is None and session._requested is not None:
-                cancel = {"transaction_id": session._requested, "code": "m.user", "reason": "cancelled"}
-                for device in session._requests:
-                    message = ToDeviceMessage("m.key.verification.cancel", device.user_id, device.id, cancel)
-                    await client.to_device(message)
+            async with asyncio.timeout(ABANDON_S):
+                await self._tell_abandoned()
         except (*NETWORK_ERRORS, LocalProtocolError) as exc:
             log.warning("verification_cancel_not_sent", error=f"{type(exc).__name__}: {exc}")
+
+    async def _tell_abandoned(self) -> None:
+        session, client = self.session, self.session.client
+        sas = session.sas
+        if sas is not None and not sas.canceled and not sas.verified:
+            await client.cancel_key_verification(sas.transaction_id)
+        elif sas is None and session._requested is not None:
+            cancel = {"transaction_id": session._requested, "code": "m.user", "reason": "cancelled"}
+            for device in session._requests:
+                message = ToDeviceMessage("m.key.verification.cancel", device.user_id, device.id, cancel)
+                await client.to_device(message)

@@ -122,3 +122,17 @@ async def test_the_console_shows_the_emoji_the_person_sees_and_y_verifies_them(w
         await until(pilot, lambda: app.verification["phase"] in ("verified", "failed"), 120)
         assert app.verification["phase"] == "verified", app.verification["lines"]
         await until(pilot, lambda: str(app.query_one("#rooms", DataTable).get_row_at(0)[5]) == "✓", 60)
+
+
+async def test_a_verification_cancelled_from_the_console_ends_on_the_persons_side_too(world, people):
+    person, _room, _daemon = await refused_until_verified(world, people)
+    async with control(world) as client:
+        await client.ask({"op": "subscribe", "id": 1})
+        start = {"op": "verify", "user": world.user.user_id, "device": person.device_id, "timeout": 240, "id": 2}
+        await client.ask(start)
+        accepting = asyncio.create_task(person.accept_verification(world.bot_id, timeout=90))
+        await emoji_shown(client, accepting)
+        assert (await client.ask({"op": "verify_cancel", "id": 3}))["outcome"] == "cancelled"
+        with pytest.raises(JsPersonError) as there:
+            await accepting
+        assert "got no answer" not in str(there.value)  # told, not left waiting
