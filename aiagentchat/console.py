@@ -1,7 +1,8 @@
 """`aiagentchat console`: the operator's terminal screen (Textual), a client of the daemon's control socket
 (docs/control.md). The rooms, one line each and live; the selected room's running prompt with its tool lines,
 its queue and its waiting approval, with keys to stop, drop, allow, deny, always and start a new conversation;
-the daemon's log for that room. It attaches and detaches at any time; the daemon never waits for it."""
+the daemon's log for that room; the emoji verification of the bot's device with a person's (v), whose outcome
+shows in the rooms' trust column. It attaches and detaches at any time; the daemon never waits for it."""
 
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ from aiagentchat.control import ControlClient, ControlError
 LOG_KEPT = 500  # records kept per room
 TOOLS_SHOWN = 4
 STALE_S = 0.25  # the agent's streamed text is shown at most this often
+UNDER_WAY = ("waiting", "comparing", "confirming")  # a verification's phases before its end
+EMOJI_PER_ROW = 4
+EMOJI_CELL = 16
 
 
 def elapsed(seconds: float) -> str:
@@ -48,6 +52,43 @@ def state_text(room: dict[str, Any], now: float) -> str:
 def cost_text(room: dict[str, Any]) -> str:
     spent, budget = room.get("cost_today") or 0.0, room.get("budget")
     return usd(spent) if budget is None else f"{usd(spent)} / {usd(budget)}"
+
+
+def trust_text(room: dict[str, Any]) -> str:
+    """`-` for a room that is not encrypted, `✓` when its trust accepts every allowed user, else how many not."""
+    trust = room.get("trust")
+    if trust is None:
+        return "-"
+    unverified = len(trust.get("unverified") or [])
+    return "✓" if unverified == 0 else f"{unverified} unverified"
+
+
+def emoji_grid(emoji: list[list[str]]) -> Text:
+    """The seven emoji of a verification, each above its name, in rows wide enough to compare at a glance."""
+    text = Text(justify="center")
+    for start in range(0, len(emoji), EMOJI_PER_ROW):
+        row = emoji[start : start + EMOJI_PER_ROW]
+        text.append("".join(symbol.center(EMOJI_CELL - 1) for symbol, _ in row) + "\n", style="bold")
+        text.append("".join(name.center(EMOJI_CELL) for _, name in row) + "\n\n")
+    return text
+
+
+def verification_text(state: dict[str, Any] | None) -> Text:
+    """Where a verification stands, its emoji while they are to be compared, what it said last."""
+    if state is None:
+        return Text("Enter USER DEVICE to verify that device (USER alone: whichever of theirs accepts first), or "
+                    "nothing to wait for an allowed user to start a verification from their client.")  # fmt: skip
+    text = Text()
+    whom = f"{state['user']} {state['device'] or ''}".strip() if state.get("user") else "an allowed user's device"
+    text.append(f"Verification with {whom}: {state['phase']}\n", style="bold")
+    if state["phase"] == "comparing" and state.get("emoji"):
+        text.append("\n")
+        text.append_text(emoji_grid(state["emoji"]))
+        text.append(f"numbers: {' '.join(str(n) for n in state.get('decimals') or [])}\n\n", style="dim")
+        text.append("Do they match what the other device shows?  y they match · n they do not\n", style="bold reverse")
+    for line in (state.get("lines") or [])[-4:]:
+        text.append(f"{line}\n")
+    return text
 
 
 def room_detail(room: dict[str, Any] | None, activity: str, now: float) -> Text:
@@ -116,6 +157,74 @@ class DenyScreen(ModalScreen[str | None]):
         self.dismiss(None)
 
 
+class VerifyScreen(ModalScreen[None]):
+    """The emoji verification of the bot's device: the target typed (or nothing, to wait for one), then the
+    emoji to compare, y or n, and the outcome; Escape cancels one under way and closes."""
+
+    BINDINGS: ClassVar = [
+        Binding("y", "confirm(True)", "They match"),
+        Binding("n", "confirm(False)", "They differ"),
+        Binding("escape", "close", "Cancel & close"),
+    ]
+    DEFAULT_CSS = """
+    VerifyScreen { align: center middle; }
+    VerifyScreen > Vertical { width: 76; height: auto; max-height: 22; border: round $primary; padding: 0 1; }
+    VerifyScreen #target { margin-bottom: 1; }
+    """
+    AUTO_FOCUS = ""  # none: the target's input only while nothing is under way: y and n are the screen's then
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._started = False  # a verification was started from this screen: its outcome stays shown
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Label("Verify the bot's device (Escape cancels and closes)")
+            yield Input(placeholder="@user:server DEVICE, @user:server, or empty: wait for one", id="target")
+            yield Static(id="progress")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.show(self._console.verification)
+
+    @property
+    def _console(self) -> Console:
+        assert isinstance(self.app, Console)
+        return self.app
+
+    def show(self, state: dict[str, Any] | None) -> None:
+        under_way = state is not None and state["phase"] in UNDER_WAY
+        target = self.query_one("#target", Input)
+        target.display = not under_way
+        if under_way:
+            self.set_focus(None)
+        else:
+            target.focus()
+        self.query_one("#progress", Static).update(verification_text(state if under_way or self._started else None))
+
+    async def on_input_submitted(self, event: Input.Submitted) -> None:
+        words = event.value.split()
+        if len(words) > 2:
+            self.notify("At most two words: USER and DEVICE.", severity="warning")
+            return
+        fields = dict(zip(("user", "device"), words, strict=False))
+        if await self._console.verify_request("verify", **fields) is not None:
+            self._started = True
+
+    async def action_confirm(self, match: bool) -> None:
+        state = self._console.verification
+        if state is None or state["phase"] != "comparing":
+            self.notify("No emoji are waiting to be compared.", severity="warning")
+            return
+        await self._console.verify_request("verify_confirm", match=match)
+
+    async def action_close(self) -> None:
+        state = self._console.verification
+        if state is not None and state["phase"] in UNDER_WAY:
+            await self._console.verify_request("verify_cancel")
+        self.dismiss(None)
+
+
 class Console(App[None]):
     """The operator's console. `client` None: nothing to attach to (a rendering of a given state, for the
     screenshot)."""
@@ -136,6 +245,7 @@ class Console(App[None]):
         Binding("A", "answer('always')", "Always"),
         Binding("x", "drop", "Drop"),
         Binding("N", "new", "New"),
+        Binding("v", "verify", "Verify"),
         Binding("r", "attach", "Reattach", show=False),
         Binding("tab", "focus_next", "Next pane", show=False),
         Binding("q", "quit", "Quit"),
@@ -155,12 +265,13 @@ class Console(App[None]):
             lambda: collections.deque(maxlen=LOG_KEPT)
         )
         self.status = "connecting…" if socket is not None else ""
+        self.verification: dict[str, Any] | None = None  # the daemon's verification under way, or its last one
         self._stale = False  # the selected room's activity changed since it was shown
 
     def compose(self) -> ComposeResult:
         yield Static(id="status")
-        rooms = DataTable(id="rooms", cursor_type="row", zebra_stripes=True)
-        for label, width in (("room", 14), ("state", 26), ("queued", 6), ("today", 15), ("model", 7)):
+        rooms = DataTable(id="rooms", cursor_type="row", zebra_stripes=True, cell_padding=0)  # 80 columns: gaps of 1
+        for label, width in (("room", 11), ("state", 25), ("q'd", 4), ("today", 16), ("model", 8), ("trust", 12)):
             rooms.add_column(label, width=width)
         yield rooms
         yield Static(id="detail")
@@ -215,6 +326,7 @@ class Console(App[None]):
         """Take a snapshot: every room as it is now."""
         self.user_id = str(snapshot.get("user_id", ""))
         self.rooms = {room["id"]: room for room in snapshot.get("rooms", [])}
+        self.verification = snapshot.get("verification")
         if self.selected not in self.rooms:
             self.selected = next(iter(self.rooms), None)
         self.status = f"attached to {self.user_id}"
@@ -239,6 +351,12 @@ class Console(App[None]):
                 line = next((line.strip() for line in reversed(tail.splitlines()) if line.strip()), "")
                 self.activity[room_id] = f"✍️ {line[-120:]}"
                 self._stale = self._stale or room_id == self.selected  # shown within STALE_S: a burst costs one
+            case "verification" if isinstance(message.get("verification"), dict):
+                self.verification = message["verification"]
+                if isinstance(self.screen, VerifyScreen):
+                    self.screen.show(self.verification)
+                if self.verification["phase"] in ("verified", "failed"):
+                    self.notify((self.verification.get("lines") or ["verification ended"])[-1])
             case "log":
                 record = message.get("record")
                 if isinstance(record, dict):
@@ -288,9 +406,10 @@ class Console(App[None]):
         return (
             Text(str(room["name"])),
             Text(state_text(room, now)),
-            Text(str(len(room.get("queue") or [])), justify="right"),
+            Text(str(len(room.get("queue") or []))),
             Text(cost_text(room)),
             Text(str(room.get("model") or "default")),
+            Text(trust_text(room)),
         )
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
@@ -349,3 +468,17 @@ class Console(App[None]):
 
     async def action_new(self) -> None:
         await self._act("new")
+
+    def action_verify(self) -> None:
+        self.push_screen(VerifyScreen())
+
+    async def verify_request(self, op: str, **fields: Any) -> dict[str, Any] | None:
+        """A verification request to the daemon; its reply, or None (the operator is told why)."""
+        if self.client is None:
+            self.notify("Not attached to a daemon.", severity="error")
+            return None
+        try:
+            return await self.client.request(op, **fields)
+        except ControlError as exc:
+            self.notify(str(exc), severity="warning")
+            return None

@@ -1,7 +1,8 @@
 """The control endpoint: a Unix socket in the data dir (0600, the daemon's own user only) that speaks JSON lines
 both ways. A client asks for a snapshot of the rooms, subscribes to a stream of changes (what the rooms'
 batchers are handed, as it is handed; the daemon's log records), and acts as the operator: stop a run, drop a
-queued prompt, answer an approval, start a new conversation, through the same code paths people's actions take.
+queued prompt, answer an approval, start a new conversation, through the same code paths people's actions take;
+and it runs the emoji verification of `aiagentchat verify` inside the daemon, one at a time.
 Each client has a bounded buffer: one that stops reading is told and dropped, and the daemon never waits for it.
 The protocol is in docs/control.md."""
 
@@ -14,6 +15,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import socket
 import stat
 import struct
@@ -30,6 +32,7 @@ from aiagentchat.approvals import Answer, rule_text, summarize
 from aiagentchat.batcher import Accepted, Begin, Block, EndOfRun, Item, Notice, React, Text
 from aiagentchat.commands import Command, today_utc
 from aiagentchat.errors import ConfigError
+from aiagentchat.verify import InDaemon, Target
 
 if TYPE_CHECKING:
     from aiagentchat.bot import Bot
@@ -47,6 +50,10 @@ REASON_CHARS = 1000
 STREAM_LIMIT = 16 * 1024 * 1024  # what a client takes as one line: a big chunk of output may be long
 CLOSE_GRACE_S = 5.0  # a dropped client's last line may take this long to leave, then its connection is cut
 VERDICTS = ("allow", "deny", "always")
+VERIFY_TIMEOUT_S = 300.0  # as `aiagentchat verify`'s default
+MAX_VERIFY_TIMEOUT_S = 3600.0
+USER_ID = re.compile(r"@[^:\s]+:\S+")
+DEVICE_ID = re.compile(r"\S{1,255}")
 
 
 class RequestError(Exception):
@@ -142,6 +149,8 @@ class Hub:
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.get_ident()
+        self._verification: InDaemon | None = None  # the one under way, or the last one (its outcome)
+        self._verifying: asyncio.Task[int] | None = None
 
     # --- what the rooms do ------------------------------------------------------------------------------
 
@@ -254,6 +263,7 @@ class Hub:
             "user_id": self._bot.client.user_id,
             "ready": self._bot.ready.is_set(),
             "rooms": [self._summary(room_id) for room_id in rooms if room_id in self._bot.workers],
+            "verification": self._verification.state if self._verification is not None else None,
         }
 
     def _summary(self, room_id: str) -> dict[str, Any]:
@@ -311,7 +321,10 @@ class Hub:
             "running": running,
             "queue": queue,
             "approval": approval,
-        }
+            "trust": None if (unverified := bot.crypto.unverified(room_id)) is None else {
+                "policy": room.trust, "unverified": unverified,
+            },
+        }  # fmt: skip
 
     # --- clients ---------------------------------------------------------------------------------------
 
@@ -445,6 +458,72 @@ class Hub:
         await worker.batcher.put(Notice("", f"{OPERATOR.capitalize()}: {notice.markdown}", {}))
         return self._done(room_id, "new", "the next prompt starts a new conversation")
 
+    # --- verification ----------------------------------------------------------------------------------
+
+    async def _op_verify(self, client: Client, request: dict[str, Any]) -> dict[str, Any]:
+        user, device = request.get("user"), request.get("device")
+        timeout = request.get("timeout", VERIFY_TIMEOUT_S)
+        if user is not None and not (isinstance(user, str) and USER_ID.fullmatch(user) and len(user) <= 255):
+            raise RequestError("`user` is a Matrix user id (@name:server)")
+        if device is not None and not (isinstance(device, str) and DEVICE_ID.fullmatch(device)):
+            raise RequestError("`device` is a device id (a string without spaces)")
+        if device is not None and user is None:
+            raise RequestError("`device` needs `user`")
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, (int, float))
+            or not 1 <= timeout <= MAX_VERIFY_TIMEOUT_S
+        ):
+            raise RequestError(f"`timeout` is a number of seconds from 1 to {MAX_VERIFY_TIMEOUT_S:g}")
+        if self._verifying is not None and not self._verifying.done():
+            raise RequestError("a verification is under way already: one at a time (`verify_cancel` ends it)")
+        bot = self._bot
+        if bot.client.olm is None:
+            raise RequestError("the bot's device has no encryption: nothing to verify")
+        crypto = bot.crypto
+        allowed = {person for room in bot.rooms.values() for person in room.allowed_users}
+        master = crypto.identity.master_key if crypto.identity is not None else None
+        verification = InDaemon(bot.client, crypto.key_file, master, allowed, Target(user, device), float(timeout),
+                                self._report_verification)  # fmt: skip
+        self._verification, crypto.verification = verification, verification.session
+        self._verifying = asyncio.create_task(self._verify(verification))
+        log.info("operator_action", action="verify", user_id=user, device_id=device)
+        return {"outcome": "started", "verification": verification.state}
+
+    async def _verify(self, verification: InDaemon) -> int:
+        try:
+            code = await verification.run()
+        except Exception:  # a fault of the daemon's: logged here, where nobody awaits the task for it
+            log.exception("verification_failed")
+            raise
+        finally:
+            if self._bot.crypto.verification is verification.session:
+                self._bot.crypto.verification = None
+            self._all_changed()  # the trust column
+        log.info("verification_ended", phase=verification.state["phase"], user_id=verification.state["user"])
+        return code
+
+    def _report_verification(self, state: dict[str, Any]) -> None:
+        self._event({"type": "verification", "verification": state})
+
+    async def _op_verify_confirm(self, client: Client, request: dict[str, Any]) -> dict[str, Any]:
+        match = request.get("match")
+        if not isinstance(match, bool):
+            raise RequestError("`match` is true (the emoji match) or false (they do not)")
+        if self._verification is None or not self._verification.answer(match):
+            raise RequestError("no verification is waiting for an answer")
+        log.info("operator_action", action="verify_confirm", match=match)
+        return {"outcome": "confirmed" if match else "denied"}
+
+    async def _op_verify_cancel(self, client: Client, request: dict[str, Any]) -> dict[str, Any]:
+        verifying = self._verifying
+        if verifying is None or verifying.done():
+            raise RequestError("no verification is under way")
+        verifying.cancel()
+        await asyncio.wait([verifying])
+        log.info("operator_action", action="verify_cancel")
+        return {"outcome": "cancelled"}
+
     # --- serving ---------------------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
@@ -463,6 +542,9 @@ class Hub:
         finally:
             logging.getLogger().removeHandler(tap)
             pump.cancel()
+            if self._verifying is not None:
+                self._verifying.cancel()
+                await asyncio.wait([self._verifying])
             server.close()
             for client in list(self._clients):
                 self._close(client)
@@ -494,6 +576,9 @@ _OPS = {
     "drop": Hub._op_drop,
     "answer": Hub._op_answer,
     "new": Hub._op_new,
+    "verify": Hub._op_verify,
+    "verify_confirm": Hub._op_verify_confirm,
+    "verify_cancel": Hub._op_verify_cancel,
 }
 
 

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import aiohttp
 import structlog
@@ -43,6 +43,9 @@ from aiagentchat.identity import CrossSigningKeys, IdentityError, KeyFile, ensur
 from aiagentchat.private import read_private, write_private
 from aiagentchat.settings import ConfigError, RoomSettings, Settings, Trust
 from aiagentchat.trust import DeviceTrust
+
+if TYPE_CHECKING:
+    from aiagentchat.verify import Verification
 
 log = structlog.get_logger(__name__)
 
@@ -134,7 +137,7 @@ Deliver = Callable[[str, RoomSettings, Any], Awaitable[None]]
 class Crypto:
     """The daemon's encryption helper: trust when sharing room keys and accepting prompts, undecryptable
     prompts held until their key arrives (or a notice after the room's `key_wait_s`), and verification
-    requests declined with a pointer to `aiagentchat verify`."""
+    requests declined with a pointer to `aiagentchat verify`, except those of the one the console runs."""
 
     def __init__(
         self,
@@ -161,6 +164,7 @@ class Crypto:
         self.identity_settled = False  # the identity is published and the device signed, or that failed for good
         self._unkeyed: list[tuple[str, RoomSettings, Any, float]] = []  # prompts waiting for a device list
         self._keys_checked: set[str] = set()  # the ids of those released from that wait, considered now
+        self.verification: Verification | None = None  # the one the console runs: fed after each sync, not declined
 
     # --- wiring ---------------------------------------------------------------------------------------------
 
@@ -221,6 +225,8 @@ class Crypto:
             await upkeep(self.client)
         except NETWORK_ERRORS as exc:
             log.warning("key_upkeep_failed", error=f"{type(exc).__name__}: {exc}")
+        if self.verification is not None:
+            self.verification.synced()
         self._kicked.set()
 
     async def run(self) -> None:
@@ -259,6 +265,27 @@ class Crypto:
             self.identity_settled = True
         if self.identity is not None:
             self.trust.user_signing = self.identity.user_signing_key
+
+    def unverified(self, room_id: str) -> list[str] | None:
+        """For the console's trust column: the room's allowed users none of whose known devices its `trust`
+        accepts (from what the daemon knows; nothing asked of the homeserver, nothing pinned); None for a room
+        that is not encrypted."""
+        matrix_room = self.client.rooms.get(room_id)
+        room = self.rooms.get(room_id)
+        if matrix_room is None or not matrix_room.encrypted or room is None or self.client.olm is None:
+            return None
+        return [user for user in room.allowed_users if not self._accepted_somewhere(room.trust, user)]
+
+    def _accepted_somewhere(self, trust: Trust, user_id: str) -> bool:
+        olm = self.client.olm
+        for device in olm.device_store.active_user_devices(user_id):
+            if trust == "tofu":  # judged without pinning: a user not pinned yet has these pinned at first need
+                pinned = self.trust.tofu.get(user_id)
+                if pinned is None or olm.is_device_verified(device) or pinned.get(device.id) == device.ed25519:
+                    return True
+            elif self.trust.accepts(trust, device):
+                return True
+        return False
 
     # --- sending: which devices get a room's key ------------------------------------------------------------
 
@@ -468,6 +495,8 @@ class Crypto:
         """The daemon cannot show emoji to anyone: cancel, saying what to run instead (sent at upkeep)."""
         if isinstance(event, UnknownToDeviceEvent) and event.type != "m.key.verification.request":
             return
+        if self.verification is not None and self.verification.claims(event):
+            return
         content = event.source.get("content", {})
         device_id = content.get("from_device") or getattr(event, "from_device", None)
         transaction_id = content.get("transaction_id")
@@ -475,7 +504,10 @@ class Crypto:
             return
         if isinstance(event, KeyVerificationStart) and transaction_id in self.client.key_verifications:
             self.client.key_verifications[transaction_id].cancel()
-        reason = "The aiagentchat daemon is running; its owner verifies with `aiagentchat verify` while it is stopped."
+        reason = (
+            "The aiagentchat daemon is running; its owner verifies from `aiagentchat console` (v), or with "
+            "`aiagentchat verify` while it is stopped."
+        )
         cancel = {"transaction_id": transaction_id, "code": "m.user", "reason": reason}
         self.client.olm.outgoing_to_device_messages.append(
             ToDeviceMessage("m.key.verification.cancel", event.sender, device_id, cancel)

@@ -6,8 +6,8 @@
 - cross_signed: devices their owner's cross-signing identity has signed (every signature checked), that
   identity pinned on first sight (data_dir/crypto/identities.json); after it changes, none of the user's
   devices until an operator runs `aiagentchat trust @user`. What today's Element itself requires.
-- verified: devices cross-signed by an identity the bot has verified (`aiagentchat verify`, which signs it
-  with the bot's user-signing key), or a device verified on its own (for clients without cross-signing).
+- verified: devices cross-signed by an identity the bot has verified (`aiagentchat verify` or the console, which
+  sign it with the bot's user-signing key), or a device verified on its own (for clients without cross-signing).
 """
 
 from __future__ import annotations
@@ -31,7 +31,10 @@ from aiagentchat.settings import Trust
 
 log = structlog.get_logger(__name__)
 
-VERIFY_HINT = "stop the daemon and run `aiagentchat verify {user} {device}` on its machine"
+VERIFY_HINT = (
+    "the operator verifies it from `aiagentchat console` (v: `{user} {device}`), or runs `aiagentchat verify {user} "
+    "{device}` with the daemon stopped"
+)
 CROSS_SIGN_HINT = (
     "{user} verifies that session from one they already trust (in Element: Settings → Sessions → Verify "
     "session) or with their recovery key"
@@ -158,7 +161,8 @@ class DeviceTrust:
             return None
         return Verdict(
             f"{device.user_id}'s identity is not verified by me",
-            f"stop the daemon and run `aiagentchat verify {device.user_id}` on its machine",
+            f"the operator verifies {device.user_id} from `aiagentchat console` (v: `{device.user_id}`), or runs "
+            f"`aiagentchat verify {device.user_id}` with the daemon stopped",
         )
 
     def _cross_signing_problem(self, device: OlmDevice) -> Verdict | None:

@@ -1,12 +1,15 @@
-"""`aiagentchat verify`: SAS emoji verification between the bot's device and a person's device, from a terminal.
+"""`aiagentchat verify`: SAS emoji verification between the bot's device and a person's device, from a terminal,
+or from the console while the daemon runs (the control socket's `verify` ops; the same flow, fed by the daemon's
+sync instead of its own).
 
-It runs while the daemon is stopped (they share the device and its crypto store; `DeviceLock` refuses the
-second one). With USER and DEVICE it starts the verification; without, it waits for one that a room's
+The command runs while the daemon is stopped (they share the device and its crypto store; `DeviceLock` refuses
+the second one). With USER and DEVICE it starts the verification; without, it waits for one that a room's
 allowed user starts from their client, whether with a request first (as Element does) or with a start. The
 emoji are shown here, the owner says whether they match, and a match is recorded in the crypto store, where
-the daemon finds it on its next start. When the verified device is cross-signed by its owner's identity, the
-bot also signs that identity with its user-signing key: the person is verified, every device they cross-sign
-is trusted by `trust = "verified"`, and their clients show the bot's signature.
+the daemon finds it on its next start (or at once, when it ran the verification). When the verified device is
+cross-signed by its owner's identity, the bot also signs that identity with its user-signing key: the person is
+verified, every device they cross-sign is trusted by `trust = "verified"`, and their clients show the bot's
+signature.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from nio import (
     AsyncClient,
     KeyVerificationCancel,
     KeyVerificationStart,
+    LocalProtocolError,
     SyncError,
     ToDeviceMessage,
     UnknownToDeviceEvent,
@@ -31,7 +35,7 @@ from nio.crypto import OlmDevice, Sas
 
 from aiagentchat.crypto import NETWORK_ERRORS, DeviceLock, describe, key_file
 from aiagentchat.device_keys import upkeep
-from aiagentchat.identity import IdentityError, query, read_devices, read_identity, upload_signatures
+from aiagentchat.identity import IdentityError, KeyFile, query, read_devices, read_identity, upload_signatures
 from aiagentchat.identity import fingerprint as key_fingerprint
 from aiagentchat.sas import use_spec_sas
 from aiagentchat.settings import Settings
@@ -40,8 +44,10 @@ from aiagentchat.transport import login, make_client
 log = structlog.get_logger(__name__)
 
 VERIFIED, NOT_VERIFIED = 0, 1
+Decide = Callable[[Sas], Awaitable[bool]]  # shown the emoji of an established SAS: whether its owner says they match
 SYNC_FILTER = {"room": {"rooms": [], "timeline": {"limit": 0}}, "presence": {"types": []}}
 POLL_MS = 1_000
+ABANDON_S = 5.0  # for telling the other device that a verification the daemon ran is over
 
 
 @dataclass(frozen=True)
@@ -56,7 +62,8 @@ def fingerprint(key: str) -> str:
 
 
 class Verification:
-    """The bot's device, synced just for to-device events, running one SAS verification."""
+    """The bot's device running one SAS verification: its to-device events come through the client's callbacks,
+    from `sync` (the command's own loop) or the daemon's; whoever syncs calls `synced` after each sync."""
 
     def __init__(self, client: AsyncClient, allowed: set[str], target: Target, say: Callable[[str], None]) -> None:
         use_spec_sas()
@@ -70,10 +77,32 @@ class Verification:
         self.cancelled = ""
         self._requested: str | None = None  # the transaction of the request we sent
         self._asked: set[str] = set()  # ... of these devices
+        self._requests: list[OlmDevice] = []  # ... those devices
         self._ready = ""  # ... and the one that accepted it first
         self._synced = asyncio.Event()
         client.add_to_device_callback(self._on_event, (UnknownToDeviceEvent, KeyVerificationStart))
         client.add_to_device_callback(self._on_cancel, (KeyVerificationCancel,))
+        self._callbacks = client.to_device_callbacks[-2:]
+
+    def detach(self) -> None:
+        """Stop taking the client's to-device events (the daemon's client outlives the verification)."""
+        for callback in self._callbacks:
+            self.client.to_device_callbacks.remove(callback)
+
+    def synced(self) -> None:
+        self._synced.set()
+
+    def claims(self, event: Any) -> bool:
+        """Whether this verification takes the event (a request or start that the daemon would decline)."""
+        content = event.source.get("content", {})
+        transaction_id = content.get("transaction_id")
+        if transaction_id is not None and transaction_id in (self._requested, self.transaction_id()):
+            return True
+        device_id = content.get("from_device")
+        return self.sas is None and isinstance(device_id, str) and self._expected(event.sender, device_id)
+
+    def transaction_id(self) -> str | None:
+        return self.sas.transaction_id if self.sas is not None else None
 
     async def sync(self) -> None:
         while True:
@@ -85,7 +114,7 @@ class Verification:
             except (*NETWORK_ERRORS, ConnectionError) as exc:
                 log.warning("sync_failing", error=f"{type(exc).__name__}: {exc}")
                 await asyncio.sleep(1)
-            self._synced.set()
+            self.synced()
 
     async def until_async(self, done: Callable[[], Awaitable[bool]], deadline: float, what: str) -> None:
         """`until`, for a condition that asks the homeserver."""
@@ -136,15 +165,14 @@ class Verification:
             await self.client.to_device(ToDeviceMessage("m.key.verification.ready", event.sender, device_id, ready))
 
     async def _on_cancel(self, event: KeyVerificationCancel) -> None:
-        ours = [self._requested, self.sas.transaction_id if self.sas is not None else None]
-        if event.transaction_id in ours:
+        if event.transaction_id in (self._requested, self.transaction_id()):
             self.cancelled = f"the other device cancelled: {event.reason} ({event.code})"
 
     async def start(self, devices: list[OlmDevice], deadline: float) -> OlmDevice:
         """Start as Element does: a request to `devices` (one person's), and with the first that accepts it, the
         emoji verification; the others are told it was answered elsewhere. The device that accepted."""
         transaction_id = uuid.uuid4().hex
-        self._requested, self._asked = transaction_id, {device.id for device in devices}
+        self._requested, self._asked, self._requests = transaction_id, {device.id for device in devices}, devices
         request = {"from_device": self.client.device_id, "methods": ["m.sas.v1"],
                    "timestamp": int(time.time() * 1000), "transaction_id": transaction_id}  # fmt: skip
         for device in devices:
@@ -230,10 +258,13 @@ async def verify(settings: Settings, target: Target, timeout_s: float, say: Call
     lock = DeviceLock(settings)
     client = make_client(settings)
     try:
-        return await _verify_as(client, settings, target, time.monotonic() + timeout_s, say)
+        code = await _verify_as(client, settings, target, time.monotonic() + timeout_s, say)
     finally:
         await client.close()
         lock.release()
+    if code == VERIFIED:
+        say("The daemon trusts it from its next start.")
+    return code
 
 
 async def _verify_as(
@@ -244,24 +275,44 @@ async def _verify_as(
     say(f"  fingerprint (ed25519): {fingerprint(client.olm.account.identity_keys['ed25519'])}")
     allowed = {user for room in settings.rooms for user in room.allowed_users}
     session = Verification(client, allowed, target, say)
+    keys = key_file(settings)
     try:
-        own = key_file(settings).load(client.user_id)
+        own = keys.load(client.user_id)
     except IdentityError as exc:
         say(f"(Only the bot's device can be verified: {exc})")
         own = None
     session.master_key = own.master_key if own is not None else None
+
+    async def in_terminal(sas: Sas) -> bool:
+        say(show(sas))
+        return await ask("Do they match? [y/N] ")
+
     syncing = asyncio.create_task(session.sync())
     try:
-        code = await _run(session, target, deadline, say)
-        if code == VERIFIED and session.verified is not None:
-            await _sign_identity(client, settings, session.verified, say)
-        return code
+        return await conduct(session, deadline, in_terminal, keys)
     finally:
         syncing.cancel()
         await asyncio.gather(syncing, return_exceptions=True)
 
 
-async def _run(session: Verification, target: Target, deadline: float, say: Callable[[str], None]) -> int:
+async def conduct(session: Verification, deadline: float, decide: Decide, keys: KeyFile) -> int:
+    """The whole verification of `session.target`, the command's and the daemon's alike: VERIFIED (the device
+    verified in the crypto store, and its owner's identity signed when it cross-signed the device) or
+    NOT_VERIFIED, each said through `session.say`."""
+    code = await _run(session, deadline, decide)
+    device = session.verified
+    if code == VERIFIED and device is not None:
+        await _sign_identity(session.client, keys, device, session.say)
+        session.client.olm.users_for_key_query.add(device.user_id)  # learn what is signed now (the daemon's trust)
+        try:
+            await session.client.keys_query()
+        except NETWORK_ERRORS as exc:
+            log.warning("keys_query_failed", error=f"{type(exc).__name__}: {exc}")
+    return code
+
+
+async def _run(session: Verification, deadline: float, decide: Decide) -> int:
+    target, say = session.target, session.say
     try:
         if target.user_id is not None and target.device_id is not None:
             device = await session.device(target.user_id, target.device_id)
@@ -280,34 +331,31 @@ async def _run(session: Verification, target: Target, deadline: float, say: Call
     except Cancelled as exc:
         say(f"❌ Not verified: {exc}")
         return NOT_VERIFIED
-    code = await compare_emoji(session, deadline, say)
+    code = await compare_emoji(session, deadline, decide)
     return _verified(session.verified, say) if session.verified is not None else code
 
 
-async def compare_emoji(session: Verification, deadline: float, say: Callable[[str], None]) -> int:
-    """Once a verification has started: show the emoji, ask whether they match, finish it; VERIFIED (with
-    `session.verified` set) or NOT_VERIFIED."""
+async def compare_emoji(session: Verification, deadline: float, decide: Decide) -> int:
+    """Once a verification has started: show the emoji, ask whether they match (`decide`), finish it; VERIFIED
+    (with `session.verified` set) or NOT_VERIFIED."""
     try:
         await session.until(lambda: session.sas is not None, deadline, "verification")
         sas = session.sas
         await session.until(lambda: sas.established_sas is not None, deadline, "keys from the other device")
-        say(show(sas))
-        match = await ask("Do they match? [y/N] ")
+        match = await decide(sas)
         await session.finish(sas, match, deadline)
     except Cancelled as exc:
-        say(f"❌ Not verified: {exc}")
+        session.say(f"❌ Not verified: {exc}")
         return NOT_VERIFIED
     session.verified = sas.other_olm_device
     return VERIFIED
 
 
-async def _sign_identity(
-    client: AsyncClient, settings: Settings, device: OlmDevice, say: Callable[[str], None]
-) -> None:
+async def _sign_identity(client: AsyncClient, key_file: KeyFile, device: OlmDevice, say: Callable[[str], None]) -> None:
     """Sign the identity that cross-signed the verified device with the bot's user-signing key."""
     user_id = device.user_id
     try:
-        keys = key_file(settings).load(client.user_id)
+        keys = key_file.load(client.user_id)
         published = await query(client, [user_id])
         identity = read_identity(published, user_id)
         device_keys = read_devices(published, user_id).get(device.id)
@@ -334,5 +382,95 @@ def _compare_key(client: AsyncClient, device: OlmDevice, key: str, say: Callable
 
 
 def _verified(device: OlmDevice, say: Callable[[str], None]) -> int:
-    say(f"✅ Verified {describe(device)}. The daemon trusts it from its next start.")
+    say(f"✅ Verified {describe(device)}.")
     return VERIFIED
+
+
+class InDaemon:
+    """One verification inside the running daemon, driven through the control socket: the daemon's sync feeds
+    it (the daemon calls `session.synced` after each sync and lets `session` claim the events it would decline),
+    its progress goes to `report` as `state` (docs/control.md), and the operator's answer comes in `answer`."""
+
+    def __init__(
+        self,
+        client: AsyncClient,
+        keys: KeyFile,
+        master_key: str | None,
+        allowed: set[str],
+        target: Target,
+        timeout_s: float,
+        report: Callable[[dict[str, Any]], None],
+    ) -> None:
+        self.session = Verification(client, allowed, target, self._say)
+        self.session.master_key = master_key
+        self._keys = keys
+        self._deadline = time.monotonic() + timeout_s
+        self._report = report
+        self._answer: asyncio.Future[bool] | None = None
+        self.state: dict[str, Any] = {
+            "user": target.user_id, "device": target.device_id, "phase": "waiting", "lines": [],
+            "emoji": None, "decimals": None, "timeout_s": timeout_s,
+        }  # fmt: skip
+
+    def _say(self, text: str) -> None:
+        self.state["lines"] = [*self.state["lines"], text]
+        self._report(self.state)
+
+    async def _decide(self, sas: Sas) -> bool:
+        self._answer = asyncio.get_running_loop().create_future()
+        emoji = [[symbol, name] for symbol, name in sas.get_emoji()]
+        self.state |= {"phase": "comparing", "emoji": emoji, "decimals": list(sas.get_decimals())}
+        self._say(f"Compare the emoji with {describe(sas.other_olm_device)}.")
+        try:
+            async with asyncio.timeout(max(self._deadline - time.monotonic(), 0)):
+                return await self._answer
+        except TimeoutError:
+            raise Cancelled("no answer from the operator before the time limit") from None
+        finally:
+            self._answer = None
+            self.state["phase"] = "confirming"
+
+    def answer(self, match: bool) -> bool:
+        """The operator's word on the emoji shown; False when none are waiting for it."""
+        if self._answer is None or self._answer.done():
+            return False
+        self._answer.set_result(match)
+        return True
+
+    async def run(self) -> int:
+        """VERIFIED or NOT_VERIFIED; cancelled (the operator's cancel), it tells the other device so."""
+        code = NOT_VERIFIED
+        try:
+            code = await conduct(self.session, self._deadline, self._decide, self._keys)
+        except asyncio.CancelledError:
+            self._say("❌ Not verified: cancelled by the operator")
+            raise
+        except (*NETWORK_ERRORS, LocalProtocolError) as exc:
+            self._say(f"❌ Not verified: the homeserver did not answer ({type(exc).__name__}: {exc})")
+        finally:
+            self.session.detach()
+            await self._abandon()
+            self.state["phase"] = "verified" if code == VERIFIED else "failed"
+            self._report(self.state)
+        return code
+
+    async def _abandon(self) -> None:
+        """Tell the other device a verification that did not finish is over (so it stops waiting)."""
+        if self.session.client.client_session is None:  # the daemon stopped and closed its connection
+            return
+        try:
+            async with asyncio.timeout(ABANDON_S):
+                await self._tell_abandoned()
+        except (*NETWORK_ERRORS, LocalProtocolError) as exc:
+            log.warning("verification_cancel_not_sent", error=f"{type(exc).__name__}: {exc}")
+
+    async def _tell_abandoned(self) -> None:
+        session, client = self.session, self.session.client
+        sas = session.sas
+        if sas is not None and not sas.canceled and not sas.verified:
+            await client.cancel_key_verification(sas.transaction_id)
+        elif sas is None and session._requested is not None:
+            cancel = {"transaction_id": session._requested, "code": "m.user", "reason": "cancelled"}
+            for device in session._requests:
+                message = ToDeviceMessage("m.key.verification.cancel", device.user_id, device.id, cancel)
+                await client.to_device(message)

@@ -7,10 +7,11 @@ import os
 from pathlib import Path
 
 import pytest
+from nio.crypto import OlmDevice
 from textual.widgets import DataTable
 
 from aiagentchat.approvals import Pending
-from aiagentchat.console import Console, log_line, state_text
+from aiagentchat.console import Console, VerifyScreen, log_line, state_text, trust_text
 from aiagentchat.control import OPERATOR
 from tests.test_control import ROOM, prompt, served
 
@@ -48,6 +49,7 @@ ROOMS = [
             "always": "Bash commands starting with `pytest`",
             "asked_at": NOW - 12,
         },
+        "trust": {"policy": "verified", "unverified": ["@bob:example.org"]},
     },
     {
         "id": "!infra:example.org",
@@ -67,6 +69,7 @@ ROOMS = [
         },
         "queue": [],
         "approval": None,
+        "trust": {"policy": "cross_signed", "unverified": []},
     },
     {
         "id": "!docs:example.org",
@@ -79,6 +82,7 @@ ROOMS = [
         "running": None,
         "queue": [],
         "approval": None,
+        "trust": None,
     },
     {
         "id": "!lab:example.org",
@@ -91,6 +95,7 @@ ROOMS = [
         "running": None,
         "queue": [],
         "approval": None,
+        "trust": None,
     },
 ]
 LOG = [
@@ -159,6 +164,56 @@ def test_a_rooms_state_and_a_log_line_in_words():
         "idle",
     ]
     assert state_text(ROOMS[0] | {"state": "running"}, NOW) == "▶ running for 95 s"
+    assert [trust_text(room) for room in ROOMS] == ["1 unverified", "✓", "-", "-"]
     assert (
         log_line(LOG[1] | {"room_id": "!x", "logger": "aiagentchat.runner"}) == "09:12:02 info    run_started chars=52"
     )
+
+
+class Shown:
+    """What the Sas of a verification shows and whom it is with, for the console's screen."""
+
+    other_olm_device = OlmDevice("@ada:example.org", "PHONE", {"ed25519": "k", "curve25519": "c"})
+
+    def get_emoji(self) -> list[tuple[str, str]]:
+        return [("🐶", "Dog"), ("🔑", "Key"), ("🎸", "Guitar"), ("🌵", "Cactus"), ("🚀", "Rocket"), ("⚓", "Anchor"),
+                ("🍄", "Mushroom")]  # fmt: skip
+
+    def get_decimals(self) -> tuple[int, int, int]:
+        return (1234, 5678, 4321)
+
+
+async def test_v_waits_for_a_verification_shows_its_emoji_confirms_with_y_and_escape_cancels_it(tmp_path):
+    async with served(tmp_path) as (bot, path):
+        app = Console(path)
+        async with app.run_test(size=(80, 24)) as pilot:
+            async with asyncio.timeout(10):
+                while app.client is None or not app.rooms:
+                    await pilot.pause(0.05)
+            await pilot.press("v")
+            assert isinstance(app.screen, VerifyScreen)
+            await pilot.press("enter")  # nothing typed: wait for an allowed user's device
+            async with asyncio.timeout(10):
+                while bot.crypto.verification is None or app.verification is None:
+                    await pilot.pause(0.05)
+            verification = bot.control._verification
+            decided = asyncio.create_task(verification._decide(Shown()))  # the emoji are established
+            async with asyncio.timeout(10):
+                while app.verification["phase"] != "comparing":
+                    await pilot.pause(0.05)
+            app.pop_screen()  # closed without a cancel (as by a console that detached) and opened again: the
+            await pilot.press("v")  # emoji of the verification under way, and y answers them, not the target's input
+            await pilot.pause()
+            shown = str(app.screen.query_one("#progress").render())
+            assert all(name in shown for name in ("Dog", "Guitar", "Mushroom")) and "🚀" in shown
+            assert "numbers: 1234 5678 4321" in shown
+            await pilot.press("y")
+            async with asyncio.timeout(10):
+                assert await decided is True
+
+            await pilot.press("escape")
+            async with asyncio.timeout(10):
+                while app.verification["phase"] != "failed":
+                    await pilot.pause(0.05)
+            assert app.verification["lines"][-1] == "❌ Not verified: cancelled by the operator"
+            assert not isinstance(app.screen, VerifyScreen) and bot.crypto.verification is None

@@ -22,6 +22,8 @@ import pytest
 import structlog
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from nio import MatrixRoom, UnknownToDeviceEvent
+from nio.crypto import OlmDevice
 
 from aiagentchat import control, doctor, logs
 from aiagentchat.approvals import Pending
@@ -29,6 +31,7 @@ from aiagentchat.batcher import Begin, Block, EndOfRun, Notice, Text
 from aiagentchat.bot import Bot
 from aiagentchat.control import CLIENT_BUFFER_BYTES, OPERATOR, socket_path
 from aiagentchat.errors import ConfigError
+from aiagentchat.settings import RoomSettings
 from aiagentchat.store import Prompt
 from tests.test_dispatch import ROOMS, a_bot
 from tests.test_hostile_events import ALICE
@@ -390,3 +393,95 @@ async def test_doctor_asks_the_socket_whether_the_daemon_runs_and_what_its_rooms
     stale.close()
     left = await doctor._daemon(bot.settings)
     assert left.line() == f"✅ daemon: not running ({path} is left from a daemon that did not stop cleanly)"
+
+
+VERIFY_GARBAGE = [
+    ({"op": "verify", "user": 5}, "`user` is a Matrix user id"),
+    ({"op": "verify", "user": "alice"}, "`user` is a Matrix user id"),
+    ({"op": "verify", "user": ALICE, "device": "two words"}, "`device` is a device id"),
+    ({"op": "verify", "device": "PHONE"}, "`device` needs `user`"),
+    ({"op": "verify", "timeout": "soon"}, "`timeout` is a number of seconds"),
+    ({"op": "verify", "timeout": 0}, "`timeout` is a number of seconds"),
+    ({"op": "verify", "timeout": True}, "`timeout` is a number of seconds"),
+    ({"op": "verify_confirm", "match": "yes"}, "`match` is true"),
+    ({"op": "verify_confirm", "match": True}, "no verification is waiting for an answer"),
+    ({"op": "verify_cancel"}, "no verification is under way"),
+]
+
+
+def verification(check) -> Any:
+    """Accepts a stream line about the verification that satisfies `check`."""
+    return lambda message: message["type"] == "verification" and check(message["verification"])
+
+
+async def test_verify_ops_refuse_bad_fields_and_run_one_at_a_time_until_cancelled(tmp_path):
+    async with served(tmp_path) as (bot, path), connected(path) as client:
+        for number, (request, error) in enumerate(VERIFY_GARBAGE):
+            answer = await client.ask(request | {"id": number})
+            assert answer["type"] == "error" and answer["error"].startswith(error), (request, answer)
+        assert bot.crypto.verification is None
+
+        await client.ask({"op": "subscribe", "id": "s"})
+        started = await client.ask({"op": "verify", "id": "v"})
+        assert started["outcome"] == "started" and started["verification"]["phase"] == "waiting"
+        await client.until(verification(lambda v: any("Waiting for an allowed user" in line for line in v["lines"])))
+        assert bot.crypto.verification is not None
+        second = await client.ask({"op": "verify", "user": ALICE, "device": "PHONE", "id": "v2"})
+        assert second["type"] == "error" and "under way already" in second["error"]
+        assert (await client.ask({"op": "snapshot", "id": "snap"}))["verification"]["phase"] == "waiting"
+        no_emoji = await client.ask({"op": "verify_confirm", "match": True, "id": "c"})
+        assert no_emoji["type"] == "error" and "no verification is waiting" in no_emoji["error"]
+
+        assert (await client.ask({"op": "verify_cancel", "id": "x"}))["outcome"] == "cancelled"  # once it ended
+        ended = (await client.ask({"op": "snapshot", "id": "after"}))["verification"]
+        assert ended["phase"] == "failed" and ended["lines"][-1] == "❌ Not verified: cancelled by the operator"
+        assert bot.crypto.verification is None and len(bot.client.to_device_callbacks) == 0
+        assert (await client.ask({"op": "verify", "timeout": 30, "id": "again"}))["outcome"] == "started"
+
+
+async def test_a_verification_nobody_starts_ends_at_its_timeout(tmp_path):
+    async with served(tmp_path) as (bot, path), connected(path) as client:
+        await client.ask({"op": "subscribe", "id": 1})
+        await client.ask({"op": "verify", "timeout": 1, "id": 2})
+        ended = await client.until(verification(lambda v: v["phase"] == "failed"), timeout=10)
+        assert ended["verification"]["lines"][-1] == "❌ Not verified: no verification before the time limit"
+        assert bot.crypto.verification is None
+        assert (await client.ask({"op": "snapshot", "id": 3}))["verification"]["phase"] == "failed"
+
+
+def verification_request(sender: str, content: dict[str, Any]) -> UnknownToDeviceEvent:
+    """A verification request as nio hands it to the to-device callbacks."""
+    source = {"type": "m.key.verification.request", "sender": sender, "content": content}
+    return UnknownToDeviceEvent(source, sender, "m.key.verification.request")
+
+
+async def test_while_the_console_waits_for_a_verification_the_daemon_declines_only_the_others(tmp_path):
+    async with served(tmp_path) as (bot, path), connected(path) as client:
+        request = {"from_device": "PHONE", "methods": ["m.sas.v1"], "transaction_id": "t1"}
+        outgoing = bot.client.olm.outgoing_to_device_messages
+        await bot.crypto._decline_verification(verification_request(ALICE, request))
+        assert [m.content["transaction_id"] for m in outgoing] == ["t1"]  # no verification under way: declined
+
+        await client.ask({"op": "verify", "id": 1})
+        await bot.crypto._decline_verification(verification_request(ALICE, request | {"transaction_id": "t2"}))
+        await bot.crypto._decline_verification(verification_request("@mallory:x", request | {"transaction_id": "t3"}))
+        assert [m.content["transaction_id"] for m in outgoing] == ["t1", "t3"]
+        assert "aiagentchat console" in outgoing[-1].content["reason"]
+        await client.ask({"op": "verify_cancel", "id": 2})
+
+
+async def test_a_rooms_trust_names_the_allowed_users_its_trust_accepts_no_device_of(tmp_path):
+    async with served(tmp_path) as (bot, path), connected(path) as client:
+        assert (await client.ask({"op": "snapshot", "id": 1}))["rooms"][0]["trust"] is None  # not encrypted
+        bot.client.rooms[ROOM] = MatrixRoom(ROOM, bot.client.user_id, encrypted=True)
+        bot.rooms[ROOM] = RoomSettings(id=ROOM, allowed_users=[ALICE], trust="verified")
+        summary = (await client.ask({"op": "snapshot", "id": 2}))["rooms"][0]
+        assert summary["trust"] == {"policy": "verified", "unverified": [ALICE]}  # no device of hers known
+
+        phone = OlmDevice(ALICE, "PHONE", {"ed25519": "e" * 43, "curve25519": "c" * 43})
+        bot.client.olm.device_store.add(phone)
+        assert (await client.ask({"op": "snapshot", "id": 3}))["rooms"][0]["trust"]["unverified"] == [ALICE]
+        bot.client.verify_device(phone)
+        assert (await client.ask({"op": "snapshot", "id": 4}))["rooms"][0]["trust"]["unverified"] == []
+        bot.rooms[ROOM] = RoomSettings(id=ROOM, allowed_users=[ALICE, "@bob:x"], trust="all")
+        assert (await client.ask({"op": "snapshot", "id": 5}))["rooms"][0]["trust"]["unverified"] == ["@bob:x"]
