@@ -111,6 +111,15 @@ def test_defaults_without_a_file(monkeypatch):
         ),
         ('[[rooms]]\nid = "!a:x"\nmax_parallel = 0\n', "settings.toml:3: rooms.0.max_parallel: Input should be"),
         ('[[rooms]]\nid = "!a:x"\nworktree_idle_days = -1\n', "settings.toml:3: rooms.0.worktree_idle_days"),
+        ('[daemon]\nadmins = ["admin"]\n', "settings.toml:2: daemon.admins.0: String should match pattern"),
+        ('[daemon]\nadmins = ["@admin"]\n', "daemon.admins.0: String should match pattern"),
+        ('[daemon]\nadmins = ["@ad min:x"]\n', "daemon.admins.0: String should match pattern"),
+        ('[daemon]\nproject_roots = ["code"]\n', "project_roots: code must be an absolute path"),
+        ('[room_defaults]\nid = "!a:x"\n', "room_defaults: Value error, id is set per room"),
+        ('[room_defaults]\nworkdir = "/srv"\n', "room_defaults: Value error, workdir is set per room"),
+        ('[room_defaults]\nname = "x"\n', "name is set per room"),
+        ("[room_defaults]\ncolour = 3\n", "settings.toml:2: room_defaults.colour: Extra inputs"),
+        ("[room_defaults]\ntimeout_s = -1\n", "room_defaults.timeout_s: Input should be greater than 0"),
     ],
 )
 def test_invalid_file_names_key_and_line(tmp_path, text, expected):
