@@ -1137,7 +1137,7 @@ async def verify_with_another_session(client: AsyncClient, deadline: float) -> N
     """Emoji verification that another session of the same person starts; that session, which holds the
     person's self-signing key, then signs this device."""
     from aiagentchat.identity import own_device_signed
-    from aiagentchat.verify import VERIFIED, Cancelled, Target, Verification, compare_emoji, say_now
+    from aiagentchat.verify import VERIFIED, Cancelled, Target, Verification, compare_emoji, in_terminal, say_now
 
     session = Verification(client, {client.user_id}, Target(client.user_id, None), say_now)
     syncing = asyncio.create_task(session.sync())
@@ -1146,7 +1146,7 @@ async def verify_with_another_session(client: AsyncClient, deadline: float) -> N
             f"Waiting for another of your sessions to verify this one ({client.device_id}); in Element: Settings → "
             "Sessions → this session → Verify session..."
         )
-        if await compare_emoji(session, deadline, say_now) != VERIFIED:
+        if await compare_emoji(session, deadline, in_terminal(say_now)) != VERIFIED:
             raise Fail(EXIT_AGENT_ERROR, "this device is not verified")
         say_now("Verified; waiting for your other session to sign this device...")
         try:

@@ -240,6 +240,16 @@ def show(sas: Sas) -> str:
     )
 
 
+def in_terminal(say: Callable[[str], None]) -> Decide:
+    """The owner's decision at a terminal: the emoji shown with `say`, then a yes or no."""
+
+    async def decide(sas: Sas) -> bool:
+        say(show(sas))
+        return await ask("Do they match? [y/N] ")
+
+    return decide
+
+
 async def ask(question: str) -> bool:
     """A yes or no from the terminal, without stalling the sync running meanwhile."""
     try:
@@ -282,14 +292,9 @@ async def _verify_as(
         say(f"(Only the bot's device can be verified: {exc})")
         own = None
     session.master_key = own.master_key if own is not None else None
-
-    async def in_terminal(sas: Sas) -> bool:
-        say(show(sas))
-        return await ask("Do they match? [y/N] ")
-
     syncing = asyncio.create_task(session.sync())
     try:
-        return await conduct(session, deadline, in_terminal, keys)
+        return await conduct(session, deadline, in_terminal(say), keys)
     finally:
         syncing.cancel()
         await asyncio.gather(syncing, return_exceptions=True)

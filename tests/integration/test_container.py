@@ -324,7 +324,8 @@ def test_daemon_answers_through_cchat_keeps_its_volume_and_stops_cleanly(
 
 def test_readme_run_command_on_stock_debian(image: str, tmp_path: Path) -> None:
     """`ANTHROPIC_API_KEY=... scripts/run` in a fresh clone, as an unprivileged user of stock Debian 12 with only
-    the README's prerequisites: no uv, no pip into the system python. Downloads are cached in .cache/container."""
+    the README's prerequisites: no uv, no pip into the system python. Downloads are cached in .cache/container.
+    Unmasked /proc: a machine has none of podman's masks, which the daemon's bwrap check would refuse."""
     stock_file = tmp_path / "Containerfile"
     stock_file.write_text(STOCK_CONTAINERFILE)
     podman("build", "--network", "host", "-q", "-t", STOCK, "-f", str(stock_file), str(tmp_path), timeout=1200)
@@ -342,7 +343,7 @@ def test_readme_run_command_on_stock_debian(image: str, tmp_path: Path) -> None:
     }
     running = Running(
         [
-            "podman", "run", "--rm", "--name", name, "--network", "host", "--user", "me",
+            "podman", "run", "--rm", "--name", name, "--network", "host", "--user", "me", *UNMASK,
             "-v", f"{clone}:/home/me/aiagentchat:U", "-v", f"{downloads}:/downloads:U", *env_args(env),
             STOCK, "sh", "-c", "cd ~/aiagentchat && exec scripts/run",
         ]
