@@ -674,6 +674,10 @@ class Bot:
         acknowledged, as one commit instead of one per prompt), then hand them to their rooms: a sync batch
         that brings prompts for a hundred rooms starts them all at once."""
         accepting, self._accepting = self._accepting, []
+        for prompt, _ in accepting:
+            if prompt.room_id not in self.rooms:  # `!leave` came between it and here: the room is forgotten
+                log.info("prompt_ignored", room_id=prompt.room_id, event_id=prompt.event_id, reason="room left")
+        accepting = [(prompt, synced_at) for prompt, synced_at in accepting if prompt.room_id in self.rooms]
         if not accepting:
             return
         async with self.store.transaction():

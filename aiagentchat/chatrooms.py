@@ -232,8 +232,8 @@ class RoomAdmin:
             raise Refused(f"`{path}` is already the working directory of room {other}")
         if path == current.resolve():
             return f"📁 `{path}` is this room's working directory already."
-        if asked.worker.current is not None:
-            raise Refused("a prompt is running: change the working directory once it has ended")
+        if asked.worker.running() or asked.worker.queued():
+            raise Refused("prompts are running or queued: change the working directory once they have ended")
         asked.chat["workdir"] = str(path)
         await self._record(asked, asked.chat, "project", str(path))
         return f"📁 Working directory: `{path}`. The next prompt starts a new conversation there."
@@ -242,7 +242,7 @@ class RoomAdmin:
         if asked.argument:
             raise Refused("`leave` takes no argument")
         worker = asked.worker
-        if worker.current is not None or worker.inbox.qsize():
+        if worker.running() or worker.queued():
             raise Refused("prompts are running or queued here: stop them first (`stop`, or 🛑 on each)")
         if not await self._store.forget_chat_room(asked.room_id, asked.sender):
             raise Refused("this room is not one made from the chat")

@@ -244,7 +244,7 @@ class Hub:
             if not any(client.subscribed for client in self._clients):
                 continue
             for room_id in sorted(dirty):
-                if room_id in self._bot.workers:
+                if self._served(room_id):
                     await self._refresh_cost(room_id)
                     self._event({"type": "room", "room": self._summary(room_id)})
 
@@ -262,7 +262,7 @@ class Hub:
         return {
             "user_id": self._bot.client.user_id,
             "ready": self._bot.ready.is_set(),
-            "rooms": [self._summary(room_id) for room_id in rooms if room_id in self._bot.workers],
+            "rooms": [self._summary(room_id) for room_id in rooms if self._served(room_id)],
             "verification": self._verification.state if self._verification is not None else None,
         }
 
@@ -392,9 +392,13 @@ class Hub:
         room_id = request.get("room")
         if not isinstance(room_id, str):
             raise RequestError("`room` is a room id (a string)")
-        if room_id not in self._bot.workers:
+        if not self._served(room_id):
             raise RequestError(f"no room {room_id!r} is served")
         return room_id
+
+    def _served(self, room_id: str) -> bool:
+        """Whether the room is served: a room that `!leave` left is forgotten (bot.rooms) before its tasks end."""
+        return room_id in self._bot.workers and room_id in self._bot.rooms
 
     def _done(self, room_id: str, action: str, outcome: str, **details: Any) -> dict[str, Any]:
         log.info("operator_action", room_id=room_id, action=action, outcome=outcome, **details)

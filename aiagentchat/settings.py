@@ -229,8 +229,10 @@ class Settings(BaseSettings):
         return self.paths.data_dir / "homes" / _digest(room.id)
 
     def worktrees_for(self, room: RoomSettings) -> Path:
-        """Where the room's threads get their git worktrees (with `worktrees = true`)."""
-        return self.paths.data_dir / "worktrees" / _digest(room.id)
+        """Where the room's threads get their git worktrees (with `worktrees = true`): one folder per room and
+        checkout, so that after `!project` a thread never finds its worktree of the former checkout."""
+        checkout = str(self.workdir_for(room).resolve())
+        return self.paths.data_dir / "worktrees" / _digest(room.id) / _digest(checkout)
 
 
 def _digest(room_id: str) -> str:

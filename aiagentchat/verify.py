@@ -144,7 +144,18 @@ class Verification:
         return user_id == self.target.user_id and self.target.device_id in (None, device_id)
 
     async def _on_event(self, event: Any) -> None:
-        content = event.source.get("content", {})
+        """nio's to-device callback. What fails here must not reach nio, whose sync would abandon the whole batch
+        (every room's events in it): a failure ends this verification instead."""
+        try:
+            await self._take(event)
+        except (*NETWORK_ERRORS, LocalProtocolError) as exc:
+            log.warning("verification_failed", error=f"{type(exc).__name__}: {exc}")
+            self.cancelled = f"it failed here: {type(exc).__name__}: {exc}"
+
+    async def _take(self, event: Any) -> None:
+        content = event.source.get("content")
+        if not isinstance(content, dict):
+            return
         device_id = content.get("from_device")
         if self.sas is not None or not isinstance(device_id, str) or not self._expected(event.sender, device_id):
             return
@@ -156,7 +167,7 @@ class Verification:
                 await self.client.accept_key_verification(event.transaction_id)
         elif event.type == "m.key.verification.ready" and content.get("transaction_id") == self._requested:
             self._ready = self._ready or (device_id if device_id in self._asked else "")
-        elif event.type == "m.key.verification.request" and "m.sas.v1" in content.get("methods", []):
+        elif event.type == "m.key.verification.request" and "m.sas.v1" in _listed(content.get("methods")):
             self.say(f"{event.sender}'s device {device_id} asks for a verification; answering it.")
             self.client.olm.users_for_key_query.add(event.sender)
             await self.client.keys_query()
@@ -164,7 +175,7 @@ class Verification:
                      "transaction_id": content.get("transaction_id")}  # fmt: skip
             await self.client.to_device(ToDeviceMessage("m.key.verification.ready", event.sender, device_id, ready))
 
-    async def _on_cancel(self, event: KeyVerificationCancel) -> None:
+    async def _on_cancel(self, event: KeyVerificationCancel) -> None:  # nio has checked its fields
         if event.transaction_id in (self._requested, self.transaction_id()):
             self.cancelled = f"the other device cancelled: {event.reason} ({event.code})"
 
@@ -222,6 +233,11 @@ class Verification:
         done = {"transaction_id": sas.transaction_id}
         other = sas.other_olm_device
         await self.client.to_device(ToDeviceMessage("m.key.verification.done", other.user_id, other.id, done))
+
+
+def _listed(value: Any) -> list[Any]:
+    """A field that should be a list, as one (any other type, chosen by whoever sent the event: empty)."""
+    return value if isinstance(value, list) else []
 
 
 class Cancelled(Exception):

@@ -2,7 +2,7 @@
 on its own branch (`aiagentchat/<name>`), made on the thread's first prompt; `!merge` brings the branch into
 the branch the room's checkout is on, `!discard` removes it.
 
-Where they live: `data_dir/worktrees/<room digest>/<name>`, outside the room's checkout, so they never show
+Where they live: `data_dir/worktrees/<room digest>/<checkout digest>/<name>`, outside the room's checkout, so they never show
 up there as untracked files. A thread's agent is walled in with its worktree as its working directory and
 the repository's `.git` read-write (where its commits go), and sees neither the main checkout nor the other
 threads' files.

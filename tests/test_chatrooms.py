@@ -246,6 +246,13 @@ class Worker:
         self.current: Prompt | None = None
         self.inbox: asyncio.Queue[Prompt] = asyncio.Queue()
         self.batcher = SimpleNamespace(put=self._put)
+        self.in_threads = (0, 0)  # prompts running and queued in the lanes of threads with worktrees
+
+    def running(self) -> list[Any]:
+        return [self] * (self.current is not None) + [object()] * self.in_threads[0]
+
+    def queued(self) -> int:
+        return self.inbox.qsize() + self.in_threads[1]
 
     async def _put(self, item: Any) -> None:
         self.said.append(item)
@@ -328,7 +335,11 @@ async def test_project_moves_the_room_within_the_roots_only(admin, tree):
     admin.host.dirs = {}
     busy = Worker()
     busy.current = Prompt(ROOM_ID, "$running", ALICE, "work")
-    assert "a prompt is running" in await answer(admin, f"!project {site}", worker=busy)
+    assert "prompts are running or queued" in await answer(admin, f"!project {site}", worker=busy)
+    for threads in ((1, 0), (0, 1)):  # a thread running or waiting in its own worktree
+        busy = Worker()
+        busy.in_threads = threads
+        assert "prompts are running or queued" in await answer(admin, f"!project {site}", worker=busy)
     assert admin.host.changed == []
     assert "starts a new conversation there" in await answer(admin, f"!project {site}/sub/..")
     assert admin.host.chat[ROOM_ID]["workdir"] == str(site)
@@ -341,6 +352,10 @@ async def test_leave_forgets_the_room_only_when_nothing_runs(admin):
     waiting = Worker()
     waiting.inbox.put_nowait(Prompt(ROOM_ID, "$queued", ALICE, "later"))
     assert "running or queued" in await answer(admin, "!leave", worker=waiting)
+    for threads in ((1, 0), (0, 1)):  # a thread running or waiting in its own worktree
+        busy = Worker()
+        busy.in_threads = threads
+        assert "running or queued" in await answer(admin, "!leave", worker=busy)
     assert "takes no argument" in await answer(admin, "!leave now")
     assert admin.host.left == [] and await admin.store.chat_room(ROOM_ID) is not None
     goodbye = await answer(admin, "!leave")

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import structlog
 from hypothesis import HealthCheck, given, settings
@@ -470,6 +471,24 @@ async def test_while_the_console_waits_for_a_verification_the_daemon_declines_on
         await client.ask({"op": "verify_cancel", "id": 2})
 
 
+async def test_a_hostile_or_failing_verification_request_ends_the_verification_and_never_reaches_nio(tmp_path):
+    async with served(tmp_path) as (bot, path), connected(path) as client:
+        await client.ask({"op": "verify", "id": 1})
+        session = bot.control._verification.session
+        for content in ({"from_device": "PHONE", "methods": 5}, {"from_device": "PHONE", "methods": {"m.sas.v1": 1}}):
+            await session._on_event(verification_request(ALICE, content))  # ignored: not a list of methods
+        assert not session.cancelled
+
+        async def unreachable() -> None:
+            raise aiohttp.ClientConnectionError("homeserver down")
+
+        bot.client.keys_query = unreachable  # type: ignore[method-assign]
+        request = {"from_device": "PHONE", "methods": ["m.sas.v1"], "transaction_id": "t1"}
+        await session._on_event(verification_request(ALICE, request))
+        assert session.cancelled == "it failed here: ClientConnectionError: homeserver down"
+        await client.ask({"op": "verify_cancel", "id": 2})
+
+
 async def test_a_rooms_trust_names_the_allowed_users_its_trust_accepts_no_device_of(tmp_path):
     async with served(tmp_path) as (bot, path), connected(path) as client:
         assert (await client.ask({"op": "snapshot", "id": 1}))["rooms"][0]["trust"] is None  # not encrypted
@@ -485,3 +504,17 @@ async def test_a_rooms_trust_names_the_allowed_users_its_trust_accepts_no_device
         assert (await client.ask({"op": "snapshot", "id": 4}))["rooms"][0]["trust"]["unverified"] == []
         bot.rooms[ROOM] = RoomSettings(id=ROOM, allowed_users=[ALICE, "@bob:x"], trust="all")
         assert (await client.ask({"op": "snapshot", "id": 5}))["rooms"][0]["trust"]["unverified"] == ["@bob:x"]
+
+
+async def test_a_room_being_left_is_no_longer_shown_and_the_others_still_are(tmp_path):
+    async with served(tmp_path) as (bot, path), connected(path) as client:
+        await client.ask({"op": "subscribe", "id": "sub"})
+        del bot.rooms[ROOM]  # `!leave`: forgotten at once, its tasks end once the homeserver has answered
+        await bot.workers[ROOM].batcher.put(Notice("", "👋 Leaving this room", {}))
+        await bot.workers[ROOMS[1]].batcher.put(Notice("", "still here", {}))
+        changed = await client.until(lambda m: m["type"] == "room" and m["room"]["id"] == ROOMS[1])
+        assert changed["room"]["state"] == "idle"
+        snapshot = await client.ask({"op": "snapshot", "id": "after"})
+        assert [room["id"] for room in snapshot["rooms"]] == ROOMS[1:]
+        refused = await client.ask({"op": "stop", "room": ROOM, "id": "gone"})
+        assert refused == {"type": "error", "id": "gone", "error": f"no room {ROOM!r} is served"}

@@ -12,7 +12,7 @@ from structlog.testing import capture_logs
 
 from aiagentchat.bot import Bot
 from aiagentchat.settings import RoomSettings, Settings
-from aiagentchat.store import Store
+from aiagentchat.store import Prompt, Store
 from tests.test_first_sight import message
 from tests.test_health import samples
 from tests.test_hostile_events import ALICE, BOT
@@ -108,3 +108,17 @@ async def test_each_event_of_a_batch_is_timed_from_its_origin_and_the_prompts_it
     assert scraped[("aiagentchat_sync_lag_seconds_sum", ())] >= 4.0  # each was at least two seconds old
     assert scraped[("aiagentchat_queued_prompts", (("room", ROOMS[0]),))] == 2
     assert scraped[("aiagentchat_queued_prompts", (("room", ROOMS[1]),))] == 0
+
+
+async def test_a_prompt_for_a_room_left_in_the_same_batch_is_not_taken_and_the_others_are(tmp_path):
+    async with a_bot(tmp_path) as (bot, store):
+        left, kept = Prompt(ROOMS[0], "$left", ALICE, "say a"), Prompt(ROOMS[1], "$kept", ALICE, "say b")
+        bot._accepting = [(left, None), (kept, None)]
+        del bot.rooms[ROOMS[0]]  # `!leave` later in the batch: the room is forgotten, its tasks still ending
+        with capture_logs() as logs:
+            await bot._record_accepted()
+        assert await store.prompt_state("$left") is None and bot.workers[ROOMS[0]].inbox.empty()
+        assert await store.prompt_state("$kept") == "queued"
+        assert [p.event_id for p in bot.workers[ROOMS[1]].inbox._queue] == ["$kept"]
+    ignored = [(e["event_id"], e["reason"]) for e in logs if e["event"] == "prompt_ignored"]
+    assert ignored == [("$left", "room left")]

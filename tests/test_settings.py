@@ -212,8 +212,11 @@ def test_worktrees_are_off_by_default_and_live_under_the_data_dir_per_room(tmp_p
     settings = load_settings(write(tmp_path, text))
     first, second = settings.rooms
     assert (first.worktrees, first.max_parallel, first.worktree_idle_days) == (False, 2, 14)
-    assert settings.worktrees_for(first).parent == tmp_path / "data" / "worktrees"
+    assert settings.worktrees_for(first).parent.parent == tmp_path / "data" / "worktrees"
     assert settings.worktrees_for(first) != settings.worktrees_for(second)
+    moved = first.model_copy(update={"workdir": tmp_path / "elsewhere"})  # `!project`
+    assert settings.worktrees_for(moved).parent == settings.worktrees_for(first).parent
+    assert settings.worktrees_for(moved) != settings.worktrees_for(first)
 
 
 def test_readme_names_every_key_of_each_section_and_the_example_describes_rooms_from_the_chat():
