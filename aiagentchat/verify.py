@@ -167,7 +167,7 @@ class Verification:
                 await self.client.accept_key_verification(event.transaction_id)
         elif event.type == "m.key.verification.ready" and content.get("transaction_id") == self._requested:
             self._ready = self._ready or (device_id if device_id in self._asked else "")
-        elif event.type == "m.key.verification.request" and "m.sas.v1" in _listed(content.get("methods")):
+        elif event.type == "m.key.verification.request" and _offers_sas(content.get("methods")):
             self.say(f"{event.sender}'s device {device_id} asks for a verification; answering it.")
             self.client.olm.users_for_key_query.add(event.sender)
             await self.client.keys_query()
@@ -235,9 +235,9 @@ class Verification:
         await self.client.to_device(ToDeviceMessage("m.key.verification.done", other.user_id, other.id, done))
 
 
-def _listed(value: Any) -> list[Any]:
-    """A field that should be a list, as one (any other type, chosen by whoever sent the event: empty)."""
-    return value if isinstance(value, list) else []
+def _offers_sas(methods: Any) -> bool:
+    """Whether a request's `methods` (any type: whoever sent the event chose it) lists emoji verification."""
+    return isinstance(methods, list) and "m.sas.v1" in methods
 
 
 class Cancelled(Exception):
